@@ -1,0 +1,142 @@
+"""The ``mocae`` command line.
+
+Each subcommand is a thin wrapper over the Python API: parse arguments, call one function,
+print its result. Heavy imports (torch, transformers) happen inside the handlers so that
+``mocae --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mocae import AXES, __version__
+
+DESCRIPTION = """\
+mocae: align a language model to be helpful, harmless and honest at once with a
+Mixture of Calibrated Experts (one LoRA expert per axis, a calibrated router mixing them).
+
+Environment:
+  MOCAE_DATA_DIR  local dataset directory (see `mocae data check`); unset = Hugging Face Hub
+  MOCAE_CACHE     cache for converted backbones, experts and runs (default ~/.cache/mocae)
+"""
+
+EPILOG = """\
+examples:
+  mocae backbones                                   list backbones and whether they load offline
+  mocae data check                                  validate every dataset file, count rows
+  mocae generate --prompt "Is the Earth flat?"      answer one prompt with the default backbone
+  mocae run --preset quick                          the main job (what `make run` does)
+"""
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from mocae.backbones import list_backbones
+
+    rows = list_backbones()
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  {'params':>6}  {'offline':<7}  {'cached':<6}  description")
+    for r in rows:
+        print(
+            f"{r['name']:<{width}}  {r['params']:>6}  {'yes' if r['available'] else 'no':<7}  "
+            f"{'yes' if r['cached'] else 'no':<6}  {r['description']}"
+        )
+        if not r["available"]:
+            print(f"{'':<{width}}  install: {r['install']}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from mocae.data import check_data, format_check_table
+    from mocae.paths import data_dir
+
+    root = Path(args.data_dir).resolve() if args.data_dir else data_dir()
+    if root is None:
+        print("error: no data directory: set MOCAE_DATA_DIR or pass --data-dir", file=sys.stderr)
+        return 2
+    rows = check_data(root)
+    print(f"data directory: {root}")
+    print(format_check_table(rows))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mocae.backbones import load_backbone
+    from mocae.generation import generate_streamed
+
+    model, tokenizer = load_backbone(args.backbone)
+    generate_streamed(
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mocae.pipeline import run_pipeline
+
+    run_pipeline(args.preset, run_dir=args.run_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand (kept separate so tests can inspect it)."""
+    parser = argparse.ArgumentParser(
+        prog="mocae", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mocae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("backbones", help="list registered backbones, their size and availability")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser(
+        "check", help="validate every dataset file found and print row counts per axis and split"
+    )
+    p.add_argument("--data-dir", help="dataset directory (default: $MOCAE_DATA_DIR)")
+    p.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("generate", help="answer one prompt, streamed, in the backbone's chat format")
+    p.add_argument("--backbone", default="smollm2-135m",
+                   help="registry name (see `mocae backbones`), HF id or local path")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("run", help="the main job: run a preset's pipeline end to end, resumably")
+    p.add_argument("--preset", default="quick",
+                   help="preset name in configs/ (quick, full, ...) or a YAML file path")
+    p.add_argument("--run-dir", default=None,
+                   help="where to write the run (default: runs/<preset>-<config hash>)")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mocae`` console script."""
+    # Two cores here: torch's default of all cores plus interop threads oversubscribes.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from mocae.backbones import BackboneUnavailable
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, BackboneUnavailable) as err:
+        # Errors we raise name the file/row/field or the package to install: show them plainly
+        # (MOCAE_DEBUG=1 shows the traceback instead).
+        if os.environ.get("MOCAE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

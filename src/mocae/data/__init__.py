@@ -1,0 +1,56 @@
+"""Datasets for the three axes: validated loaders, a registry, and chat formatting."""
+
+from mocae.data.chat import AXIS_INSTRUCTIONS, inject_axis_prompt, to_chat_messages, to_prompt_completion
+from mocae.data.loaders import (
+    expand_truthfulqa_answers,
+    load_advbench,
+    load_alpaca,
+    load_alpaca_eval,
+    load_beavertails,
+    load_harmbench,
+    load_refusal_direction_harmful,
+    load_refusal_direction_harmless,
+    load_safety_refusals,
+    load_strongreject,
+    load_truthfulqa,
+    load_truthfulqa_judge,
+    load_truthfulqa_mc,
+    load_xstest,
+    split_questions,
+    truthfulqa_split,
+    truthfulqa_split_map,
+)
+from mocae.data.records import DataError, Example, exclude_overlap, normalise_text
+from mocae.data.registry import DATASETS, DatasetSpec, check_data, format_check_table
+
+__all__ = [
+    "AXIS_INSTRUCTIONS",
+    "DATASETS",
+    "DataError",
+    "DatasetSpec",
+    "Example",
+    "check_data",
+    "exclude_overlap",
+    "expand_truthfulqa_answers",
+    "format_check_table",
+    "inject_axis_prompt",
+    "load_advbench",
+    "load_alpaca",
+    "load_alpaca_eval",
+    "load_beavertails",
+    "load_harmbench",
+    "load_refusal_direction_harmful",
+    "load_refusal_direction_harmless",
+    "load_safety_refusals",
+    "load_strongreject",
+    "load_truthfulqa",
+    "load_truthfulqa_judge",
+    "load_truthfulqa_mc",
+    "load_xstest",
+    "normalise_text",
+    "split_questions",
+    "to_chat_messages",
+    "to_prompt_completion",
+    "truthfulqa_split",
+    "truthfulqa_split_map",
+]

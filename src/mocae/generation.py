@@ -1,0 +1,72 @@
+"""Chat-formatted generation, streamed to a terminal or batched for evaluation."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import torch
+from transformers import TextStreamer
+
+
+class _FileStreamer(TextStreamer):
+    """TextStreamer that writes to any text stream (stdout by default) and flushes."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """Render one user turn (and optional system turn) with the tokenizer's chat template.
+
+    Raises:
+        ValueError: the tokenizer has no chat template (a base model such as gemma3-270m).
+    """
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+            "set tokenizer.chat_template or use an instruct backbone"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate_streamed(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 256,
+    system: str | None = None,
+    out: TextIO | None = None,
+    **generate_kwargs,
+) -> str:
+    """Answer one chat prompt greedily, writing tokens to ``out`` as they are produced.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (chat template required).
+        prompt: the user message.
+        max_new_tokens: generation budget.
+        system: optional system message.
+        out: text stream for the live answer (default stdout); None-like sinks allowed.
+        generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True``).
+
+    Returns:
+        The answer text without special tokens.
+    """
+    text = chat_prompt(tokenizer, prompt, system)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = _FileStreamer(tokenizer, out if out is not None else sys.stdout)
+    generate_kwargs.setdefault("do_sample", False)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id, **generate_kwargs,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,49 @@
+"""Where mocae reads data and keeps its cache, and how it writes artifacts safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$MOCAE_CACHE`` or ``~/.cache/mocae``."""
+    root = Path(os.environ.get("MOCAE_CACHE", Path.home() / ".cache" / "mocae")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def data_dir() -> Path | None:
+    """The local data directory from ``$MOCAE_DATA_DIR``, or None (then the Hub is used).
+
+    Raises:
+        FileNotFoundError: the variable is set but names no directory.
+    """
+    value = os.environ.get("MOCAE_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"MOCAE_DATA_DIR={value!r} is not a directory")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,136 @@
+"""The dataset registry, ``check_data`` on fixtures, and the expected counts on the real data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mocae import AXES
+from mocae.data import (
+    DATASETS,
+    DataError,
+    check_data,
+    format_check_table,
+    load_truthfulqa,
+    load_truthfulqa_judge,
+    load_truthfulqa_mc,
+)
+
+FIXTURE_COUNTS = {
+    ("alpaca", "train"): 5, ("alpaca_eval", "eval"): 3, ("truthfulqa", "train"): 3, ("truthfulqa", "eval"): 4,
+    ("truthfulqa_mc", "train"): 3, ("truthfulqa_mc", "eval"): 4, ("truthfulqa_judge_truth", "train"): 2,
+    ("truthfulqa_judge_truth", "eval"): 2, ("truthfulqa_judge_info", "train"): 1,
+    ("truthfulqa_judge_info", "eval"): 1, ("harmbench", "test"): 4, ("harmbench", "val"): 2,
+    ("strongreject", "test"): 3, ("advbench", "test"): 3, ("xstest", "test"): 5, ("safety_refusals", "train"): 3,
+    ("refusal_direction_harmless", "train"): 2, ("refusal_direction_harmless", "val"): 1,
+    ("refusal_direction_harmless", "test"): 2, ("refusal_direction_harmful", "train"): 2,
+    ("refusal_direction_harmful", "val"): 1, ("refusal_direction_harmful", "test"): 2,
+}
+
+
+def test_specs_are_consistent(data_root):
+    assert {"alpaca", "alpaca_eval", "truthfulqa", "truthfulqa_mc", "harmbench", "strongreject", "advbench",
+            "xstest", "safety_refusals", "refusal_direction_harmless", "refusal_direction_harmful"} <= set(DATASETS)
+    for name, spec in DATASETS.items():
+        assert spec.name == name and spec.axis in AXES and spec.description
+        for split, files in spec.files.items():
+            for rel in files:  # the fixtures mirror the real layout
+                assert (data_root / rel).is_file(), rel
+            examples = spec.load(data_root, split)
+            assert {(x.source, x.axis, x.split) for x in examples} == {(name, spec.axis, split)}
+
+
+def test_check_data_on_fixtures(data_root):
+    rows = check_data(data_root)
+    counts = {(r["dataset"], r["split"]): r["rows"] for r in rows if r["status"] == "ok"}
+    assert counts == FIXTURE_COUNTS
+    xstest = next(r for r in rows if r["dataset"] == "xstest")
+    assert (xstest["safe"], xstest["unsafe"]) == (3, 2)
+    assert xstest["file"] == "xstest/xstest_prompts.csv" and xstest["axis"] == "harmless"
+    hub_only = [r for r in rows if r["status"] == "hub only"]
+    assert [(r["dataset"], r["file"]) for r in hub_only] == [("beavertails", "hub:PKU-Alignment/BeaverTails")]
+
+
+def test_check_data_reports_missing_files(tmp_path, data_root):
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca/alpaca_5000.json").write_bytes((data_root / "alpaca/alpaca_5000.json").read_bytes())
+    rows = check_data(tmp_path)
+    ok = [(r["dataset"], r["rows"]) for r in rows if r["status"] == "ok"]
+    assert ok == [("alpaca", 5)]
+    missing = {(r["dataset"], r["split"]): r for r in rows if r["status"] == "missing"}
+    assert missing[("truthfulqa_mc", "eval")]["file"] == "truthfulqa/mc_task.json"
+    assert missing[("harmbench", "val")]["rows"] is None
+
+
+def test_check_data_propagates_data_errors(data_copy):
+    path = data_copy / "alpaca_eval/reference_text_davinci_003.json"
+    rows = json.loads(path.read_text())
+    del rows[1]["dataset"]
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"reference_text_davinci_003.json row 2: field 'dataset' is missing"):
+        check_data(data_copy)
+
+
+def test_check_data_needs_a_directory(no_data_env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="MOCAE_DATA_DIR"):
+        check_data()
+    with pytest.raises(FileNotFoundError):
+        check_data(tmp_path / "absent")
+
+
+def test_format_check_table_is_aligned(data_root):
+    rows = check_data(data_root)
+    text = format_check_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["dataset", "axis", "split", "rows", "status", "file"]
+    assert set(lines[1]) <= {"-", " "} and len(lines) == len(rows) + 2
+    xstest = next(line for line in lines if line.startswith("xstest"))
+    assert "5 (3 safe)" in xstest
+    # Every column starts at the same offset on every line.
+    file_col = lines[0].index("file")
+    assert all(line[file_col - 2:file_col] == "  " for line in lines[2:])
+    assert format_check_table([{"dataset": "a", "axis": "helpful", "split": "train", "rows": 1234,
+                                "file": "f", "status": "ok"}]).splitlines()[2].split()[3] == "1,234"
+
+
+# Real data ------------------------------------------------------------------------------------
+
+REAL = os.environ.get("MOCAE_DATA_DIR")
+needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(),
+                                     reason="MOCAE_DATA_DIR is unset or not a directory")
+
+REAL_COUNTS = {
+    ("alpaca", "train"): 5000, ("alpaca_eval", "eval"): 805, ("truthfulqa", "train"): 408,
+    ("truthfulqa", "eval"): 409, ("truthfulqa_mc", "train"): 408, ("truthfulqa_mc", "eval"): 409,
+    ("harmbench", "test"): 320, ("harmbench", "val"): 80, ("strongreject", "test"): 313,
+    ("advbench", "test"): 520, ("xstest", "test"): 450, ("safety_refusals", "train"): 2483,
+    ("refusal_direction_harmless", "train"): 18793, ("refusal_direction_harmless", "val"): 6264,
+    ("refusal_direction_harmless", "test"): 6266, ("refusal_direction_harmful", "train"): 260,
+    ("refusal_direction_harmful", "val"): 39, ("refusal_direction_harmful", "test"): 572,
+    ("truthfulqa_judge_truth", "train") : 11341, ("truthfulqa_judge_truth", "eval"): 11093,
+    ("truthfulqa_judge_info", "train"): 11341, ("truthfulqa_judge_info", "eval"): 11093,
+}
+
+
+@needs_real_data
+def test_real_data_counts():
+    rows = check_data(Path(REAL))
+    counts = {(r["dataset"], r["split"]): r["rows"] for r in rows if r["status"] == "ok"}
+    assert counts == REAL_COUNTS
+    xstest = next(r for r in rows if r["dataset"] == "xstest")
+    assert (xstest["safe"], xstest["unsafe"]) == (250, 200)
+
+
+@needs_real_data
+def test_real_truthfulqa_split_is_shared():
+    root = Path(REAL)
+    csv_split = {x.prompt: x.split for x in load_truthfulqa(root)}
+    assert len(csv_split) == 817
+    mc_split = {x.prompt: x.split for x in load_truthfulqa_mc(root, split=None)}
+    assert mc_split == csv_split
+    judge = load_truthfulqa_judge(root, split=None)
+    assert {x.prompt for x in judge} == set(csv_split)
+    assert all(csv_split[x.prompt] == x.split for x in judge)

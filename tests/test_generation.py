@@ -1,0 +1,27 @@
+import io
+
+import pytest
+
+from mocae.generation import chat_prompt, generate_streamed
+
+
+def test_streamed_text_equals_returned_answer(tiny):
+    model, tokenizer = tiny
+    sink = io.StringIO()
+    answer = generate_streamed(model, tokenizer, "hello there", max_new_tokens=8, out=sink)
+    assert sink.getvalue().strip() == answer.strip()
+    assert len(answer) > 0
+
+
+def test_chat_prompt_includes_system_message(tiny):
+    _, tokenizer = tiny
+    text = chat_prompt(tokenizer, "q", system="be brief")
+    assert text.startswith("<|im_start|>system\nbe brief<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tokenizer_without_template_is_a_clear_error(tiny):
+    _, tokenizer = tiny
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_prompt(tokenizer, "q")
