@@ -25,3 +25,14 @@ def test_tokenizer_without_template_is_a_clear_error(tiny):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         chat_prompt(tokenizer, "q")
+
+
+def test_batched_generation_keeps_input_order(tiny):
+    from mocae.generation import generate_batch
+
+    model, tokenizer = tiny
+    prompts = ["a much longer prompt than the others here", "hi", "medium prompt"]
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, progress=False)
+    singles = [generate_batch(model, tokenizer, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
+    assert batched == singles
+    assert tokenizer.padding_side == "left"

@@ -80,6 +80,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_expert(args: argparse.Namespace) -> int:
+    from mocae.config import load_yaml, validate_config
+    from mocae.experts.config import ExpertConfig
+    from mocae.experts.train import expert_dir, is_trained, train_expert
+    from mocae.pipeline import load_run_config
+
+    if args.config:
+        data = load_yaml(args.config)
+        source = args.config
+    else:
+        data = load_run_config(args.preset).expert_configs()[args.axis].model_dump()
+        source = f"preset {args.preset}"
+    data["axis"] = args.axis
+    if args.backbone:
+        data["backbone"] = args.backbone
+    cfg = validate_config(ExpertConfig, data, source=source)
+    reused = is_trained(expert_dir(cfg))
+    path = train_expert(cfg)
+    print(f"{'reused' if reused else 'trained'} {args.axis} expert: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (kept separate so tests can inspect it)."""
     parser = argparse.ArgumentParser(
@@ -107,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "train-expert", help="train (or reuse) one per-axis LoRA expert; resumes if interrupted",
+        description="Train one LoRA expert with trl's SFTTrainer. Settings come from a preset's "
+                    "experts section or an ExpertConfig YAML file (see mocae/experts/config.py).",
+    )
+    p.add_argument("--axis", required=True, choices=AXES, help="which expert")
+    p.add_argument("--backbone", default=None, help="override the backbone")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", default="quick", help="preset whose experts section to use (default quick)")
+    group.add_argument("--config", default=None, help="ExpertConfig YAML file")
+    p.set_defaults(func=_cmd_train_expert)
 
     p = sub.add_parser("run", help="the main job: run a preset's pipeline end to end, resumably")
     p.add_argument("--preset", default="quick",

@@ -70,3 +70,53 @@ def generate_streamed(
         pad_token_id=tokenizer.pad_token_id, **generate_kwargs,
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Answer many chat prompts greedily in left-padded batches.
+
+    Prompts are sorted by length so each batch carries little padding (batch 16 decodes ~8x
+    faster than batch 1 here); answers come back in the input order.
+
+    Args:
+        model, tokenizer: a causal LM and its chat tokenizer.
+        prompts: user messages.
+        max_new_tokens: generation budget per answer.
+        batch_size: prompts per forward pass.
+        system: optional system message for every prompt.
+        progress: show a progress bar.
+
+    Returns:
+        One answer per prompt, special tokens removed.
+    """
+    from tqdm.auto import tqdm
+
+    texts = [chat_prompt(tokenizer, p, system) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        with tqdm(total=len(texts), desc=desc, disable=not progress, leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(model.device)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = out[:, batch["input_ids"].shape[1]:]
+                for i, row in zip(idx, new):
+                    answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                bar.update(len(idx))
+    finally:
+        tokenizer.padding_side = side
+    return answers

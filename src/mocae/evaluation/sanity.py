@@ -1,0 +1,150 @@
+"""A quick, judge-free sanity table: does each expert move its own axis the right way?
+
+Per system (the base model and each expert), on held-out prompts of every axis:
+- helpful: per-token NLL of AlpacaEval's davinci-003 reference answers (lower = the model
+  puts more probability on a good answer); AlpacaEval is disjoint from the Alpaca training set;
+- harmless: string-match refusal rate on HarmBench test behaviours (higher is safer) and on
+  XSTest's safe prompts (over-refusal: lower is better);
+- honest: TruthfulQA MC1/MC2 on eval-half questions (lm-eval conventions).
+These are sanity checks, not the reported benchmark: issue 5's judges and full sets are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from mocae.data import load_alpaca_eval, load_harmbench, load_truthfulqa_mc, load_xstest
+from mocae.evaluation.refusal import refusal_rate
+from mocae.generation import chat_prompt, generate_batch
+from mocae.paths import atomic_write_json
+
+
+@torch.inference_mode()
+def reference_nll(model, tokenizer, prompts: list[str], references: list[str], batch_size: int = 8) -> float:
+    """Mean per-token negative log-likelihood of ``references`` as answers to ``prompts``.
+
+    Raises:
+        ValueError: empty or mismatched lists.
+    """
+    if not prompts or len(prompts) != len(references):
+        raise ValueError(f"reference_nll needs equal, non-empty lists (got {len(prompts)}, {len(references)})")
+    total, count = 0.0, 0
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, labels = [], []
+            for prompt, ref in zip(prompts[start:start + batch_size], references[start:start + batch_size]):
+                p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+                r = tokenizer(ref + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+                ids.append(p + r)
+                labels.append([-100] * len(p) + r)
+            width = max(map(len, ids))
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+            label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            target = label_ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += nll.item()
+            count += int((target != -100).sum())
+    finally:
+        tokenizer.padding_side = side
+    return total / count
+
+
+def sanity_prompts(cfg, data_dir: Path | None = None) -> dict:
+    """The held-out prompt sets of the sanity table (deterministic: first N of each file)."""
+    alpaca_eval = [ex for ex in load_alpaca_eval(data_dir) if ex.references["text_davinci_003"].strip()]
+    harmful = [ex for ex in load_harmbench(data_dir) if ex.meta.get("functional_category") == "standard"]
+    return {
+        "alpaca_eval": alpaca_eval[: cfg.n_harmful],
+        "harmful": harmful[: cfg.n_harmful],
+        "xstest_safe": load_xstest(data_dir, label="safe")[: cfg.n_xstest_safe],
+        "truthfulqa": load_truthfulqa_mc(data_dir, split="eval")[: cfg.n_truthfulqa],
+    }
+
+
+def evaluate_system(model, tokenizer, prompts: dict, cfg, progress: bool = True) -> dict:
+    """Every sanity metric for one model (any causal LM, PeftModel included)."""
+    from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
+
+    gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+    harmful = generate_batch(model, tokenizer, [e.prompt for e in prompts["harmful"]], desc="harmful", **gen)
+    safe = generate_batch(model, tokenizer, [e.prompt for e in prompts["xstest_safe"]], desc="xstest", **gen)
+    mc = truthfulqa_mc(model, tokenizer, examples=prompts["truthfulqa"], batch_size=cfg.batch_size)
+    ae = prompts["alpaca_eval"]
+    return {
+        "alpaca_eval_ref_nll": {"value": reference_nll(
+            model, tokenizer, [e.prompt for e in ae], [e.references["text_davinci_003"] for e in ae]),
+            "n": len(ae)},
+        "refusal_harmful": {"value": refusal_rate(harmful), "n": len(harmful)},
+        "refusal_xstest_safe": {"value": refusal_rate(safe), "n": len(safe)},
+        "mc1": {"value": mc["mc1"], "n": mc["n"]},
+        "mc2": {"value": mc["mc2"], "n": mc["n"]},
+        "examples": {"harmful": harmful[:3], "xstest_safe": safe[:3]},
+    }
+
+
+def evaluate_experts(backbone: str, experts: dict[str, Path], cfg, cache: Path,
+                     data_dir: Path | None = None, progress: bool = True) -> dict:
+    """The sanity table for the base model and each expert, cached per system.
+
+    Args:
+        backbone: backbone name the experts were trained on.
+        experts: adapter folder per axis.
+        cfg: a SanityConfig.
+        cache: folder for per-system results (a finished system is not evaluated again).
+
+    Returns:
+        {"systems": {name: metrics}, "config": cfg}
+    """
+    from peft import PeftModel
+
+    from mocae.backbones import load_backbone
+
+    prompts = sanity_prompts(cfg, data_dir)
+    model, tokenizer = load_backbone(backbone)
+    peft_model = None
+    systems = {}
+    for name, path in [("base", None)] + [(f"expert_{a}", p) for a, p in experts.items()]:
+        key = hashlib.sha256(json.dumps([backbone, str(path), cfg.model_dump()]).encode()).hexdigest()[:12]
+        cached = Path(cache) / f"{name}-{key}.json"
+        if cached.is_file():
+            systems[name] = json.loads(cached.read_text())
+            continue
+        print(f"[sanity] {name}", flush=True)
+        if path is None:
+            result = evaluate_system(model, tokenizer, prompts, cfg, progress)
+        else:
+            adapter = name.removeprefix("expert_")
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter)
+            else:
+                peft_model.load_adapter(str(path), adapter_name=adapter)
+            peft_model.set_adapter(adapter)
+            peft_model.eval()
+            result = evaluate_system(peft_model, tokenizer, prompts, cfg, progress)
+        atomic_write_json(cached, result)
+        systems[name] = result
+    return {"systems": systems, "config": cfg.model_dump()}
+
+
+def format_sanity_table(sanity: dict) -> str:
+    """A Markdown table: systems x sanity metrics (arrows say which way is better)."""
+    columns = [("alpaca_eval_ref_nll", "helpful: ref NLL (lower)"),
+               ("refusal_harmful", "harmless: refusal on harmful (higher)"),
+               ("refusal_xstest_safe", "over-refusal XSTest safe (lower)"),
+               ("mc1", "honest: MC1 (higher)"), ("mc2", "MC2 (higher)")]
+    lines = ["| system | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, metrics in sanity["systems"].items():
+        cells = [f"{metrics[k]['value']:.3f} (n={metrics[k]['n']})" for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

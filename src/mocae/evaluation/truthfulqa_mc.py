@@ -1,0 +1,158 @@
+"""TruthfulQA MC1/MC2 through lm-eval, on our question-level eval split, fully offline.
+
+lm-eval's built-in ``truthfulqa_mc1``/``truthfulqa_mc2`` read the Hub dataset and cover all
+817 questions, half of which our honest expert trains on. We therefore write the eval-half
+records to a local JSONL in the Hub ``truthful_qa/multiple_choice`` schema and register two
+tasks that ``include`` lm-eval's own YAMLs, overriding only the name and the dataset. The
+prompt (fixed 6-shot QA primer + "Q: ...\\nA:"), the " " + answer continuation, summed
+log-likelihood scoring and ``process_results_mc2`` are lm-eval's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+MODE = ("lm-eval truthfulqa_mc1/mc2 conventions: 6-shot QA primer, ' ' + answer, "
+        "summed log-likelihood, no chat template")
+TASK_MC1 = "mocae_truthfulqa_mc1"
+TASK_MC2 = "mocae_truthfulqa_mc2"
+
+
+def _targets(answers: dict[str, int]) -> dict[str, list]:
+    """``{answer: 0/1}`` -> the Hub schema ``{"choices": [...], "labels": [...]}``, correct first.
+
+    lm-eval's mc1 YAML has ``doc_to_target: 0``: the correct answer must be choice 0, as in
+    the Hub data. A stable sort keeps the file's order within correct and incorrect answers.
+    """
+    items = sorted(answers.items(), key=lambda kv: -kv[1])
+    return {"choices": [a for a, _ in items], "labels": [int(v) for _, v in items]}
+
+
+def to_hf_docs(examples: Sequence) -> list[dict]:
+    """Convert ``load_truthfulqa_mc`` Examples to Hub ``truthful_qa/multiple_choice`` rows.
+
+    Args:
+        examples: Examples whose references hold "mc1_targets" and "mc2_targets".
+
+    Returns:
+        dicts with question, mc1_targets and mc2_targets ({choices, labels}).
+    """
+    docs = []
+    for ex in examples:
+        refs = ex.references or {}
+        if "mc1_targets" not in refs or "mc2_targets" not in refs:
+            raise ValueError(f"example {ex.prompt[:60]!r} has no mc1_targets/mc2_targets references")
+        docs.append({"question": ex.prompt, "mc1_targets": _targets(refs["mc1_targets"]),
+                     "mc2_targets": _targets(refs["mc2_targets"])})
+    return docs
+
+
+def _lm_eval_yaml(name: str) -> Path:
+    """Path of one of the installed lm-eval's own TruthfulQA task configs."""
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa" / name
+    if not path.is_file():
+        raise RuntimeError(f"lm-eval {lm_eval.__version__} has no {path}; mocae expects lm-eval 0.4.x")
+    return path
+
+
+def write_task_dir(docs: list[dict], root: Path) -> Path:
+    """Write the docs JSONL and the two task YAMLs under ``root``; returns the include path.
+
+    Args:
+        docs: rows from :func:`to_hf_docs`.
+        root: an empty, writable directory (it also holds the datasets cache).
+
+    Returns:
+        the directory to pass as ``TaskManager(include_path=...)``.
+    """
+    import yaml
+
+    data = root / "truthfulqa_mc_eval.jsonl"
+    with data.open("w", encoding="utf-8") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for task, base in ((TASK_MC1, "truthfulqa_mc1.yaml"), (TASK_MC2, "truthfulqa_mc2.yaml")):
+        config = {
+            # Inherit doc_to_text (the primer), doc_to_choice, doc_to_target, metrics and
+            # (mc2) process_results from lm-eval itself instead of copying them.
+            "include": str(_lm_eval_yaml(base)),
+            "task": task,
+            # A tag of our own: the inherited "truthfulqa" tag would name lm-eval's tasks.
+            "tag": ["mocae_truthfulqa"],
+            "dataset_path": "json",
+            "dataset_name": None,
+            # A private datasets cache: no stale Arrow files from an earlier run, no Hub.
+            "dataset_kwargs": {"data_files": {"validation": str(data)},
+                               "cache_dir": str(root / "hf_datasets")},
+            "validation_split": "validation",
+        }
+        (tasks / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return tasks
+
+
+def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: Path | str | None = None,
+                  limit: int | None = None, batch_size: int = 8) -> dict:
+    """TruthfulQA MC1 and MC2 of an already loaded model, with lm-eval's conventions.
+
+    Args:
+        model: a causal LM (a transformers model or a peft ``PeftModel``); its train/eval mode
+            is restored afterwards.
+        tokenizer: its tokenizer; left or right padding both work (lm-eval pads right itself).
+        examples: ``load_truthfulqa_mc`` Examples; default: the eval half from ``data_dir``.
+        data_dir: data directory for the default examples (None: ``MOCAE_DATA_DIR``).
+        limit: score only the first ``limit`` questions (deterministic).
+        batch_size: requests per forward pass.
+
+    Returns:
+        {"mc1", "mc2", "n", "mode", "per_question": [{"question", "mc1", "mc2"}, ...]}.
+    """
+    if examples is None:
+        from mocae.data import load_truthfulqa_mc
+
+        examples = load_truthfulqa_mc(Path(data_dir) if data_dir is not None else None, split="eval")
+    examples = list(examples)[:limit] if limit is not None else list(examples)
+    if not examples:
+        raise ValueError("truthfulqa_mc got an empty example list (check limit and the data split)")
+    docs = to_hf_docs(examples)
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    was_training = model.training
+    try:
+        with tempfile.TemporaryDirectory(prefix="mocae_tqa_mc_") as tmp:
+            include = write_task_dir(docs, Path(tmp))
+            # include_defaults=False: index only our two tasks (fast; no name collisions).
+            manager = TaskManager(include_path=str(include), include_defaults=False)
+            # HFLM puts the model in eval mode and scores (context, " " + choice) pairs,
+            # right-padded internally, so the tokenizer's padding side does not matter.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            out = simple_evaluate(model=lm, tasks=[TASK_MC1, TASK_MC2], task_manager=manager,
+                                  num_fewshot=0, apply_chat_template=False, log_samples=True,
+                                  bootstrap_iters=0, cache_requests=False)
+    finally:
+        model.train(was_training)
+
+    per_task = {}
+    for task in (TASK_MC1, TASK_MC2):
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        if len(samples) != len(docs):
+            raise RuntimeError(f"lm-eval scored {len(samples)} of {len(docs)} questions for {task}")
+        per_task[task] = [float(s["acc"]) for s in samples]
+    per_question = [{"question": doc["question"], "mc1": m1, "mc2": m2}
+                    for doc, m1, m2 in zip(docs, per_task[TASK_MC1], per_task[TASK_MC2], strict=True)]
+    return {
+        "mc1": float(out["results"][TASK_MC1]["acc,none"]),
+        "mc2": float(out["results"][TASK_MC2]["acc,none"]),
+        "n": len(docs),
+        "mode": MODE,
+        "per_question": per_question,
+    }

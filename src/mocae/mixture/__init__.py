@@ -1,0 +1,1 @@
+"""Stage 2: mixing the experts, routing between them and calibrating the router."""

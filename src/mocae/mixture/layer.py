@@ -1,0 +1,141 @@
+"""The mixing layer: several peft LoRA experts combined as one rank-E*r update.
+
+For every LoRA-targeted linear layer and expert weights ``w`` (per sequence or per token):
+
+    y = W0 x + sum_e w[e] * scale_e * B_e A_e x
+
+The A's are stacked into one (E*r x d_in) matrix and the scaled B's into one (d_out x E*r), so
+mixing costs one low-rank product, not E forward passes. The expert weights stay where peft
+keeps them (``lora_A``/``lora_B``/``scaling`` of each ``lora.Linear``); peft's own LoRA path is
+switched off while the mixer is attached and the mixed update is added by a forward hook.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+class _MixedModule:
+    """Stacked expert factors of one LoRA linear layer."""
+
+    def __init__(self, module, adapters: list[str], layer_index: int | None):
+        self.module = module
+        self.layer_index = layer_index
+        self.ranks = [module.r[a] for a in adapters]
+        with torch.no_grad():
+            self.A = torch.cat([module.lora_A[a].weight for a in adapters], dim=0).detach()
+            self.B = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in adapters], dim=1).detach()
+        self.rank_index = torch.repeat_interleave(torch.arange(len(adapters)), torch.tensor(self.ranks))
+
+    def delta(self, weights: torch.Tensor) -> torch.Tensor:
+        """Dense ``sum_e w[e] scale_e B_e A_e`` for one weight vector (E,): used to merge."""
+        return (self.B * weights[self.rank_index].to(self.B.dtype)) @ self.A
+
+    def mixed_update(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The mixture's contribution for input ``x`` (..., T, d_in) and weights (B, E) or (B, T, E)."""
+        h = x @ self.A.to(x.dtype).T  # (B, T, E*r)
+        w = weights[..., self.rank_index].to(h.dtype)
+        if w.dim() == 2:  # one weight vector per sequence
+            w = w[:, None, :]
+        return (h * w) @ self.B.to(x.dtype).T
+
+
+class LoraMixer:
+    """Attach to a PeftModel that holds the expert adapters and mix them per sequence or token.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` with every name in ``adapters`` loaded.
+        adapters: adapter names in expert order (the router's output order).
+
+    Set ``sequence_weights`` (B, E) before a forward pass, or ``token_weights[layer]`` (B, T, E)
+    from per-layer routers; with neither set, the model behaves as the base model.
+    """
+
+    def __init__(self, peft_model, adapters: list[str]):
+        from peft.tuners.lora import LoraLayer
+
+        self.peft_model = peft_model
+        self.adapters = list(adapters)
+        self.sequence_weights: torch.Tensor | None = None
+        self.token_weights: dict[int, torch.Tensor] = {}
+        self.modules: list[_MixedModule] = []
+        self._merged: torch.Tensor | None = None
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, LoraLayer) or not isinstance(module, nn.Module):
+                continue
+            missing = [a for a in self.adapters if a not in module.lora_A]
+            if missing:
+                raise ValueError(f"module {name} has no LoRA for expert(s) {missing}: experts must target "
+                                 "the same modules")
+            match = _LAYER_INDEX.search(name + ".")
+            self.modules.append(_MixedModule(module, self.adapters, int(match.group(1)) if match else None))
+        if not self.modules:
+            raise ValueError("the model has no LoRA layers to mix")
+        # peft's own LoRA path off: the mixer adds the (mixed) update itself.
+        peft_model.base_model.disable_adapter_layers()
+        self._hooks = [m.module.register_forward_hook(self._hook(m)) for m in self.modules]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.adapters)
+
+    def _hook(self, mixed: _MixedModule):
+        def hook(module, args, output):
+            if self._merged is not None:
+                return output
+            weights = self.token_weights.get(mixed.layer_index, self.sequence_weights)
+            if weights is None:
+                return output
+            return output + mixed.mixed_update(args[0], weights)
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach the hooks and give peft back its own LoRA path."""
+        if self._merged is not None:
+            self.unmerge()
+        for hook in self._hooks:
+            hook.remove()
+        self.peft_model.base_model.enable_adapter_layers()
+
+    def merge(self, weights: torch.Tensor) -> None:
+        """Fold one weight vector (E,) into the base weights: zero decode overhead for one request."""
+        if self._merged is not None:
+            raise RuntimeError("mixture already merged; unmerge first")
+        with torch.no_grad():
+            for m in self.modules:
+                m.module.get_base_layer().weight += m.delta(weights).to(m.module.get_base_layer().weight.dtype)
+        self._merged = weights.detach().clone()
+
+    def unmerge(self) -> None:
+        """Subtract what ``merge`` added (as peft's own unmerge does)."""
+        if self._merged is None:
+            return
+        with torch.no_grad():
+            for m in self.modules:
+                m.module.get_base_layer().weight -= m.delta(self._merged).to(m.module.get_base_layer().weight.dtype)
+        self._merged = None
+
+    @contextmanager
+    def weights(self, sequence_weights: torch.Tensor | None = None, merge: bool = False):
+        """Context with fixed per-sequence weights (B, E); ``merge`` folds them in when B == 1."""
+        if sequence_weights is not None and (sequence_weights.dim() != 2
+                                             or sequence_weights.shape[1] != self.num_experts):
+            raise ValueError(f"weights must be (batch, {self.num_experts}), got {tuple(sequence_weights.shape)}")
+        merge = merge and sequence_weights is not None and sequence_weights.shape[0] == 1
+        previous = self.sequence_weights
+        self.sequence_weights = sequence_weights
+        if merge:
+            self.merge(sequence_weights[0])
+        try:
+            yield self
+        finally:
+            if merge:
+                self.unmerge()
+            self.sequence_weights = previous

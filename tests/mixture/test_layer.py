@@ -1,0 +1,113 @@
+"""The mixing layer against peft itself and against the dense merge W0 + sum w_e dW_e."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mocae.backbones import load_backbone
+from mocae.experts.task_vectors import apply_task_vector, load_task_vector
+from mocae.mixture.layer import LoraMixer
+from mocae.mixture.router import top_k_softmax
+
+IDS = torch.tensor([[5, 9, 13, 2, 7, 30], [8, 3, 3, 11, 40, 6]])
+
+
+def peft_with_all(expert_dirs):
+    base, _ = load_backbone("tiny-random")
+    items = list(expert_dirs.items())
+    model = PeftModel.from_pretrained(base, items[0][1], adapter_name=items[0][0])
+    for axis, path in items[1:]:
+        model.load_adapter(path, adapter_name=axis)
+    return model.eval()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_one_hot_weights_equal_that_single_peft_adapter(expert_dirs, index):
+    model = peft_with_all(expert_dirs)
+    axis = list(expert_dirs)[index]
+    model.set_adapter(axis)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    mixer = LoraMixer(model, list(expert_dirs))
+    one_hot = torch.nn.functional.one_hot(torch.tensor([index, index]), 3).float()
+    with torch.no_grad(), mixer.weights(one_hot):
+        got = model(IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no weights set: the base model
+        base = model(IDS).logits
+    assert not torch.allclose(base, expected, atol=1e-3)
+
+
+def test_weighted_mixture_equals_dense_merge(expert_dirs):
+    weights = [0.5, 0.3, 0.2]
+    dense, _ = load_backbone("tiny-random")
+    for w, path in zip(weights, expert_dirs.values()):
+        reference, _ = load_backbone("tiny-random")
+        apply_task_vector(dense, load_task_vector(path, reference), weight=w)
+    with torch.no_grad():
+        expected = dense(IDS).logits
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    with torch.no_grad(), mixer.weights(torch.tensor([weights, weights])):
+        got = model(IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # merged into W0 (the batch-1 fast path) gives the same numbers, and unmerging restores W0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), mixer.weights(torch.tensor([weights]), merge=True):
+        merged = model(IDS[:1]).logits
+    torch.testing.assert_close(merged, expected[:1], atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=1e-6)
+
+
+def test_per_row_weights_mix_each_sequence_separately(expert_dirs):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    w = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    with torch.no_grad(), mixer.weights(w):
+        both = model(IDS).logits
+    for row in range(2):
+        with torch.no_grad(), mixer.weights(w[row:row + 1]):
+            single = model(IDS[row:row + 1]).logits
+        torch.testing.assert_close(both[row:row + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_weights(expert_dirs):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    constant = torch.tensor([0.2, 0.3, 0.5])
+    for layer in {m.layer_index for m in mixer.modules}:
+        mixer.token_weights[layer] = constant.expand(2, IDS.shape[1], 3)
+    with torch.no_grad():
+        per_token = model(IDS).logits
+    mixer.token_weights.clear()
+    with torch.no_grad(), mixer.weights(constant.expand(2, 3)):
+        per_sequence = model(IDS).logits
+    torch.testing.assert_close(per_token, per_sequence, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_renormalises():
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    w = top_k_softmax(logits, 2)
+    assert (w > 0).sum(-1).tolist() == [2, 2]
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    torch.testing.assert_close(w[0, :2], torch.tensor([2.0, 1.0]).softmax(-1))
+    torch.testing.assert_close(top_k_softmax(logits, None), logits.softmax(-1))
+
+
+def test_remove_restores_peft(expert_dirs):
+    model = peft_with_all(expert_dirs)
+    model.set_adapter("harmless")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    mixer = LoraMixer(model, list(expert_dirs))
+    mixer.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected)
+
+
+def test_wrong_weight_shape_is_an_error(expert_dirs):
+    mixer = LoraMixer(peft_with_all(expert_dirs), list(expert_dirs))
+    with pytest.raises(ValueError, match=r"weights must be \(batch, 3\)"):
+        with mixer.weights(torch.ones(2, 2)):
+            pass
