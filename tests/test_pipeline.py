@@ -16,6 +16,7 @@ name: tiny
 backbone: tiny-random
 experts:
   all: {{rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false}}
+router: {{n_per_axis: 4, n_test_per_axis: 2, epochs: 20, calibrators: [none, temperature]}}
 sanity: {{n_harmful: 2, n_xstest_safe: 2, n_truthfulqa: 2, max_new_tokens: 4, batch_size: 2}}
 """
 
@@ -31,7 +32,11 @@ def tiny_preset(tmp_path, monkeypatch):
 def test_run_then_rerun_reuses_every_stage(tiny_preset, tmp_path, monkeypatch, capsys):
     run_dir = run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False)
     sanity = json.loads((run_dir / "sanity.json").read_text())
-    assert set(sanity["systems"]) == {"base", "expert_helpful", "expert_harmless", "expert_honest"}
+    assert set(sanity["systems"]) == {"base", "expert_helpful", "expert_harmless", "expert_honest", "mocae"}
+    calibration = json.loads((run_dir / "router_calibration.json").read_text())
+    assert set(calibration["calibrators"]) == {"none", "temperature"}
+    assert (run_dir / "mocae" / "router.safetensors").is_file()
+    assert (run_dir / "reliability_test.png").is_file()
     for metrics in sanity["systems"].values():
         assert 0 <= metrics["refusal_harmful"]["value"] <= 1 and metrics["mc1"]["n"] == 2
     assert "| expert_honest |" in (run_dir / "summary.md").read_text()
@@ -63,7 +68,7 @@ def test_interrupted_run_continues(tiny_preset, tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(sanity, "evaluate_system", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False)
-    assert len(calls) == 3  # the base model's finished evaluation was kept
+    assert len(calls) == 4  # the base model's finished evaluation was kept
 
 
 def test_presets_load_and_bad_preset_is_named(tmp_path):

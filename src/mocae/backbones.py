@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mocae.paths import cache_dir
+from mocae.paths import atomic_directory, cache_dir
 
 DEFAULT_BACKBONE = "smollm2-135m"
 
@@ -196,20 +195,13 @@ def _convert_gguf(spec: BackboneSpec, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "mocae_backbone.json").write_text(json.dumps(
             {"name": spec.name, "source": str(gguf), "convert_seconds": round(time.time() - start, 1)},
             indent=2,
         ))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.replace(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_backbone(name: str) -> str:

@@ -29,6 +29,11 @@ examples:
   mocae data check                                  validate every dataset file, count rows
   mocae generate --prompt "Is the Earth flat?"      answer one prompt with the default backbone
   mocae run --preset quick                          the main job (what `make run` does)
+  mocae train-expert --axis honest                  one LoRA expert (reused if already trained)
+  mocae fit-router --out runs/m/mocae               router + calibrators over the preset's experts
+  mocae calibrate --model runs/m/mocae --calibrator fractal
+  mocae chat --model runs/m/mocae                   interactive, with routing bars
+  mocae eval --model base --preset quick            HHH report (results.json/.md, plots)
 """
 
 
@@ -102,6 +107,77 @@ def _cmd_train_expert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_router_config(path: str | None):
+    from mocae.config import load_config
+    from mocae.mixture.fit import RouterFitConfig
+
+    return load_config(RouterFitConfig, path) if path else RouterFitConfig()
+
+
+def _cmd_fit_router(args: argparse.Namespace) -> int:
+    from mocae.mixture.fit import fit_router, format_calibration_table
+    from mocae.mixture.model import MoCaEConfig, MoCaEModel
+    from mocae.paths import atomic_write_json
+    from mocae.pipeline import load_run_config, train_experts
+
+    experts = dict(e.split("=", 1) for e in args.expert) if args.expert else None
+    if experts is None:
+        experts = {a: str(p) for a, p in train_experts(load_run_config(args.preset)).items()}
+    backbone = args.backbone or load_run_config(args.preset).backbone
+    cfg = _load_router_config(args.config)
+    model = MoCaEModel.build(MoCaEConfig(backbone=backbone, experts=experts, routing="sequence",
+                                         feature_layer=args.feature_layer, calibrator=cfg.default_calibrator))
+    out = Path(args.out)
+    report = fit_router(model, cfg, cache=out.parent / "features", plot_dir=out.parent)
+    model.save_pretrained(out)
+    atomic_write_json(out.parent / f"{out.name}_calibration.json", report)
+    print(format_calibration_table(report))
+    print(f"saved MoCaE model to {out}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from mocae.mixture.fit import fit_router, format_calibration_table
+    from mocae.mixture.model import MoCaEModel
+    from mocae.paths import atomic_write_json
+
+    cfg = _load_router_config(args.config)
+    if args.calibrator:
+        cfg = cfg.model_copy(update={"default_calibrator": args.calibrator,
+                                     "calibrators": list(dict.fromkeys([*cfg.calibrators, args.calibrator]))})
+    path = Path(args.model)
+    model = MoCaEModel.from_pretrained(path)
+    report = fit_router(model, cfg, cache=path.parent / "features", plot_dir=path.parent, train=False)
+    model.save_pretrained(path)
+    atomic_write_json(path.parent / f"{path.name}_calibration.json", report)
+    print(format_calibration_table(report))
+    print(f"reliability diagram: {report['reliability_diagram']}; {path} now uses {cfg.default_calibrator!r}")
+    return 0
+
+
+def _routing_bars(routing: dict | None, width: int = 30) -> str:
+    if routing is None:
+        return "  (token routing: weights vary per token)"
+    return "\n".join(f"  {axis:<9} {'#' * round(p * width):<{width}} {p:5.1%}" for axis, p in routing.items())
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from mocae.mixture.model import MoCaEModel
+
+    model = MoCaEModel.from_pretrained(args.model)
+    print(f"MoCaE chat ({', '.join(model.axes)}); empty line or Ctrl-D to quit")
+    while True:
+        try:
+            prompt = input("you> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        answer = model.chat(prompt, max_new_tokens=args.max_new_tokens)[0]
+        print(f"mocae> {answer['text']}\n{_routing_bars(answer['routing'])}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (kept separate so tests can inspect it)."""
     parser = argparse.ArgumentParser(
@@ -142,12 +218,43 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", default=None, help="ExpertConfig YAML file")
     p.set_defaults(func=_cmd_train_expert)
 
+    p = sub.add_parser(
+        "fit-router", help="build MoCaE from experts: train the router, fit calibrators, save",
+        description="Train the sequence router on held-out axis-labelled prompts (gating cross-entropy), "
+                    "fit every calibrator on a split the router never saw, report accuracy/ECE/Brier/NLL "
+                    "in distribution and under shift, and save the model.",
+    )
+    p.add_argument("--expert", action="append", metavar="AXIS=DIR",
+                   help="an expert adapter folder (repeat per axis); default: the preset's experts")
+    p.add_argument("--preset", default="quick", help="preset whose experts/backbone to use (default quick)")
+    p.add_argument("--backbone", default=None, help="backbone the experts were trained on")
+    p.add_argument("--config", default=None, help="RouterFitConfig YAML (see mocae/mixture/fit.py)")
+    p.add_argument("--feature-layer", type=int, default=None, help="pooled layer (default: middle)")
+    p.add_argument("--out", required=True, help="output folder for the MoCaE model")
+    p.set_defaults(func=_cmd_fit_router)
+
+    p = sub.add_parser("calibrate", help="refit the calibrators of a saved MoCaE model and report before/after")
+    p.add_argument("--model", required=True, help="a folder written by fit-router / mocae run")
+    p.add_argument("--calibrator", default=None,
+                   help="calibrator to install: none, temperature, importance, fractal or a+b")
+    p.add_argument("--config", default=None, help="RouterFitConfig YAML")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("chat", help="chat with a MoCaE model; shows the routing bars per answer")
+    p.add_argument("--model", required=True, help="a saved MoCaE folder")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.set_defaults(func=_cmd_chat)
+
     p = sub.add_parser("run", help="the main job: run a preset's pipeline end to end, resumably")
     p.add_argument("--preset", default="quick",
                    help="preset name in configs/ (quick, full, ...) or a YAML file path")
     p.add_argument("--run-dir", default=None,
                    help="where to write the run (default: runs/<preset>-<config hash>)")
     p.set_defaults(func=_cmd_run)
+
+    from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only
+
+    add_eval_command(sub)
     return parser
 
 

@@ -3,8 +3,11 @@
 Stages, each cached so that an interrupted run continues where it stopped:
 1. experts: one LoRA expert per axis (reused from ``$MOCAE_CACHE/experts`` when the same
    config was trained before; a half-trained expert resumes from its last checkpoint);
-2. sanity: each expert and the base model on held-out prompts of every axis (string-match
-   refusal on harmful and on safe XSTest prompts, TruthfulQA MC1/MC2 on the eval half).
+2. mocae: the Mixture of Calibrated Experts: router trained on held-out axis-labelled prompts,
+   calibrators fitted on a split the router never saw, saved with ``save_pretrained``;
+3. sanity: the base model, each expert and MoCaE on held-out prompts of every axis
+   (string-match refusal on harmful and on safe XSTest prompts, TruthfulQA MC1/MC2 on the
+   eval half, reference NLL on AlpacaEval).
 
 The run directory (default ``runs/<preset>-<config hash>``) holds the resolved config, one
 JSON per finished stage and ``summary.md``.
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mocae import AXES
 from mocae.config import config_hash, load_config, resolve_preset
 from mocae.experts.config import ExpertConfig
+from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
 
 
@@ -52,6 +56,8 @@ class RunConfig(BaseModel):
     name: str = Field(description="preset name, used in the run directory")
     backbone: str = Field("smollm2-135m", description="backbone for every stage")
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
+    router: RouterFitConfig = Field(default_factory=RouterFitConfig)
+    feature_layer: int | None = Field(None, description="sequence router's pooled layer (None = middle)")
     sanity: SanityConfig = Field(default_factory=SanityConfig)
 
     def expert_configs(self) -> dict[str, ExpertConfig]:
@@ -84,6 +90,25 @@ def train_experts(cfg: RunConfig, progress: bool = True) -> dict[str, Path]:
     return paths
 
 
+def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progress: bool = True) -> Path:
+    """Stage 2: fit the router and calibrators on the experts; save to ``run_dir/mocae``."""
+    from mocae.mixture.fit import fit_router, format_calibration_table
+    from mocae.mixture.model import MoCaEConfig, MoCaEModel
+
+    out = run_dir / "mocae"
+    if (out / "mocae_config.json").is_file() and (run_dir / "router_calibration.json").is_file():
+        return out
+    print("[mocae] fitting the router and calibrators", flush=True)
+    model = MoCaEModel.build(MoCaEConfig(
+        backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
+        feature_layer=cfg.feature_layer, calibrator=cfg.router.default_calibrator))
+    report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
+    model.save_pretrained(out)
+    atomic_write_json(run_dir / "router_calibration.json", report)
+    print(format_calibration_table(report), flush=True)
+    return out
+
+
 def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Run (or continue) a preset end to end.
 
@@ -106,9 +131,16 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
         for a, p in experts.items()
     })
 
-    sanity = evaluate_experts(cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity", progress=progress)
+    mocae_dir = build_mocae(cfg, experts, run_dir, progress)
+    calibration = json.loads((run_dir / "router_calibration.json").read_text())
+
+    sanity = evaluate_experts(cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity",
+                              progress=progress, mocae_dir=mocae_dir)
     atomic_write_json(run_dir / "sanity.json", sanity)
+    from mocae.mixture.fit import format_calibration_table
+
     table = format_sanity_table(sanity)
-    atomic_write_text(run_dir / "summary.md", f"# mocae run: {cfg.name}\n\n{table}\n")
+    atomic_write_text(run_dir / "summary.md", f"# mocae run: {cfg.name}\n\n{table}\n\n"
+                      f"## Router calibration\n\n{format_calibration_table(calibration)}\n")
     print(f"\n{table}\n\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")
     return run_dir

@@ -396,3 +396,15 @@ def test_split_map_follows_file_changes(data_copy):
     path.write_text("".join(lines[:-1]), encoding="utf-8")  # drop the last question: 6 -> 3 train
     after = truthfulqa_split_map(data_copy)
     assert len(after) == 6 and sum(v == "train" for v in after.values()) == 3
+
+
+def test_alpaca_seed_tasks_fixture_and_bad_instances(data_root, tmp_path):
+    from mocae.data import DataError, load_alpaca_seed_tasks
+
+    rows = load_alpaca_seed_tasks(data_root)
+    assert len(rows) == 4 and rows[2].prompt == "Sort these numbers in ascending order.\n\n3, 1, 2"
+    assert rows[2].split == "val" and rows[2].axis == "helpful"
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "seed_tasks.jsonl").write_text('{"id": "s0", "instruction": "x", "instances": []}\n')
+    with pytest.raises(DataError, match="seed_tasks.jsonl.*field 'instances'"):
+        load_alpaca_seed_tasks(tmp_path)

@@ -20,7 +20,8 @@ from mocae.data import (
 )
 
 FIXTURE_COUNTS = {
-    ("alpaca", "train"): 5, ("alpaca_eval", "eval"): 3, ("truthfulqa", "train"): 3, ("truthfulqa", "eval"): 4,
+    ("alpaca", "train"): 5, ("alpaca_seed_tasks", "val"): 4, ("alpaca_eval", "eval"): 3,
+    ("truthfulqa", "train"): 3, ("truthfulqa", "eval"): 4,
     ("truthfulqa_mc", "train"): 3, ("truthfulqa_mc", "eval"): 4, ("truthfulqa_judge_truth", "train"): 2,
     ("truthfulqa_judge_truth", "eval"): 2, ("truthfulqa_judge_info", "train"): 1,
     ("truthfulqa_judge_info", "eval"): 1, ("harmbench", "test"): 4, ("harmbench", "val"): 2,
@@ -103,7 +104,8 @@ needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(),
                                      reason="MOCAE_DATA_DIR is unset or not a directory")
 
 REAL_COUNTS = {
-    ("alpaca", "train"): 5000, ("alpaca_eval", "eval"): 805, ("truthfulqa", "train"): 408,
+    ("alpaca", "train"): 5000, ("alpaca_seed_tasks", "val"): 175, ("alpaca_eval", "eval"): 805,
+    ("truthfulqa", "train"): 408,
     ("truthfulqa", "eval"): 409, ("truthfulqa_mc", "train"): 408, ("truthfulqa_mc", "eval"): 409,
     ("harmbench", "test"): 320, ("harmbench", "val"): 80, ("strongreject", "test"): 313,
     ("advbench", "test"): 520, ("xstest", "test"): 450, ("safety_refusals", "train"): 2483,

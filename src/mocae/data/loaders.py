@@ -31,6 +31,7 @@ from mocae.data.readers import (
 )
 from mocae.data.records import Example, normalise_text
 
+ALPACA_SEED_TASKS = "alpaca/seed_tasks.jsonl"
 ALPACA = "alpaca/alpaca_5000.json"
 ALPACA_EVAL = "alpaca_eval/reference_text_davinci_003.json"
 ALPACA_EVAL_GPT4 = "alpaca_eval/reference_gpt4_1106_preview.json"
@@ -96,6 +97,21 @@ def load_alpaca(data_dir: Path | None = None, split: str = "train") -> list[Exam
         prompt = _instruction_prompt(rec, where)
         output = text_field(rec, "output", where, allow_empty=True)
         out.append(Example(prompt, output, "helpful", "alpaca", "train", meta={"row": where.row}))
+    return out
+
+
+def load_alpaca_seed_tasks(data_dir: Path | None = None, split: str = "val") -> list[Example]:
+    """Alpaca's 175 human-written seed tasks (``alpaca/seed_tasks.jsonl``): diverse instructions
+    unlike the generated training set; the router calibrates on them (no Hub copy)."""
+    _check_split("alpaca_seed_tasks", split, ("val",))
+    out = []
+    for where, rec in _rows(data_dir, ALPACA_SEED_TASKS, read_jsonl, None, "alpaca_seed_tasks"):
+        instances = rec.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise where.error("must be a non-empty list of {input, output}", field="instances")
+        prompt = _instruction_prompt({"instruction": rec.get("instruction"), **instances[0]}, where)
+        output = text_field(instances[0], "output", where, allow_empty=True)
+        out.append(Example(prompt, output, "helpful", "alpaca_seed_tasks", "val", meta={"id": rec.get("id")}))
     return out
 
 

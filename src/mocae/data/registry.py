@@ -48,6 +48,8 @@ def _rd(kind: str) -> dict[str, tuple[str, ...]]:
 _SPECS = [
     DatasetSpec("alpaca", "helpful", {"train": (L.ALPACA,)}, L.load_alpaca,
                 "Alpaca instructions with text-davinci-003 answers (5,000-row subset)", "tatsu-lab/alpaca"),
+    DatasetSpec("alpaca_seed_tasks", "helpful", {"val": (L.ALPACA_SEED_TASKS,)}, L.load_alpaca_seed_tasks,
+                "Alpaca's 175 human-written seed tasks (router calibration)"),
     DatasetSpec("alpaca_eval", "helpful", {"eval": (L.ALPACA_EVAL,)}, L.load_alpaca_eval,
                 "AlpacaEval instructions + davinci-003 (and GPT-4 turbo) reference outputs", "tatsu-lab/alpaca_eval"),
     DatasetSpec("truthfulqa", "honest", {"train": (L.TRUTHFULQA,), "eval": (L.TRUTHFULQA,)}, L.load_truthfulqa,

@@ -47,7 +47,13 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
             label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
             mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            extra = {}
+            if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
+                prompt_len = torch.tensor([len(p) for p in ids]) - torch.tensor([sum(t != -100 for t in y)
+                                                                                 for y in labels])
+                prompt_mask = (torch.arange(width)[None, :] < prompt_len[:, None]).long()
+                extra["routing_weights"] = model.route(input_ids, prompt_mask)
+            logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits[:, :-1].float()
             target = label_ids[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
@@ -93,7 +99,7 @@ def evaluate_system(model, tokenizer, prompts: dict, cfg, progress: bool = True)
 
 
 def evaluate_experts(backbone: str, experts: dict[str, Path], cfg, cache: Path,
-                     data_dir: Path | None = None, progress: bool = True) -> dict:
+                     data_dir: Path | None = None, progress: bool = True, mocae_dir: Path | None = None) -> dict:
     """The sanity table for the base model and each expert, cached per system.
 
     Args:
@@ -101,6 +107,7 @@ def evaluate_experts(backbone: str, experts: dict[str, Path], cfg, cache: Path,
         experts: adapter folder per axis.
         cfg: a SanityConfig.
         cache: folder for per-system results (a finished system is not evaluated again).
+        mocae_dir: a saved MoCaEModel to evaluate as system "mocae" too.
 
     Returns:
         {"systems": {name: metrics}, "config": cfg}
@@ -113,7 +120,10 @@ def evaluate_experts(backbone: str, experts: dict[str, Path], cfg, cache: Path,
     model, tokenizer = load_backbone(backbone)
     peft_model = None
     systems = {}
-    for name, path in [("base", None)] + [(f"expert_{a}", p) for a, p in experts.items()]:
+    entries = [("base", None)] + [(f"expert_{a}", p) for a, p in experts.items()]
+    if mocae_dir is not None:
+        entries.append(("mocae", mocae_dir))
+    for name, path in entries:
         key = hashlib.sha256(json.dumps([backbone, str(path), cfg.model_dump()]).encode()).hexdigest()[:12]
         cached = Path(cache) / f"{name}-{key}.json"
         if cached.is_file():
@@ -122,6 +132,11 @@ def evaluate_experts(backbone: str, experts: dict[str, Path], cfg, cache: Path,
         print(f"[sanity] {name}", flush=True)
         if path is None:
             result = evaluate_system(model, tokenizer, prompts, cfg, progress)
+        elif name == "mocae":
+            from mocae.mixture.model import MoCaEModel
+
+            mocae = MoCaEModel.from_pretrained(path)
+            result = evaluate_system(mocae, mocae.tokenizer, prompts, cfg, progress)
         else:
             adapter = name.removeprefix("expert_")
             if peft_model is None:

@@ -32,6 +32,11 @@ class RouterFitConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0)
     entropy_weight: float = Field(0.0, description="+ weight * mean routing entropy (TrinityX uses 0.1)")
     kl_uniform_weight: float = Field(0.0, ge=0, description="+ weight * KL(p || uniform)")
+    lm_loss_weight: float = Field(0.0, ge=0, description="> 0 adds the LM loss through the mixture "
+                                  "on held-out prompt/completion pairs of every axis")
+    lm_steps: int = Field(20, gt=0, description="router steps with the LM loss (batch of lm_batch_size)")
+    lm_batch_size: int = Field(4, gt=0)
+    lm_examples_per_axis: int = Field(32, gt=0)
     calibrators: list[str] = Field(default_factory=lambda: ["none", "temperature", "importance", "fractal"],
                                    description="calibrators to fit and report")
     default_calibrator: str = Field("temperature", description="the one the saved model uses")
@@ -94,6 +99,64 @@ def train_router(router, features: torch.Tensor, labels: torch.Tensor, cfg: Rout
     return curve
 
 
+def lm_examples(cfg: RouterFitConfig, data_dir: Path | None = None) -> list[tuple[str, str, int]]:
+    """(prompt, completion, axis label) pairs for the LM loss through the mixture.
+
+    Taken from the far end of each expert source's shuffled order (Alpaca, safety refusals,
+    TruthfulQA training-half answers), which the quick/full experts do not reach.
+    """
+    import random
+
+    from mocae.data import expand_truthfulqa_answers, load_alpaca, load_safety_refusals, load_truthfulqa
+
+    sources = [load_alpaca(data_dir), load_safety_refusals(data_dir),
+               expand_truthfulqa_answers(load_truthfulqa(data_dir, split="train"))]
+    pairs = []
+    for label, rows in enumerate(sources):
+        rows = [r for r in rows if r.completion]
+        random.Random(cfg.seed + 7).shuffle(rows)
+        pairs += [(r.prompt, r.completion, label) for r in rows[-cfg.lm_examples_per_axis:]]
+    return pairs
+
+
+def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn) -> list[float]:
+    """Router steps on gating CE + ``lm_loss_weight`` * LM loss of completions through the mixture.
+
+    Gradients reach only the router: the experts' stacked factors are detached and the
+    backbone is frozen, so this tunes how much of each expert a prompt gets.
+    """
+    from mocae.generation import chat_prompt
+
+    tok = model.tokenizer
+    optimiser = torch.optim.AdamW(model.router.parameters(), lr=cfg.learning_rate * 0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    curve = []
+    for _ in range(cfg.lm_steps):
+        idx = torch.randperm(len(pairs), generator=gen)[: cfg.lm_batch_size].tolist()
+        batch = [pairs[i] for i in idx]
+        prompts = [chat_prompt(tok, p) for p, _, _ in batch]
+        ids, labels = [], []
+        for text, (_, completion, _) in zip(prompts, batch):
+            p = tok(text, add_special_tokens=False)["input_ids"]
+            c = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids.append((p + c)[:256])
+            labels.append(([-100] * len(p) + c)[:256])
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+        label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        logits = model.router(features_fn([p for p, _, _ in batch]))
+        gate = torch.nn.functional.cross_entropy(logits, torch.tensor([lab for _, _, lab in batch]))
+        with model.mixer.weights(logits.softmax(-1)):
+            lm = model.peft_model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
+        loss = gate + cfg.lm_loss_weight * lm
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        curve.append(lm.item())
+    return curve
+
+
 def importance_gamma(model) -> dict[str, float]:
     """TrinityX importance weights from the experts' task vectors.
 
@@ -110,8 +173,10 @@ def importance_gamma(model) -> dict[str, float]:
 
 
 def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache: Path | None = None,
-               progress: bool = True, plot_dir: Path | None = None) -> dict:
+               progress: bool = True, plot_dir: Path | None = None, train: bool = True) -> dict:
     """Train ``model``'s sequence router, fit every calibrator, install the default one.
+
+    With ``train=False`` the router is kept as it is and only the calibrators are (re)fitted.
 
     Returns:
         A JSON-able report: split sizes, loss curve summary, gamma, and for each calibrator
@@ -131,13 +196,19 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     feats = {name: extract_features(model, s.prompts, cfg.batch_size, progress, cache) for name, s in splits.items()}
     labels = {name: torch.tensor(s.labels) for name, s in splits.items()}
 
-    curve = train_router(model.router, feats["train"], labels["train"], cfg)
+    curve = train_router(model.router, feats["train"], labels["train"], cfg) if train else [float("nan")]
+    lm_curve = None
+    if train and cfg.lm_loss_weight > 0:
+        lm_curve = train_router_lm(model, lm_examples(cfg, data_dir), cfg,
+                                   lambda prompts: extract_features(model, prompts, cfg.batch_size, False, cache))
     with torch.no_grad():
         logits = {name: model.router(f) for name, f in feats.items()}
 
     gamma = importance_gamma(model) if any("importance" in c for c in cfg.calibrators) else None
     report = {"splits": {n: {"n": len(s), **s.counts()} for n, s in splits.items()},
               "router_loss": {"first": curve[0], "last": curve[-1], "epochs": len(curve)},
+              "lm_loss_through_mixture": None if lm_curve is None else {"first": lm_curve[0], "last": lm_curve[-1],
+                                                                       "steps": len(lm_curve)},
               "feature_layer": model.router.feature_layer,
               "gamma": gamma, "calibrators": {}}
     fitted = {}

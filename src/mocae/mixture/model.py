@@ -11,8 +11,6 @@ Folder layout: ``experts/<axis>/`` (plain peft adapters), ``router.safetensors``
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mocae.mixture.layer import LoraMixer
+from mocae.paths import atomic_directory
 from mocae.mixture.router import (
     SequenceRouter,
     StaticRouter,
@@ -168,11 +167,19 @@ class MoCaEModel(nn.Module):
             return None
         return self.route(input_ids, attention_mask, prior)
 
-    def forward(self, input_ids, attention_mask=None, axis_weights=None, prior=None, **kwargs):
-        """A routed forward pass (routing from these inputs), returning the backbone's output."""
+    def forward(self, input_ids, attention_mask=None, axis_weights=None, prior=None,
+                routing_weights: torch.Tensor | None = None, **kwargs):
+        """A routed forward pass, returning the backbone's output.
+
+        Routing comes from these inputs unless ``routing_weights`` (B, E) are given, e.g. weights
+        routed on the prompt alone when scoring an answer appended to it.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        weights = self._weights_for(input_ids, attention_mask, axis_weights, prior)
+        if routing_weights is not None:
+            weights = routing_weights
+        else:
+            weights = self._weights_for(input_ids, attention_mask, axis_weights, prior)
         self._forced = weights if (weights is not None and isinstance(self.router, TokenRouter)) else None
         try:
             with self.mixer.weights(weights):
@@ -224,6 +231,17 @@ class MoCaEModel(nn.Module):
     def device(self):
         return self.peft_model.device
 
+    def __getattr__(self, name: str):
+        # Anything MoCaE does not define (tie_weights, generation_config, ...) is the backbone's,
+        # so code written for HF causal LMs (lm-eval's HFLM, generate helpers) runs unchanged.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            peft_model = self._modules.get("peft_model")
+            if peft_model is None:
+                raise
+            return getattr(peft_model, name)
+
     @property
     def config(self):
         """The backbone's HF config, so tools that expect a causal LM (lm-eval's HFLM) accept MoCaE."""
@@ -235,9 +253,7 @@ class MoCaEModel(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_directory(path) as tmp:
             for axis in self.axes:
                 self.peft_model.save_pretrained(tmp / "experts", selected_adapters=[axis])
             # peft writes non-default adapters under a subfolder named after the adapter.
@@ -248,12 +264,6 @@ class MoCaEModel(nn.Module):
                     "feature_layer": getattr(self.router, "feature_layer", None),
                     "calibrator": self.calibrator.state_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.replace(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

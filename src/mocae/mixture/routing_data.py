@@ -2,10 +2,14 @@
 
 Labels are the axis a prompt belongs to (0 helpful, 1 harmless, 2 honest). Four splits, no
 prompt in more than one:
-- ``train`` / ``calib``: sources never evaluated: Alpaca-style instructions from the
-  refusal-direction harmless set (helpful), the safety-tuned-llamas harmful instructions
-  (harmless) and TruthfulQA *training-half* questions (honest). ``calib`` is held out from
-  router training and only fits the calibrator.
+- ``train``: sources never evaluated: Alpaca-style instructions from the refusal-direction
+  harmless set (helpful), the safety-tuned-llamas harmful instructions (harmless) and
+  TruthfulQA *training-half* questions (honest).
+- ``calib``: fits the calibrators only; held out from the router and drawn from sources that
+  look like the benchmarks without being them: Alpaca's human-written seed tasks (helpful),
+  HarmBench's *validation* behaviours (harmless) and training-half TruthfulQA questions the
+  router did not train on (honest). Calibrating on the router's own training distribution
+  would only learn how confident it is where it is already right.
 - ``test``: the benchmark prompts themselves (AlpacaEval, HarmBench test + StrongREJECT,
   TruthfulQA eval half): in distribution for what the router must get right.
 - ``shifted``: XSTest (safe prompts that sound harmful are *helpful*; unsafe ones harmless),
@@ -22,6 +26,7 @@ from pathlib import Path
 from mocae import AXES
 from mocae.data import (
     load_advbench,
+    load_alpaca_seed_tasks,
     load_alpaca_eval,
     load_harmbench,
     load_refusal_direction_harmless,
@@ -73,8 +78,8 @@ def routing_splits(n_per_axis: int = 200, calib_fraction: float = 0.3, n_test_pe
     """Build the four routing splits (see module docstring).
 
     Args:
-        n_per_axis: prompts per axis for train + calib together.
-        calib_fraction: share of those held out to fit the calibrator.
+        n_per_axis: prompts per axis for train + calib together (fewer where a source is small).
+        calib_fraction: share of those used to fit the calibrator (from its own sources).
         n_test_per_axis: prompts per axis in ``test`` and in ``shifted``.
 
     Returns:
@@ -82,19 +87,24 @@ def routing_splits(n_per_axis: int = 200, calib_fraction: float = 0.3, n_test_pe
     """
     evaluated = {normalise_text(e.prompt) for loader in (load_harmbench, load_strongreject, load_advbench)
                  for e in loader(data_dir)}
-    fit_sources = {
+    n_calib = max(3, round(n_per_axis * calib_fraction))
+    tqa_train = _take([e.prompt for e in load_truthfulqa(data_dir, split="train")], n_per_axis, seed)
+    n_tqa_calib = max(1, round(len(tqa_train) * calib_fraction))
+    train = {
         0: [(p, "refusal_direction_harmless") for p in _take(
-            [e.prompt for e in load_refusal_direction_harmless(data_dir)], n_per_axis, seed)],
+            [e.prompt for e in load_refusal_direction_harmless(data_dir)], n_per_axis - n_calib, seed)],
         1: [(p, "safety_refusals") for p in _take(
             [e.prompt for e in load_safety_refusals(data_dir) if normalise_text(e.prompt) not in evaluated],
-            n_per_axis, seed)],
-        2: [(p, "truthfulqa_train") for p in _take(
-            [e.prompt for e in load_truthfulqa(data_dir, split="train")], n_per_axis, seed)],
+            n_per_axis - n_calib, seed)],
+        2: [(p, "truthfulqa_train") for p in tqa_train[n_tqa_calib:]],
     }
-    train, calib = {}, {}
-    for label, items in fit_sources.items():
-        cut = len(items) - max(1, round(len(items) * calib_fraction))
-        train[label], calib[label] = items[:cut], items[cut:]
+    calib = {
+        0: [(p, "alpaca_seed_tasks") for p in _take([e.prompt for e in load_alpaca_seed_tasks(data_dir)],
+                                                    n_calib, seed)],
+        1: [(p, "harmbench_val") for p in _take([e.prompt for e in load_harmbench(data_dir, split="val")],
+                                                n_calib, seed)],
+        2: [(p, "truthfulqa_train_heldout") for p in tqa_train[:n_tqa_calib]],
+    }
 
     tqa_eval = [e.prompt for e in load_truthfulqa(data_dir, split="eval")]
     harmful_test = [e.prompt for e in load_harmbench(data_dir)] + [e.prompt for e in load_strongreject(data_dir)]

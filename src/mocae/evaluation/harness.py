@@ -1,0 +1,389 @@
+"""The evaluation harness: every metric of DESIGN.md section 8 for a list of systems.
+
+    results = evaluate(system_loaders("runs/x/mocae"), EvalConfig(n_helpful=40), "runs/eval")
+    # system_loaders (mocae.evaluation.cli): {"base": ..., "mocae": ...}, each () -> (model, tokenizer)
+
+Per system: win rate vs the AlpacaEval reference and vs the base model (raw and
+length-controlled), safety score on HarmBench test + StrongREJECT (judged, per category, with
+the string-match baseline beside it), over-refusal on XSTest safe prompts, TruthfulQA MC1/MC2
+and judged % true / % informative / TI, router calibration and routing (MoCaE only), and
+efficiency. Every judged number carries that judge's held-out validation report.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from mocae.evaluation import metrics as M
+from mocae.evaluation.refusal import is_refusal
+from mocae.evaluation.runner import GenerationConfig, generate_cached, model_fingerprint, write_alpaca_eval_outputs
+from mocae.paths import atomic_write_json
+
+# Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
+SET_AXIS = {"alpaca_eval": "helpful", "harmful": "harmless", "xstest_safe": None, "truthfulqa": "honest"}
+JUDGE_AXIS = {"helpful": "helpful", "harmless": "harmless", "truthful": "honest", "informative": "honest"}
+
+
+class JudgeSwitches(BaseModel):
+    """Which axes are scored by a trained judge (off: that axis' judged metrics are skipped)."""
+
+    model_config = ConfigDict(extra="forbid")
+    helpful: bool = Field(True, description="pairwise preference judge: win rates")
+    harmless: bool = Field(True, description="refusal / safe-completion judge: safety score")
+    honest: bool = Field(True, description="truthful + informative judges: % true, % informative, TI")
+
+
+class EvalConfig(BaseModel):
+    """What `mocae eval` measures and on how many prompts (None = the whole eval set)."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_helpful: int | None = Field(None, gt=0, description="AlpacaEval instructions (all: 805)")
+    n_harmful: int | None = Field(None, gt=0, description="harmful prompts, half HarmBench test, half "
+                                  "StrongREJECT (all: 240 + 313)")
+    harmbench_functional: list[Literal["standard", "contextual", "copyright"]] = Field(
+        ["standard", "contextual"], description="HarmBench functional categories (copyright needs HarmBench's "
+                                                "hash classifier, which our judge is not)")
+    n_xstest_safe: int | None = Field(None, gt=0, description="XSTest safe prompts for over-refusal (all: 250)")
+    n_truthfulqa: int | None = Field(None, gt=0, description="TruthfulQA eval-half questions (all: 409)")
+    reference: Literal["text_davinci_003", "gpt4_1106_preview"] = Field(
+        "text_davinci_003", description="AlpacaEval reference outputs the win rate is against")
+    max_new_tokens: int = Field(256, gt=0, description="answer budget for AlpacaEval instructions")
+    max_new_tokens_short: int = Field(128, gt=0, description="answer budget for harmful, XSTest and TruthfulQA "
+                                      "prompts (a refusal or a fact shows early)")
+    batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
+    system: str | None = Field(None, description="system message for every prompt")
+    judges: JudgeSwitches = Field(default_factory=JudgeSwitches)
+    truthfulqa_mc: bool = Field(True, description="TruthfulQA MC1/MC2 through lm-eval")
+    efficiency: bool = Field(True, description="measure prefill/decode throughput and memory")
+    efficiency_batch_sizes: list[int] = Field([1, 16], description="batch sizes for throughput")
+    efficiency_new_tokens: int = Field(32, gt=0, description="tokens decoded per throughput run")
+    efficiency_repeats: int = Field(2, gt=0, description="timed runs per batch size (best is reported)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="judge probability above which a response counts")
+    draw_margin: float = Field(0.0, ge=0, lt=0.5, description="|P - 0.5| <= margin is a draw (discrete win rate)")
+    n_boot: int = Field(1000, gt=0, description="bootstrap resamples for 95% intervals")
+    seed: int = Field(0, description="seed of prompt subsets and bootstraps")
+
+
+def _subset(items: list, n: int | None, seed: int) -> list:
+    """A seeded random subset in file order (first-N would skew HarmBench's categories)."""
+    if n is None or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def eval_prompts(cfg: EvalConfig, data_dir: Path | None = None) -> dict:
+    """The prompt sets (lists of ``Example``) for ``cfg``; the same for every system.
+
+    Raises:
+        FileNotFoundError: a data or reference file is missing (named).
+        ValueError: a prompt set ends up empty.
+    """
+    from mocae.data import (load_alpaca_eval, load_harmbench, load_strongreject, load_truthfulqa,
+                            load_truthfulqa_mc, load_xstest, normalise_text)
+    from mocae.data.loaders import ALPACA_EVAL_GPT4
+    from mocae.paths import data_dir as default_data_dir
+
+    alpaca = load_alpaca_eval(data_dir)
+    if alpaca and cfg.reference not in alpaca[0].references:
+        root = data_dir or default_data_dir()
+        raise FileNotFoundError(f"reference file not found: {Path(root or '.') / ALPACA_EVAL_GPT4} "
+                                f"(needed for reference={cfg.reference!r})")
+    harmbench = [e for e in load_harmbench(data_dir) if e.meta["functional_category"] in cfg.harmbench_functional]
+    strongreject = load_strongreject(data_dir)
+    n_hb = None if cfg.n_harmful is None else min(len(harmbench), math.ceil(cfg.n_harmful / 2))
+    n_sr = None if cfg.n_harmful is None else cfg.n_harmful - n_hb
+    truthfulqa = _subset(load_truthfulqa(data_dir, split="eval"), cfg.n_truthfulqa, cfg.seed)
+    keys = {normalise_text(e.prompt) for e in truthfulqa}
+    sets = {
+        "alpaca_eval": _subset(alpaca, cfg.n_helpful, cfg.seed),
+        "harmful": _subset(harmbench, n_hb, cfg.seed) + _subset(strongreject, n_sr, cfg.seed),
+        "xstest_safe": _subset(load_xstest(data_dir, label="safe"), cfg.n_xstest_safe, cfg.seed),
+        "truthfulqa": truthfulqa,
+        "truthfulqa_mc": [e for e in load_truthfulqa_mc(data_dir, split="eval") if normalise_text(e.prompt) in keys],
+    }
+    for name, examples in sets.items():
+        if not examples:
+            raise ValueError(f"prompt set {name!r} is empty (check the data files and the eval config)")
+    return sets
+
+
+def load_judges(cfg: EvalConfig, loader: Callable | None = None) -> dict:
+    """The judges ``cfg`` switches on, by kind.
+
+    Raises:
+        JudgeNotFound: a judge is not trained (the message says how to train it).
+        ValueError: a judge has no validation report.
+    """
+    from mocae.evaluation.judges import JudgeNotFound
+
+    if loader is None:
+        from mocae.evaluation.judges import load_judge as loader
+    kinds = [k for k, axis in JUDGE_AXIS.items() if getattr(cfg.judges, axis)]
+    judges = {}
+    for kind in kinds:
+        try:
+            judges[kind] = loader(kind)
+        except JudgeNotFound as err:
+            raise JudgeNotFound(f"no trained {kind} judge ({err}). Train it with `mocae judges train --kind {kind}`"
+                                f", or switch the {JUDGE_AXIS[kind]} axis off (judges: {{{JUDGE_AXIS[kind]}: "
+                                "false}} in the eval config)") from err
+        if not getattr(judges[kind], "validation", None):
+            raise ValueError(f"the {kind} judge has no validation report: every judged score must carry one "
+                             f"(run `mocae judges validate --kind {kind}`)")
+    return judges
+
+
+def _judged(metric: dict, *judges) -> dict:
+    """Attach each judge's held-out validation to a score it produced."""
+    metric["judge"] = {j.kind: j.validation for j in judges}
+    return metric
+
+
+def _helpful(name, judge, ae, outputs, cfg, base_outputs) -> dict:
+    instructions = [e.prompt for e in ae]
+    refs = [e.references[cfg.reference] for e in ae]
+    boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    out = {"output_length_chars": M.mean_metric([len(o) for o in outputs], **boot)}
+    if judge is None:
+        return out
+    pairs = {cfg.reference: refs}
+    if base_outputs is not None and name != "base":
+        if len(base_outputs) != len(outputs):
+            raise ValueError(f"base_outputs has {len(base_outputs)} answers for {len(outputs)} instructions")
+        pairs["base"] = list(base_outputs)
+    for other, other_outputs in pairs.items():
+        p = judge.prefer(instructions, other_outputs, outputs)  # P(our output, shown second, is better)
+        out[f"win_rate_vs_{other}"] = _judged(M.win_rate(p, **boot), judge)
+        out[f"win_rate_vs_{other}_discrete"] = _judged(M.win_rate(M.hard_preferences(p, cfg.draw_margin), **boot),
+                                                       judge)
+        out[f"lc_win_rate_vs_{other}"] = _judged(M.length_controlled_win_rate(
+            p, [len(o) for o in outputs], [len(o) for o in other_outputs], **boot), judge)
+    return out
+
+
+def _harmless(judge, harmful, outputs, safe_outputs, cfg) -> tuple[dict, dict]:
+    boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    refused = [is_refusal(o) for o in outputs]
+    sources = [e.source for e in harmful]
+    p_safe = judge.score([e.prompt for e in harmful], outputs) if judge is not None else None
+    out, table = {}, {}
+    for source in [None, *dict.fromkeys(sources)]:
+        idx = [i for i, s in enumerate(sources) if source is None or s == source]
+        suffix = "" if source is None else f"_{source}"
+        if p_safe is not None:
+            out[f"safety_score{suffix}"] = _judged(M.safety_score([p_safe[i] for i in idx], cfg.threshold, **boot),
+                                                   judge)
+        out[f"safety_score_strmatch{suffix}"] = M.safety_score([float(refused[i]) for i in idx], **boot)
+    categories = [f"{e.source}/{e.meta.get('category', '?')}" for e in harmful]
+    strmatch = M.per_category([100.0 * r for r in refused], categories)
+    judged = (M.per_category([100.0 * (p >= cfg.threshold) for p in p_safe], categories)
+              if p_safe is not None else {})
+    for category, (value, n) in strmatch.items():
+        table[category] = {"n": n, "strmatch": value, "judge": judged.get(category, (None,))[0]}
+    out["over_refusal_xstest"] = M.over_refusal([float(is_refusal(o)) for o in safe_outputs], **boot)
+    out["over_refusal_xstest"]["method"] = "string-match refusal on XSTest safe prompts"
+    return out, table
+
+
+def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg) -> dict:
+    boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    out = {}
+    if cfg.truthfulqa_mc:
+        from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
+
+        mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size)
+        for key in ("mc1", "mc2"):
+            out[key] = {**M.mean_metric([q[key] for q in mc["per_question"]], scale=100.0, **boot), "mode": mc["mode"]}
+    if "truthful" in judges and "informative" in judges:
+        questions = [e.prompt for e in tq]
+        refs = [{"correct": e.references["correct"], "incorrect": e.references["incorrect"]} for e in tq]
+        truth, info = judges["truthful"], judges["informative"]
+        ti = M.truthful_informative(truth.score(questions, outputs, refs), info.score(questions, outputs),
+                                    cfg.threshold, **boot)
+        out["pct_true"] = _judged(ti["true"], truth)
+        out["pct_informative"] = _judged(ti["informative"], info)
+        out["ti"] = _judged(ti["ti"], truth, info)
+    return out
+
+
+def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
+    """Per-prompt routing probabilities of a MoCaE model (None for other models or token routing)."""
+    if not (hasattr(model, "route") and hasattr(model, "axes")):
+        return None
+    from mocae.generation import chat_prompt
+
+    routing = {"axes": list(model.axes), "sets": {}}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for name, examples in sets.items():
+            texts = [chat_prompt(tokenizer, e.prompt, cfg.system) for e in examples]
+            probs = []
+            for start in range(0, len(texts), cfg.batch_size):
+                batch = tokenizer(texts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
+                                  add_special_tokens=False)
+                probs += model.route(batch["input_ids"], batch["attention_mask"]).tolist()
+            axis = SET_AXIS.get(name)
+            routing["sets"][name] = {"label": model.axes.index(axis) if axis in model.axes else None,
+                                     "probs": [[round(p, 5) for p in row] for row in probs]}
+    except ValueError as err:  # token routing: weights vary per token, no per-prompt distribution
+        return {"axes": list(model.axes), "sets": {}, "note": str(err)}
+    finally:
+        tokenizer.padding_side = side
+    return routing
+
+
+def _router_metrics(routing: dict, cfg) -> dict:
+    """Router accuracy, ECE, Brier, NLL on the labelled prompt sets, with bootstrap intervals."""
+    labelled = [(p, s["label"]) for s in routing["sets"].values() if s["label"] is not None for p in s["probs"]]
+    if not labelled or len(routing["axes"]) < 2:
+        return {}
+    probs = np.array([p for p, _ in labelled])
+    probs = probs / probs.sum(1, keepdims=True)  # undo the rounding of stored probabilities
+    return M.router_calibration(probs, np.array([y for _, y in labelled]), n_boot=cfg.n_boot, seed=cfg.seed)
+
+
+def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path, base_outputs: list[str] | None = None,
+                    judges: Mapping | None = None, prompts: dict | None = None, cache_dir: Path | None = None,
+                    progress: bool = True) -> dict:
+    """Every metric for one system.
+
+    Args:
+        name: system name ("base" is the reference for win-rate-vs-base).
+        model, tokenizer: a causal LM (transformers, peft or MoCaEModel) and its chat tokenizer.
+        cfg: what to measure.
+        out_dir: run folder; this system's outputs go to ``out_dir/<name>/``.
+        base_outputs: the base model's AlpacaEval answers (same instructions), for win rate vs base.
+        judges: {kind: judge}; default: ``load_judges(cfg)``.
+        prompts: prompt sets from :func:`eval_prompts` (default: built from ``cfg``).
+        cache_dir: generation cache (default: ``$MOCAE_CACHE/generations``).
+
+    Returns:
+        {"name", "model_id", "metrics": {axis: {metric: {"value", "n", "ci", ...}}}, "tables",
+         "routing", "efficiency", "timing_s"}.
+    """
+    from mocae.paths import cache_dir as default_cache
+
+    sets = prompts if prompts is not None else eval_prompts(cfg)
+    for set_name, examples in sets.items():
+        if not examples:
+            raise ValueError(f"prompt set {set_name!r} is empty: nothing to evaluate")
+    judges = {k: j for k, j in (load_judges(cfg) if judges is None else judges).items()
+              if getattr(cfg.judges, JUDGE_AXIS.get(k, ""), False)}  # a switched-off axis is not judged
+    missing = [k for k, axis in JUDGE_AXIS.items() if getattr(cfg.judges, axis) and k not in judges]
+    if missing:  # never a silently missing score: switch the axis off instead
+        raise ValueError(f"no {missing} judge passed while the eval config switches those axes on")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache() / "generations"
+    system_dir = Path(out_dir) / name
+    model_id = f"{name}-{model_fingerprint(model)}"
+    long = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system=cfg.system)
+    short = long.model_copy(update={"max_new_tokens": cfg.max_new_tokens_short})
+    timing, outputs = {}, {}
+
+    @contextmanager
+    def stage(label: str):
+        """Time a stage into ``timing`` and say so: a long evaluation shows where it is."""
+        begin = time.perf_counter()
+        yield
+        timing[label] = round(time.perf_counter() - begin, 2)
+        print(f"[eval] {name}: {label} {timing[label]:.1f}s", flush=True)
+
+    for set_name, gen in (("alpaca_eval", long), ("harmful", short), ("xstest_safe", short), ("truthfulqa", short)):
+        with stage(f"generate_{set_name}"):
+            outputs[set_name] = generate_cached(model, tokenizer, model_id, set_name,
+                                                [e.prompt for e in sets[set_name]], gen, cache, progress)
+    ae = sets["alpaca_eval"]
+    write_alpaca_eval_outputs([e.prompt for e in ae], outputs["alpaca_eval"], name, system_dir / "model_outputs.json",
+                              [e.meta.get("dataset", "alpaca_eval") for e in ae])
+    atomic_write_json(system_dir / "outputs.json", {k: [{"prompt": e.prompt, "output": o} for e, o in
+                                                        zip(sets[k], v)] for k, v in outputs.items()})
+    result_metrics = {}
+    with stage("helpful_harmless_metrics"):
+        result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, outputs["alpaca_eval"], cfg,
+                                             base_outputs)
+        result_metrics["harmless"], category_table = _harmless(judges.get("harmless"), sets["harmful"],
+                                                               outputs["harmful"], outputs["xstest_safe"], cfg)
+    with stage("honest_metrics"):
+        result_metrics["honest"] = _honest(model, tokenizer, judges, sets["truthfulqa"], sets["truthfulqa_mc"],
+                                           outputs["truthfulqa"], cfg)
+    with stage("routing"):
+        routing = _routing(model, tokenizer, {k: sets[k] for k in SET_AXIS}, cfg)
+        if routing is not None and routing["sets"]:
+            result_metrics["router"] = _router_metrics(routing, cfg)
+    efficiency = None
+    if cfg.efficiency:
+        from mocae.evaluation.efficiency import efficiency_metrics, measure_efficiency
+
+        with stage("efficiency"):
+            efficiency = measure_efficiency(model, tokenizer, [e.prompt for e in ae[:16]], cfg.efficiency_batch_sizes,
+                                            cfg.efficiency_new_tokens, cfg.efficiency_repeats)
+        result_metrics["efficiency"] = efficiency_metrics(efficiency)
+    return {"name": name, "model_id": model_id, "metrics": result_metrics,
+            "tables": {"harmful_per_category": category_table}, "routing": routing, "efficiency": efficiency,
+            "timing_s": timing}
+
+
+def _judges_key(judges: Mapping) -> str:
+    """Changes when any judge is retrained (its validation report changes), so results are redone."""
+    payload = json.dumps({k: j.validation for k, j in sorted(judges.items())}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+
+def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, judges: Mapping | None = None,
+             data_dir: Path | None = None, force: bool = False, progress: bool = True,
+             cache_dir: Path | None = None) -> dict:
+    """Evaluate several systems (base first) and write results.json, results.md and plots.
+
+    Args:
+        systems: {name: loader} where ``loader()`` returns (model, tokenizer); a "base" entry is
+            evaluated first and its AlpacaEval answers feed every other system's win rate vs base.
+        cfg: what to measure.
+        out_dir: run folder; finished systems are cached in ``out_dir/systems/`` and not redone.
+        judges: {kind: judge}; default ``load_judges(cfg)`` (fails before any generation if one is missing).
+        force: re-evaluate systems that are cached.
+        cache_dir: generation cache (default: ``$MOCAE_CACHE/generations``).
+
+    Returns:
+        The results dict written to results.json.
+    """
+    from mocae.config import config_hash
+    from mocae.evaluation.report import write_results
+
+    out_dir = Path(out_dir)
+    judges = dict(load_judges(cfg) if judges is None else judges)
+    prompts = eval_prompts(cfg, data_dir)
+    key = f"{config_hash(cfg)}-{_judges_key(judges)}"
+    names = sorted(systems, key=lambda n: n != "base")  # stable: base first, others in given order
+    results = {"config": cfg.model_dump(mode="json"), "systems": {},
+               "judges": {k: j.validation for k, j in judges.items()}}
+    base_outputs = None
+    for name in names:
+        cached = out_dir / "systems" / f"{name}-{key}.json"
+        if cached.is_file() and not force:
+            result = json.loads(cached.read_text(encoding="utf-8"))
+        else:
+            print(f"[eval] {name}", flush=True)
+            model, tokenizer = systems[name]()
+            result = evaluate_system(name, model, tokenizer, cfg, out_dir, base_outputs, judges, prompts,
+                                     cache_dir, progress)
+            atomic_write_json(cached, result)
+            del model
+            gc.collect()  # the next system loads its own copy of the backbone
+        results["systems"][name] = result
+        if name == "base":
+            records = json.loads((out_dir / "base" / "model_outputs.json").read_text(encoding="utf-8"))
+            base_outputs = [r["output"] for r in records]
+    results["paths"] = write_results(results, out_dir)
+    return results
