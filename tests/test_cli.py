@@ -32,7 +32,7 @@ def test_data_check_without_a_data_dir_is_an_error(monkeypatch, capsys):
 
 def test_unknown_backbone_path_is_reported(capsys):
     assert main(["generate", "--backbone", "/nonexistent/model", "--prompt", "x"]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert "backbone path '/nonexistent/model' does not exist" in capsys.readouterr().err
 
 
 def test_parser_requires_prompt_for_generate():

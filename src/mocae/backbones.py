@@ -219,6 +219,9 @@ def resolve_backbone(name: str) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(BACKBONES[name], target)
         return str(target)
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"backbone path {name!r} does not exist; registered backbones: "
+                                f"{['tiny-random', *BACKBONES]}")
     return name
 
 
