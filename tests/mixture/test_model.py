@@ -116,3 +116,29 @@ def test_router_with_wrong_expert_count_is_rejected(expert_dirs, tmp_path):
 def test_missing_expert_folder_is_named(expert_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="expert 'honest'"):
         build({**expert_dirs, "honest": str(tmp_path / "nope")})
+
+
+def test_content_pooling_keeps_only_the_user_message(tiny):
+    from mocae.generation import chat_prompt
+    from mocae.mixture.router import pooling_mask, template_margins
+
+    _, tok = tiny
+    before, after = template_margins(tok)
+    ids = tok(chat_prompt(tok, "why is water wet"), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[before:len(ids) - after]) == "why is water wet"
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    assert pooling_mask(mask, "content", (1, 1)).tolist() == [[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0]]
+    assert pooling_mask(mask, "content", (4, 4)).tolist() == mask.tolist()  # nothing left: keep all
+    assert pooling_mask(mask, "last").tolist() == [[0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 0, 0]]
+    with pytest.raises(ValueError, match="pooling must be"):
+        pooling_mask(mask, "max")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_other_poolings_are_padding_invariant(expert_dirs, pooling):
+    model = build(expert_dirs, feature_layer=1, pooling=pooling)
+    randomise_router(model)
+    texts = ["a short one", "a considerably longer prompt with many more tokens in it"]
+    padded = model.route(**encode(model.tokenizer, texts, "left"))
+    single = model.route(**encode(model.tokenizer, texts[:1], "right"))
+    torch.testing.assert_close(padded[:1], single, atol=1e-5, rtol=1e-4)

@@ -8,8 +8,6 @@ the label. Bins are [i/B, (i+1)/B) (torchmetrics uses ``bucketize(right=True)``)
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassCalibrationError
+
+from mocae.paths import atomic_save_figure
 
 
 def _validate(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,15 +111,7 @@ def reliability_diagrams(curves: dict, path, n_bins: int = 15, title: str | None
         bottom.set(xlabel="confidence (max probability)", ylabel="count")
     if title:
         fig.suptitle(title)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def reliability_diagram(probs, labels=None, path=None, n_bins: int = 15, title: str | None = None) -> Path:

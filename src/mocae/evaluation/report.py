@@ -7,15 +7,13 @@ a reliability diagram of the router on the labelled prompt sets.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mocae.paths import atomic_write_json, atomic_write_text
+from mocae.paths import atomic_save_figure, atomic_write_json, atomic_write_text
 
 # (axis, metric, column title); arrows say which way is better. Missing metrics are skipped.
 COLUMNS = [
@@ -42,19 +40,6 @@ COLUMNS = [
 # Headline entry of a judge's validation report shown in column titles, in order of preference.
 HEADLINE_KEYS = ("agreement_length_matched", "agreement", "auc_heldout_model", "auc_heldout_questions",
                  "info_auc_heldout_questions", "auc", "accuracy")
-
-
-def _save_figure(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _metric(system: dict, axis: str, name: str) -> dict | None:
@@ -157,7 +142,7 @@ def hhh_bars(results: dict, path: Path) -> Path:
     ax.set(xticks=x, ylabel="%", ylim=(0, 100), title="HHH per system (95% bootstrap CI)")
     ax.set_xticklabels(names)
     ax.legend(fontsize=8, loc="upper right")
-    return _save_figure(fig, Path(path))
+    return atomic_save_figure(fig, Path(path))
 
 
 def routing_heatmap(routing: dict, path: Path, title: str = "routing") -> Path:
@@ -177,7 +162,7 @@ def routing_heatmap(routing: dict, path: Path, title: str = "routing") -> Path:
     ax.set_xticks(range(len(routing["axes"])))
     ax.set_xticklabels(routing["axes"])
     ax.set(xlabel="expert", title=f"{title}: prompts x experts")
-    return _save_figure(fig, Path(path))
+    return atomic_save_figure(fig, Path(path))
 
 
 def router_calibration_curves(results: dict) -> dict:

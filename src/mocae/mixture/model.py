@@ -26,6 +26,8 @@ from mocae.mixture.router import (
     TokenRouter,
     decoder_layers,
     pooled_hidden_states,
+    pooling_mask,
+    template_margins,
 )
 
 CONFIG_FILE = "mocae_config.json"
@@ -40,6 +42,8 @@ class MoCaEConfig(BaseModel):
     experts: dict[str, str] = Field(description="axis -> peft adapter folder, in router output order")
     routing: Literal["sequence", "token", "static"] = "sequence"
     feature_layer: int | None = Field(None, description="sequence routing: pooled layer (None = middle)")
+    pooling: Literal["mean", "content", "last"] = Field(
+        "content", description="sequence routing: average all tokens, only the user's message, or take the last")
     top_k: int | None = Field(None, description="token routing: experts kept per token")
     token_temperature: float = Field(1.0, gt=0, description="token routing softmax temperature")
     static_weights: list[float] | None = Field(None, description="static routing weights")
@@ -91,6 +95,7 @@ class MoCaEModel(nn.Module):
             for i, layer in enumerate(decoder_layers(peft_model)):
                 self._token_hooks.append(layer.register_forward_pre_hook(self._token_hook(i), with_kwargs=True))
         self._forced: torch.Tensor | None = None
+        self._margins: tuple[int, int] | None = None
 
     # construction -----------------------------------------------------------------------------
     @classmethod
@@ -122,9 +127,11 @@ class MoCaEModel(nn.Module):
 
     def router_features(self, input_ids, attention_mask) -> torch.Tensor:
         """The base model's pooled features that the sequence router reads (mixture off)."""
-        layer = self.router.feature_layer
+        if self._margins is None:
+            self._margins = template_margins(self.tokenizer)
+        pool = pooling_mask(attention_mask, self.router.pooling, self._margins)
         with self.mixer.weights(None):
-            return pooled_hidden_states(self.peft_model, input_ids, attention_mask, layer)
+            return pooled_hidden_states(self.peft_model, input_ids, attention_mask, self.router.feature_layer, pool)
 
     def router_logits(self, input_ids, attention_mask) -> torch.Tensor:
         """Uncalibrated router logits (B, E) for sequence or static routing."""
@@ -300,7 +307,7 @@ def make_router(config: MoCaEConfig, model_config) -> nn.Module:
     hidden, layers, n = model_config.hidden_size, model_config.num_hidden_layers, len(config.experts)
     if config.routing == "sequence":
         layer = layers // 2 if config.feature_layer is None else config.feature_layer
-        return SequenceRouter(hidden, n, layer)
+        return SequenceRouter(hidden, n, layer, pooling=config.pooling)
     if config.routing == "token":
         return TokenRouter(hidden, n, layers, top_k=config.top_k, temperature=config.token_temperature)
     if not config.static_weights or len(config.static_weights) != n:

@@ -34,9 +34,48 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def template_margins(tokenizer) -> tuple[int, int]:
+    """Tokens the chat template puts before and after the user's message.
+
+    Every request shares them (SmolLM2 adds a 20-token default system prompt), so pooling them
+    in drowns the part that tells prompts apart.
+    """
+    from mocae.generation import chat_prompt
+
+    a, b = chat_prompt(tokenizer, "\x00A"), chat_prompt(tokenizer, "\x00B")
+    cut = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) - 1
+    before = len(tokenizer(a[:cut], add_special_tokens=False)["input_ids"])
+    after = len(tokenizer(a[cut + 2:], add_special_tokens=False)["input_ids"])
+    return before, after
+
+
+def pooling_mask(attention_mask: torch.Tensor, pooling: str, margins: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Which tokens a sequence's feature averages over (works for left and right padding).
+
+    Args:
+        attention_mask: (B, T) 1 for real tokens.
+        pooling: "mean" (all real tokens), "content" (real tokens minus the template's
+            ``margins``; all real tokens for a row that would be left empty) or "last".
+    """
+    mask = attention_mask.long()
+    position = mask.cumsum(-1) - 1  # index among the row's real tokens
+    length = mask.sum(-1, keepdim=True)
+    if pooling == "mean":
+        return mask
+    if pooling == "last":
+        return mask * (position == length - 1)
+    if pooling == "content":
+        before, after = margins
+        content = mask * (position >= before) * (position < length - after)
+        empty = content.sum(-1, keepdim=True) == 0
+        return torch.where(empty, mask, content)
+    raise ValueError(f"pooling must be mean, content or last, got {pooling!r}")
+
+
 @torch.no_grad()
-def pooled_hidden_states(model, input_ids, attention_mask, layer: int) -> torch.Tensor:
-    """Mean over non-padding tokens of the hidden state entering decoder block ``layer``.
+def pooled_hidden_states(model, input_ids, attention_mask, layer: int,
+                         pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over ``pool_mask`` (default: non-padding) tokens of the hidden state entering block ``layer``.
 
     The forward stops there, so it costs ``layer / num_layers`` of a prefill. Callers run it
     with the mixture off, so the features are the base model's.
@@ -65,7 +104,7 @@ def pooled_hidden_states(model, input_ids, attention_mask, layer: int) -> torch.
         hidden = stopped.hidden
     finally:
         handle.remove()
-    mask = attention_mask.to(hidden.dtype)[..., None]
+    mask = (attention_mask if pool_mask is None else pool_mask).to(hidden.dtype)[..., None]
     return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
 
 
@@ -76,11 +115,13 @@ class SequenceRouter(nn.Module):
         hidden_size: feature width.
         num_experts: E.
         feature_layer: decoder block whose input is pooled.
+        pooling: which tokens are averaged (see ``pooling_mask``).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, feature_layer: int):
+    def __init__(self, hidden_size: int, num_experts: int, feature_layer: int, pooling: str = "content"):
         super().__init__()
         self.feature_layer = feature_layer
+        self.pooling = pooling
         self.register_buffer("mean", torch.zeros(hidden_size))
         self.register_buffer("std", torch.ones(hidden_size))
         self.linear = nn.Linear(hidden_size, num_experts)

@@ -100,3 +100,30 @@ class Scorer(nn.Module):
         if self.n_extra:
             feats = torch.cat([feats, extra.to(feats.dtype)], dim=-1)
         return self.head(feats)
+
+
+def save_scorer(scorer: Scorer, tokenizer, folder: Path) -> None:
+    """Write the encoder + tokenizer (transformers format) and the head (safetensors) to ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    scorer.encoder.save_pretrained(folder / "encoder")
+    tokenizer.save_pretrained(folder / "encoder")
+    head = {k: v.detach().contiguous() for k, v in scorer.head.state_dict().items()}
+    save_file(head, str(folder / "head.safetensors"),
+              metadata={"n_extra": str(scorer.n_extra), "n_out": str(scorer.n_out)})
+
+
+def load_scorer(folder: Path) -> tuple[Scorer, object]:
+    """(Scorer, tokenizer) written by ``save_scorer``, in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    tokenizer, encoder = load_encoder(folder / "encoder")
+    with safe_open(str(folder / "head.safetensors"), "pt") as f:
+        meta = f.metadata()
+    scorer = Scorer(encoder, n_extra=int(meta["n_extra"]), n_out=int(meta["n_out"]))
+    scorer.head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    scorer.eval()
+    return scorer, tokenizer

@@ -1,0 +1,200 @@
+"""Helpfulness judge: P(output b is better than output a) for an instruction.
+
+A MiniLM cross-encoder scores (instruction, output); hand-made style features (log-length,
+list/markdown structure, repetition, refusal phrases...) enter its head linearly; pairs are
+compared with a Bradley-Terry loss. Trained on AlpacaEval's GPT-4 judgements split by
+instruction (train / dev / test instructions never overlap), each pair's order swapped so
+that exactly half the labels say "b is better". GPT-4 largely prefers the longer answer, so
+the report puts "longer answer wins" beside the judge, also on length-matched pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mocae.evaluation.judges import metrics, training
+from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
+from mocae.evaluation.judges.sources import load_alpaca_eval_annotations
+from mocae.evaluation.judges.store import Judge
+from mocae.evaluation.refusal import is_refusal
+
+STYLE_NAMES = ("log_chars", "log_words", "distinct_words", "refusal", "bullets", "numbered", "bold",
+               "log_lines", "ends_cleanly", "paragraphs", "as_an_ai", "instruction_overlap",
+               "ascii_share", "code_block", "colons")
+LENGTH_MATCHED = 1.5  # longer/shorter below this counts as length-matched (the issue's definition)
+
+
+def style_features(instruction: str, output: str) -> list[float]:
+    """Cheap surface features of an output; GPT-4 rewards structure and punishes refusals.
+
+    Counts are log-scaled so a very long output does not dominate the linear head.
+    """
+    words = output.split()
+    lines = output.split("\n")
+    inst = set(instruction.lower().split())
+    return [
+        math.log1p(len(output)), math.log1p(len(words)), len(set(words)) / max(len(words), 1),
+        float(is_refusal(output)) if output.strip() else 1.0,
+        math.log1p(sum(ln.strip().startswith(("-", "*", "\u2022")) for ln in lines)),
+        math.log1p(sum(bool(re.match(r"\s*\d+[.)]", ln)) for ln in lines)),
+        math.log1p(output.count("**")), math.log1p(len(lines)),
+        float(output.rstrip().endswith((".", "!", "?", "```", ")", '"'))),
+        math.log1p(output.count("\n\n")), float("as an ai" in output.lower()),
+        len(inst & set(output.lower().split())) / max(len(inst), 1),
+        sum(c.isascii() for c in output) / max(len(output), 1), float("```" in output),
+        math.log1p(output.count(":")),
+    ]
+
+
+def split_by_instruction(rows: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[dict]]:
+    """Rows split into train / dev / test by instruction: no instruction is on two sides.
+
+    Args:
+        rows: annotation dicts with an "instruction".
+        fractions: shares of instructions for train, dev and test.
+    """
+    instructions = sorted({r["instruction"] for r in rows})
+    random.Random(seed).shuffle(instructions)
+    n_train = round(fractions[0] * len(instructions))
+    n_dev = round(fractions[1] * len(instructions))
+    side = {ins: ("train" if i < n_train else "dev" if i < n_train + n_dev else "test")
+            for i, ins in enumerate(instructions)}
+    out = {"train": [], "dev": [], "test": []}
+    for r in rows:
+        out[side[r["instruction"]]].append(r)
+    return out
+
+
+def balanced_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Decisive judgements as pairs {instruction, a, b, b_better}, half of them with b the winner.
+
+    Draws (preference 0 or 1.5) are dropped. Rows are shuffled and the k-th pair is ordered so
+    that its label is k % 2: the judge cannot learn "the second answer tends to win".
+    """
+    decisive = [r for r in rows if r["preference"] in (1.0, 2.0)]
+    random.Random(seed).shuffle(decisive)
+    out = []
+    for k, r in enumerate(decisive):
+        winner, loser = (r["output_2"], r["output_1"]) if r["preference"] == 2.0 else (r["output_1"], r["output_2"])
+        b_better = k % 2 == 1
+        a, b = (loser, winner) if b_better else (winner, loser)
+        out.append({"instruction": r["instruction"], "a": a, "b": b, "b_better": b_better})
+    return out
+
+
+class HelpfulJudge(Judge):
+    """Pairwise preference judge. ``prefer(instructions, outputs_a, outputs_b)`` -> P(b better)."""
+
+    kind = "helpful"
+
+    def __init__(self, scorer: Scorer, tokenizer, mean, std, max_length: int = 256, validation=None):
+        super().__init__(validation)
+        self.scorer, self.tokenizer, self.max_length = scorer, tokenizer, max_length
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def _features(self, instructions, outputs) -> np.ndarray:
+        feats = np.array([style_features(i, o) for i, o in zip(instructions, outputs)], dtype=np.float32)
+        return (feats - self.mean) / self.std
+
+    def scores(self, instructions: list[str], outputs: list[str]) -> np.ndarray:
+        """One utility score per (instruction, output); only differences between outputs mean anything."""
+        keys = list(dict.fromkeys(zip(instructions, outputs)))  # score each distinct pair once
+        encs = training.tokenize(self.tokenizer, [k[0] for k in keys], [k[1] for k in keys], self.max_length)
+        feats = self._features([k[0] for k in keys], [k[1] for k in keys])
+        logits = training.predict(self.scorer, self.tokenizer, encs, feats)[:, 0]
+        where = {k: i for i, k in enumerate(keys)}
+        return np.array([logits[where[k]] for k in zip(instructions, outputs)], dtype=np.float64)
+
+    def prefer(self, instructions: list[str], outputs_a: list[str], outputs_b: list[str]) -> list[float]:
+        """P(output_b is better than output_a) for each instruction.
+
+        Args:
+            instructions: the user instructions.
+            outputs_a, outputs_b: two candidate answers per instruction.
+        """
+        if not len(instructions) == len(outputs_a) == len(outputs_b):
+            raise ValueError("instructions, outputs_a and outputs_b must have the same length")
+        if not instructions:
+            return []
+        s = self.scores(list(instructions) * 2, list(outputs_a) + list(outputs_b))
+        n = len(instructions)
+        return training.sigmoid(s[n:] - s[:n]).tolist()
+
+    def _meta(self):
+        return {"max_length": self.max_length, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "features": list(STYLE_NAMES)}
+
+    def _save(self, folder: Path) -> None:
+        save_scorer(self.scorer, self.tokenizer, folder)
+
+    @classmethod
+    def _load(cls, folder: Path, meta: dict) -> "HelpfulJudge":
+        scorer, tokenizer = load_scorer(folder)
+        return cls(scorer, tokenizer, meta["mean"], meta["std"], meta["max_length"])
+
+
+def evaluate_pairs(judge: HelpfulJudge, pairs: list[dict]) -> dict:
+    """Agreement of the judge and of "longer wins" with the labels, overall and length-matched."""
+    ins, a, b = [p["instruction"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
+    y = np.array([p["b_better"] for p in pairs])
+    p_judge = np.array(judge.prefer(ins, a, b))
+    p_len = metrics.length_preference(a, b)
+    matched = metrics.length_ratio(a, b) < LENGTH_MATCHED
+    out = {"agreement": metrics.agreement(p_judge, y), "length_baseline_agreement": metrics.agreement(p_len, y),
+           "n_pairs": len(pairs), "n_length_matched": int(matched.sum())}
+    if matched.any():
+        out["agreement_length_matched"] = metrics.agreement(p_judge[matched], y[matched])
+        out["length_baseline_length_matched"] = metrics.agreement(p_len[matched], y[matched])
+    return out
+
+
+def train(data_dir=None, *, encoder=None, n_train_pairs: int = 2400, n_dev_pairs: int = 800,
+          n_test_pairs: int = 2000, seed: int = 0, log=print, rows: list[dict] | None = None,
+          **fit) -> HelpfulJudge:
+    """Fine-tune the helpfulness judge and validate it on held-out instructions.
+
+    Args:
+        data_dir: data directory (default ``$MOCAE_DATA_DIR``).
+        encoder: BERT folder to start from (default all-MiniLM-L6-v2).
+        n_train_pairs, n_dev_pairs, n_test_pairs: pairs sampled from each side (CPU budget).
+        rows: annotation rows to use instead of reading the file (tests).
+        fit: ``FitConfig`` fields (epochs, lr, batch_size, max_length, time_budget...).
+
+    Returns:
+        the judge, its ``validation`` filled with test-instruction metrics (dev ones under "dev").
+    """
+    cfg = training.FitConfig(**{"epochs": 1, **fit, "seed": seed})
+    rows = load_alpaca_eval_annotations(data_dir) if rows is None else rows
+    sides = split_by_instruction(rows, seed=seed)
+    pairs = {k: balanced_pairs(v, seed=seed)[:n] for (k, v), n in
+             zip(sides.items(), (n_train_pairs, n_dev_pairs, n_test_pairs))}
+    log(f"helpful: {len(pairs['train'])} train / {len(pairs['dev'])} dev / {len(pairs['test'])} test pairs")
+    tokenizer, enc_model = load_encoder(encoder)
+    seqs = list(dict.fromkeys((p["instruction"], o) for p in pairs["train"] for o in (p["a"], p["b"])))
+    index = {s: i for i, s in enumerate(seqs)}
+    feats = np.array([style_features(i, o) for i, o in seqs], dtype=np.float32)
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1)
+    judge = HelpfulJudge(scorer, tokenizer, mean, std, cfg.max_length)
+    encs = training.tokenize(tokenizer, [s[0] for s in seqs], [s[1] for s in seqs], cfg.max_length)
+    train_pairs = [(index[(p["instruction"], p["a"])], index[(p["instruction"], p["b"])], float(p["b_better"]))
+                   for p in pairs["train"]]
+    group_of = {ins: g for g, ins in enumerate(dict.fromkeys(p["instruction"] for p in pairs["train"]))}
+    groups = [group_of[p["instruction"]] for p in pairs["train"]]
+    summary = training.fit_pairwise(scorer, tokenizer, encs, train_pairs, groups, cfg,
+                                    extra=(feats - mean) / std, log=log)
+    report = {"split": "by instruction 60/20/20, pairs balanced by swapping, draws dropped",
+              "training": {**summary, **cfg.as_dict(), "n_train_pairs": len(train_pairs)}}
+    if pairs["dev"]:
+        report["dev"] = evaluate_pairs(judge, pairs["dev"])
+        log(f"helpful dev: {json.dumps(report['dev'])}")
+    if pairs["test"]:
+        report.update(evaluate_pairs(judge, pairs["test"]))
+    judge.validation = report
+    return judge
