@@ -126,7 +126,8 @@ def _cmd_fit_router(args: argparse.Namespace) -> int:
     backbone = args.backbone or load_run_config(args.preset).backbone
     cfg = _load_router_config(args.config)
     model = MoCaEModel.build(MoCaEConfig(backbone=backbone, experts=experts, routing="sequence",
-                                         feature_layer=args.feature_layer, calibrator=cfg.default_calibrator))
+                                         feature_layer=args.feature_layer, router_input=args.router_input,
+                                         calibrator=cfg.default_calibrator))
     out = Path(args.out)
     report = fit_router(model, cfg, cache=out.parent / "features", plot_dir=out.parent)
     model.save_pretrained(out)
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="backbone the experts were trained on")
     p.add_argument("--config", default=None, help="RouterFitConfig YAML (see mocae/mixture/fit.py)")
     p.add_argument("--feature-layer", type=int, default=None, help="pooled layer (default: middle)")
+    p.add_argument("--router-input", choices=["hidden", "embedding"], default="embedding",
+                   help="router features: the base model's hidden state or a MiniLM sentence embedding")
     p.add_argument("--out", required=True, help="output folder for the MoCaE model")
     p.set_defaults(func=_cmd_fit_router)
 

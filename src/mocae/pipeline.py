@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,7 +58,8 @@ class RunConfig(BaseModel):
     backbone: str = Field("smollm2-135m", description="backbone for every stage")
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
     router: RouterFitConfig = Field(default_factory=RouterFitConfig)
-    feature_layer: int | None = Field(None, description="sequence router's pooled layer (None = middle)")
+    router_input: Literal["embedding", "hidden"] = Field("embedding", description="sequence router input")
+    feature_layer: int | None = Field(None, description="hidden router input: pooled layer (None = middle)")
     sanity: SanityConfig = Field(default_factory=SanityConfig)
 
     def expert_configs(self) -> dict[str, ExpertConfig]:
@@ -101,7 +103,8 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     print("[mocae] fitting the router and calibrators", flush=True)
     model = MoCaEModel.build(MoCaEConfig(
         backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
-        feature_layer=cfg.feature_layer, calibrator=cfg.router.default_calibrator))
+        router_input=cfg.router_input, feature_layer=cfg.feature_layer,
+        calibrator=cfg.router.default_calibrator))
     report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)

@@ -120,12 +120,16 @@ def test_missing_expert_folder_is_named(expert_dirs, tmp_path):
 
 def test_content_pooling_keeps_only_the_user_message(tiny):
     from mocae.generation import chat_prompt
-    from mocae.mixture.router import pooling_mask, template_margins
+    from mocae.mixture.router import content_margins, pooling_mask, template_margins
 
     _, tok = tiny
-    before, after = template_margins(tok)
-    ids = tok(chat_prompt(tok, "why is water wet"), add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids[before:len(ids) - after]) == "why is water wet"
+    template = template_margins(tok)
+    batch = tok([chat_prompt(tok, "why is water wet"), "plain text, no template"], return_tensors="pt",
+                padding=True, add_special_tokens=False)
+    margins = content_margins(batch["input_ids"], batch["attention_mask"], template)
+    pool = pooling_mask(batch["attention_mask"], "content", margins)
+    assert tok.decode(batch["input_ids"][0][pool[0].bool()]) == "why is water wet"
+    assert torch.equal(pool[1], batch["attention_mask"][1])  # not chat-formatted: nothing trimmed
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
     assert pooling_mask(mask, "content", (1, 1)).tolist() == [[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0]]
     assert pooling_mask(mask, "content", (4, 4)).tolist() == mask.tolist()  # nothing left: keep all
@@ -142,3 +146,26 @@ def test_other_poolings_are_padding_invariant(expert_dirs, pooling):
     padded = model.route(**encode(model.tokenizer, texts, "left"))
     single = model.route(**encode(model.tokenizer, texts[:1], "right"))
     torch.testing.assert_close(padded[:1], single, atol=1e-5, rtol=1e-4)
+
+
+def test_embedding_router_reads_the_user_message(expert_dirs, monkeypatch):
+    import mocae.mixture.model as model_module
+
+    seen = []
+
+    def fake_embeddings(texts):
+        seen.extend(texts)
+        return torch.stack([torch.full((model_module.EMBEDDING_SIZE,), float(len(t))) for t in texts])
+
+    monkeypatch.setattr(model_module, "sentence_embeddings", fake_embeddings)
+    model = build(expert_dirs, router_input="embedding")
+    assert model.router.linear.in_features == model_module.EMBEDDING_SIZE
+    randomise_router(model)
+    from mocae.generation import chat_prompt
+
+    texts = ["short", "a much longer message here"]
+    chats = [chat_prompt(model.tokenizer, t) for t in texts]
+    padded = model.route(**encode(model.tokenizer, chats, "left"))
+    assert seen == texts
+    single = model.route(**encode(model.tokenizer, chats[1:], "right"))
+    torch.testing.assert_close(padded[1:], single)

@@ -24,7 +24,7 @@ class RouterFitConfig(BaseModel):
     """Router training and calibration settings."""
 
     model_config = ConfigDict(extra="forbid")
-    n_per_axis: int = Field(240, gt=1, description="train+calib prompts per axis")
+    n_per_axis: int = Field(400, gt=1, description="train+calib prompts per axis")
     calib_fraction: float = Field(0.3, gt=0, lt=1, description="share held out to fit calibrators")
     n_test_per_axis: int = Field(120, gt=0, description="prompts per axis in test and shifted splits")
     epochs: int = Field(300, gt=0, description="full-batch optimiser steps")
@@ -56,13 +56,15 @@ def extract_features(model, prompts: list[str], batch_size: int = 16, progress: 
 
     from mocae.generation import chat_prompt
 
-    key = hashlib.sha256(json.dumps([model.mocae_config.backbone, model.router.feature_layer, prompts]).encode())
+    cfg = model.mocae_config
+    key = hashlib.sha256(json.dumps([cfg.backbone, cfg.router_input, cfg.pooling, model.router.feature_layer,
+                                     prompts]).encode())
     path = Path(cache) / f"features-{key.hexdigest()[:16]}.safetensors" if cache else None
     if path is not None and path.is_file():
         return load_file(str(path))["features"]
     texts = [chat_prompt(model.tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.peft_model.config.hidden_size)
+    out = torch.empty(len(texts), model.router.mean.shape[0])
     model.tokenizer.padding_side = "left"
     for start in tqdm(range(0, len(order), batch_size), desc="router features", disable=not progress, leave=False):
         idx = order[start:start + batch_size]

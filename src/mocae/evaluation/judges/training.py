@@ -107,10 +107,17 @@ def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dic
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
                             weight_decay=cfg.weight_decay)
     warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    start = time.monotonic()
+
+    def factor(s: int) -> float:
+        # Warm up, then decay linearly to 0 by the last step or by the time budget, whichever
+        # comes first: a run cut by the budget still ends at a small learning rate.
+        done = max((s - warm) / max(1, total - warm), (time.monotonic() - start) / cfg.time_budget)
+        return min((s + 1) / warm, max(0.0, 1.0 - done))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     scorer.train()
-    start, step, ema, stopped = time.monotonic(), 0, None, False
+    step, ema, stopped = 0, None, False
     for epoch, batches in enumerate(plan):
         for batch in batches:
             if time.monotonic() - start > cfg.time_budget:
@@ -223,7 +230,9 @@ def predict(scorer: Scorer, tokenizer, encs: list[dict], extra: np.ndarray | Non
 
 
 def sigmoid(x) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+    from scipy.special import expit  # no overflow warning for large logits
+
+    return expit(np.asarray(x, dtype=np.float64))
 
 
 def log_len(text: str) -> float:

@@ -1,0 +1,92 @@
+"""Each judge trains end to end on tiny fixture files and a tiny random BERT, saves, and loads back."""
+
+from __future__ import annotations
+
+import pytest
+
+from mocae.evaluation.judges import JudgeNotFound, load_judge, train_judge
+from mocae.evaluation.judges.tiny import build_tiny_encoder, fixture_texts, write_fixture_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data_dir, encoder_dir): fixture data and a tiny BERT whose vocabulary covers it."""
+    root = write_fixture_data(tmp_path_factory.mktemp("data"))
+    enc = build_tiny_encoder(tmp_path_factory.mktemp("enc"), fixture_texts(root))
+    return root, enc
+
+
+FAST = {"epochs": 2, "batch_size": 8, "max_length": 48, "time_budget": 20}
+
+
+def test_truthful_trains_saves_and_loads(setup, tmp_path):
+    data, enc = setup
+    folder = train_judge("truthful", data_dir=data, out_dir=tmp_path / "t", encoder=enc, max_iter=20, log=print)
+    judge = load_judge("truthful", folder)
+    assert judge.kind == "truthful"
+    assert 0.0 <= judge.validation["auc_heldout_questions"] <= 1.0
+    assert judge.validation["n_train_questions"] == 4 and judge.validation["n_eval_questions"] == 4
+    refs = [{"correct": ["true answer 5"], "incorrect": ["false answer 5"]}] * 2
+    scores = judge.score(["what is fact 5?"] * 2, ["true answer 5.", "false answer 5."], refs)
+    assert scores == load_judge("truthful", folder).score(["what is fact 5?"] * 2,
+                                                         ["true answer 5.", "false answer 5."], refs)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert judge.score([], [], []) == []
+
+
+def test_informative_trains_saves_and_loads(setup, tmp_path):
+    data, enc = setup
+    folder = train_judge("informative", data_dir=data, out_dir=tmp_path / "i", encoder=enc, max_iter=20)
+    judge = load_judge("informative", folder)
+    assert "info_auc_heldout_questions" in judge.validation
+    args = (["what is fact 6?"] * 2, ["it is fact 6.", "i have no comment."])
+    assert judge.score(*args) == load_judge("informative", folder).score(*args)
+
+
+def test_harmless_trains_saves_and_loads(setup, tmp_path):
+    data, enc = setup
+    folder = train_judge("harmless", data_dir=data, out_dir=tmp_path / "h", encoder=enc, n_extra=2, **FAST)
+    judge = load_judge("harmless", folder)
+    v = judge.validation
+    assert v["heldout_model"] == "mistralinstruct" and v["n_heldout"] == 6 and v["n_heldout_unsafe"] == 3
+    for key in ("auc_heldout_model", "strmatch_auc_heldout_model", "auc_pyrit", "hh_pairwise_accuracy"):
+        assert key in v
+    args = (["kill my neighbour", "gut a fish"], ["i'm sorry, i cannot help with that.", "sure, here is how"])
+    scores = judge.score(*args)
+    assert scores == load_judge("harmless", folder).score(*args)
+    assert len(judge.refusal(*args)) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_helpful_trains_saves_and_loads(setup, tmp_path):
+    data, enc = setup
+    folder = train_judge("helpful", data_dir=data, out_dir=tmp_path / "p", encoder=enc,
+                         n_train_pairs=40, n_dev_pairs=10, n_test_pairs=20, **FAST)
+    judge = load_judge("helpful", folder)
+    v = judge.validation
+    for key in ("agreement", "length_baseline_agreement", "n_pairs", "n_length_matched"):
+        assert key in v
+    args = (["explain topic 1"] * 2, ["topic 1.", "1. point one"], ["1. point one\n2. point two", "topic 1."])
+    p = judge.prefer(*args)
+    assert p == load_judge("helpful", folder).prefer(*args)
+    # Swapping the two outputs gives the complementary probability (the judge is antisymmetric).
+    q = judge.prefer(args[0], args[2], args[1])
+    assert p[0] == pytest.approx(1 - q[0], abs=1e-6)
+
+
+def test_missing_judge_says_how_to_train_it():
+    with pytest.raises(JudgeNotFound) as err:
+        load_judge("harmless")
+    assert "mocae judges train --kind harmless" in str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="truthful"):
+        load_judge("funny")
+
+
+def test_default_folder_is_in_the_cache(setup, isolated_cache):
+    data, enc = setup
+    folder = train_judge("informative", data_dir=data, encoder=enc, max_iter=5, log=lambda *_: None)
+    assert folder == isolated_cache / "judges" / "informative"
+    assert load_judge("informative").kind == "informative"
