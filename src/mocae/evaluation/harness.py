@@ -137,9 +137,10 @@ def load_judges(cfg: EvalConfig, loader: Callable | None = None) -> dict:
         try:
             judges[kind] = loader(kind)
         except JudgeNotFound as err:
-            raise JudgeNotFound(f"no trained {kind} judge ({err}). Train it with `mocae judges train --kind {kind}`"
-                                f", or switch the {JUDGE_AXIS[kind]} axis off (judges: {{{JUDGE_AXIS[kind]}: "
-                                "false}} in the eval config)") from err
+            # The judge's own message names the training command; add the other way out.
+            err.args = (f"{err}, or switch the {JUDGE_AXIS[kind]} axis off "
+                        f"(judges: {{{JUDGE_AXIS[kind]}: false}} in the eval config)",)
+            raise
         if not getattr(judges[kind], "validation", None):
             raise ValueError(f"the {kind} judge has no validation report: every judged score must carry one "
                              f"(run `mocae judges validate --kind {kind}`)")

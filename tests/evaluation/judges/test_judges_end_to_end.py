@@ -41,6 +41,11 @@ def test_informative_trains_saves_and_loads(setup, tmp_path):
     assert "info_auc_heldout_questions" in judge.validation
     args = (["what is fact 6?"] * 2, ["it is fact 6.", "i have no comment."])
     assert judge.score(*args) == load_judge("informative", folder).score(*args)
+    # A TruthfulQA question uses its references by default; any other question the plain model.
+    table_refs = judge.model["references"]["what is fact 6?"]
+    assert judge.score(*args) == judge.score(*args, references=[table_refs] * 2)
+    mixed = judge.score(["what is fact 6?", "an unrelated question?"], ["it is fact 6.", "no."])
+    assert len(mixed) == 2 and all(0.0 <= s <= 1.0 for s in mixed)
 
 
 def test_harmless_trains_saves_and_loads(setup, tmp_path):

@@ -66,9 +66,11 @@ class FeatureJudge(Judge):
         self.tokenizer, self.encoder, self.model, self.max_length = tokenizer, encoder, model, max_length
 
     def _embedder(self, texts: list[str]):
-        uniq = list(dict.fromkeys(texts))
-        vecs = embed(uniq, self.tokenizer, self.encoder, max_length=self.max_length)
-        table = dict(zip(uniq, vecs))
+        # While training, a memo keeps embeddings across calls (train and eval share answers).
+        table = self._memo if getattr(self, "_memo", None) is not None else {}
+        uniq = [t for t in dict.fromkeys(texts) if t not in table]
+        if uniq:
+            table.update(zip(uniq, embed(uniq, self.tokenizer, self.encoder, max_length=self.max_length)))
         return table.__getitem__
 
     def _matrix(self, questions, answers, references, vec) -> np.ndarray:
