@@ -34,6 +34,8 @@ class FitConfig:
         max_length: tokens per (first, second) input, truncating the longer side first.
         time_budget: seconds of training after which it stops where it is.
         seed: shuffling and head initialisation.
+        freeze_layers: keep the embeddings and the first k transformer layers fixed (cheaper
+            backward pass, so more training pairs fit in the time budget).
     """
 
     epochs: int = 2
@@ -44,6 +46,7 @@ class FitConfig:
     time_budget: float = 600.0
     seed: int = 0
     weight_decay: float = 0.01
+    freeze_layers: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +91,18 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
     return out
 
 
+def freeze(scorer: Scorer, k: int) -> None:
+    """Fix the embeddings and the first ``k`` layers of a BERT encoder (k = 0: train everything)."""
+    if k <= 0:
+        return
+    bert = scorer.encoder
+    for p in bert.embeddings.parameters():
+        p.requires_grad_(False)
+    for layer in bert.encoder.layer[:k]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
 def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dict:
     """The optimisation loop: AdamW, linear warm-up (10%) then decay, stop at the time budget.
 
@@ -101,9 +116,10 @@ def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dic
     torch.manual_seed(cfg.seed)
     plan = [batches_per_epoch(e) for e in range(cfg.epochs)]
     total = max(1, sum(len(p) for p in plan))
+    freeze(scorer, cfg.freeze_layers)
     head = list(scorer.head.parameters())
     head_ids = {id(p) for p in head}
-    body = [p for p in scorer.parameters() if id(p) not in head_ids]
+    body = [p for p in scorer.parameters() if id(p) not in head_ids and p.requires_grad]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
                             weight_decay=cfg.weight_decay)
     warm = max(1, total // 10)
