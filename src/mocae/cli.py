@@ -127,7 +127,7 @@ def _cmd_fit_router(args: argparse.Namespace) -> int:
     cfg = _load_router_config(args.config)
     model = MoCaEModel.build(MoCaEConfig(backbone=backbone, experts=experts, routing="sequence",
                                          feature_layer=args.feature_layer, router_input=args.router_input,
-                                         calibrator=cfg.default_calibrator))
+                                         calibrator="none"))
     out = Path(args.out)
     report = fit_router(model, cfg, cache=out.parent / "features", plot_dir=out.parent)
     model.save_pretrained(out)
@@ -144,15 +144,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = _load_router_config(args.config)
     if args.calibrator:
+        extra = [] if args.calibrator == "auto" else [args.calibrator]
         cfg = cfg.model_copy(update={"default_calibrator": args.calibrator,
-                                     "calibrators": list(dict.fromkeys([*cfg.calibrators, args.calibrator]))})
+                                     "calibrators": list(dict.fromkeys([*cfg.calibrators, *extra]))})
     path = Path(args.model)
     model = MoCaEModel.from_pretrained(path)
     report = fit_router(model, cfg, cache=path.parent / "features", plot_dir=path.parent, train=False)
     model.save_pretrained(path)
     atomic_write_json(path.parent / f"{path.name}_calibration.json", report)
     print(format_calibration_table(report))
-    print(f"reliability diagram: {report['reliability_diagram']}; {path} now uses {cfg.default_calibrator!r}")
+    print(f"reliability diagram: {report['reliability_diagram']}; {path} now uses {report['default_calibrator']!r}")
     return 0
 
 
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="refit the calibrators of a saved MoCaE model and report before/after")
     p.add_argument("--model", required=True, help="a folder written by fit-router / mocae run")
     p.add_argument("--calibrator", default=None,
-                   help="calibrator to install: none, temperature, importance, fractal or a+b")
+                   help="calibrator to install: none, temperature, importance, fractal, a+b, or auto "
+                        "(lowest cross-validated NLL on the calibration split)")
     p.add_argument("--config", default=None, help="RouterFitConfig YAML")
     p.set_defaults(func=_cmd_calibrate)
 

@@ -103,8 +103,7 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     print("[mocae] fitting the router and calibrators", flush=True)
     model = MoCaEModel.build(MoCaEConfig(
         backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
-        router_input=cfg.router_input, feature_layer=cfg.feature_layer,
-        calibrator=cfg.router.default_calibrator))
+        router_input=cfg.router_input, feature_layer=cfg.feature_layer))
     report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)

@@ -33,7 +33,10 @@ def test_fit_router_reports_and_installs_default(expert_dirs, tmp_path, monkeypa
     for result in report["calibrators"].values():
         assert {"accuracy", "ece", "brier", "nll", "n"} <= set(result["test"]) and result["shifted"]["n"] > 0
     assert abs(sum(report["gamma"].values()) - 1) < 1e-6
-    assert model.calibrator.name == "temperature" and Path(report["reliability_diagram"]).is_file()
+    selection = report["calibrator_selection"]  # default "auto": lowest cross-validated NLL on calib
+    assert set(selection) == {"temperature", "importance"}
+    assert model.calibrator.name == report["default_calibrator"] == min(selection, key=selection.get)
+    assert Path(report["reliability_diagram"]).is_file()
     assert "| temperature | test" in format_calibration_table(report)
     assert list(tmp_path.joinpath("f").glob("features-*.safetensors"))  # cached for the next fit
 
@@ -71,3 +74,16 @@ def test_lm_loss_through_the_mixture_trains_only_the_router(expert_dirs, tmp_pat
     assert not torch.equal(start, model.router.linear.weight)
     for k, v in model.peft_model.state_dict().items():
         assert torch.equal(v, frozen[k]), k
+
+
+def test_auto_selection_uses_only_the_calib_split():
+    from mocae.mixture.calibration import build_calibrator
+    from mocae.mixture.fit import select_calibrator
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (400,))
+    logits = 4.0 * torch.nn.functional.one_hot(labels, 3).float() + torch.randn(400, 3) * 3  # overconfident
+    scores = select_calibrator({"none": lambda: build_calibrator("none"),
+                                "temperature": lambda: build_calibrator("temperature")},
+                               logits, labels, torch.zeros(400, 1))
+    assert scores["temperature"] < scores["none"]

@@ -39,7 +39,9 @@ class RouterFitConfig(BaseModel):
     lm_examples_per_axis: int = Field(32, gt=0)
     calibrators: list[str] = Field(default_factory=lambda: ["none", "temperature", "importance", "fractal"],
                                    description="calibrators to fit and report")
-    default_calibrator: str = Field("temperature", description="the one the saved model uses")
+    default_calibrator: str = Field(
+        "auto", description="the one the saved model uses; 'auto' picks, among `calibrators`, the lowest "
+                            "2-fold cross-validated NLL on the calib split (never the test splits)")
     batch_size: int = Field(16, gt=0, description="prompts per feature-extraction forward")
     seed: int = 0
 
@@ -159,6 +161,30 @@ def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn) -> list[flo
     return curve
 
 
+def select_calibrator(candidates: dict, logits, labels, features, folds: int = 2, seed: int = 0) -> dict:
+    """Cross-validated NLL on the calib split for each candidate; lower is better.
+
+    Args:
+        candidates: name -> zero-argument factory of an unfitted calibrator.
+
+    Returns:
+        {name: mean held-out NLL over folds}.
+    """
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    parts = order.chunk(folds)
+    scores = {}
+    for name, make in candidates.items():
+        nll = []
+        for k in range(folds):
+            held = parts[k]
+            fit = torch.cat([p for j, p in enumerate(parts) if j != k])
+            calibrator = make().fit(logits[fit], labels[fit], features[fit])
+            probs = calibrator.probs(logits[held], features[held]).clamp(min=1e-12)
+            nll.append(-probs[torch.arange(len(held)), labels[held]].log().mean().item())
+        scores[name] = sum(nll) / folds
+    return scores
+
+
 def importance_gamma(model) -> dict[str, float]:
     """TrinityX importance weights from the experts' task vectors.
 
@@ -192,7 +218,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     if not isinstance(model.router, SequenceRouter):
         raise ValueError("fit_router trains a sequence router; this model routes by "
                          f"{model.mocae_config.routing!r}")
-    if cfg.default_calibrator not in cfg.calibrators:
+    if cfg.default_calibrator != "auto" and cfg.default_calibrator not in cfg.calibrators:
         raise ValueError(f"default_calibrator {cfg.default_calibrator!r} is not among calibrators {cfg.calibrators}")
     splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
     feats = {name: extract_features(model, s.prompts, cfg.batch_size, progress, cache) for name, s in splits.items()}
@@ -213,22 +239,31 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
                                                                        "steps": len(lm_curve)},
               "feature_layer": model.router.feature_layer,
               "gamma": gamma, "calibrators": {}}
+    def make(name):
+        kwargs = {"gamma": [gamma[a] for a in model.axes]} if "importance" in name else {}
+        return lambda: build_calibrator(name, **kwargs)
+
+    default = cfg.default_calibrator
+    if default == "auto":
+        candidates = [c for c in cfg.calibrators if c != "none"] or ["none"]
+        report["calibrator_selection"] = select_calibrator(
+            {c: make(c) for c in candidates}, logits["calib"], labels["calib"], feats["calib"], seed=cfg.seed)
+        default = min(report["calibrator_selection"], key=report["calibrator_selection"].get)
     fitted = {}
     for name in cfg.calibrators:
-        kwargs = {"gamma": [gamma[a] for a in model.axes]} if "importance" in name else {}
-        calibrator = build_calibrator(name, **kwargs).fit(logits["calib"], labels["calib"], feats["calib"])
+        calibrator = make(name)().fit(logits["calib"], labels["calib"], feats["calib"])
         fitted[name] = calibrator
         report["calibrators"][name] = {
             split: calibration_report(calibrator.probs(logits[split], feats[split]), labels[split])
             for split in ("test", "shifted")
         }
         report["calibrators"][name]["state"] = calibrator.state_dict()
-    model.calibrator = fitted[cfg.default_calibrator]
-    model.mocae_config.calibrator = cfg.default_calibrator
-    report["default_calibrator"] = cfg.default_calibrator
+    model.calibrator = fitted[default]
+    model.mocae_config.calibrator = default
+    report["default_calibrator"] = default
     if plot_dir is not None:
         curves = {c: (fitted[c].probs(logits["test"], feats["test"]), labels["test"])
-                  for c in dict.fromkeys(["none", cfg.default_calibrator]) if c in fitted}
+                  for c in dict.fromkeys(["none", default]) if c in fitted}
         report["reliability_diagram"] = str(reliability_diagrams(curves, Path(plot_dir) / "reliability_test.png"))
     return report
 

@@ -95,3 +95,25 @@ def test_default_folder_is_in_the_cache(setup, isolated_cache):
     folder = train_judge("informative", data_dir=data, encoder=enc, max_iter=5, log=lambda *_: None)
     assert folder == isolated_cache / "judges" / "informative"
     assert load_judge("informative").kind == "informative"
+
+
+def test_harmless_unseen_prompt_check(setup, tmp_path):
+    """With a share of prompts kept out of training, the report scores the held-out model on them."""
+    data, enc = setup
+    from mocae.evaluation.judges.harmless import train
+
+    judge = train(data, encoder=enc, n_extra=0, unseen_prompt_share=0.5, log=lambda *_: None, **FAST)
+    v = judge.validation
+    assert v["n_unseen_prompt_rows"] == 3 and v["unseen_prompt_share"] == 0.5
+    assert v["training"]["n_train_rows"] == 12  # 4 models x 3 seen prompts
+
+
+def test_cli_train_and_validate(setup, capsys):
+    from mocae.evaluation.judges.cli import main
+
+    data, enc = setup
+    assert main(["judges", "validate", "--kind", "truthful"]) == 2
+    assert "mocae judges train --kind truthful" in capsys.readouterr().err
+    assert main(["judges", "train", "--kind", "truthful", "--data-dir", str(data), "--encoder", str(enc)]) == 0
+    assert main(["judges", "validate", "--kind", "truthful"]) == 0
+    assert '"auc_heldout_questions"' in capsys.readouterr().out
