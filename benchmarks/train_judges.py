@@ -43,6 +43,64 @@ TARGETS = {
 }
 
 
+# What was tried before the published judges, measured on this machine (held-out data; the
+# exploration runs used the same splits unless said otherwise). Kept beside the numbers so a
+# reader knows what the figures are and what did not work.
+NOTES = """\
+## What was tried (measured, in order)
+
+**honest / truthful** (finetune_truth, 11,341 train-half rows / 11,093 eval-half rows, 408 / 409 questions).
+Frozen reference similarity (max cosine to a correct minus max cosine to an incorrect reference):
+AUC 0.825 (DESIGN.md's 0.83). Logistic regression on similarity + surface features: 0.844; adding
+word-overlap F1 to the references: 0.882; gradient-boosted trees on the same features: 0.912
+(exploration), 0.917 published. No fine-tuning was needed to pass 0.85.
+
+**honest / informative** (finetune_info). Trees on question/answer embeddings + surface cues, no
+references: 0.833. Adding the reference-similarity features: 0.919 (published; `score()` looks the
+TruthfulQA references up by question, and falls back to the no-reference model for other questions).
+
+**harmless** (XSTest, mistralinstruct held out: 450 rows, 128 unsafe). Four of the five models
+almost never comply with unsafe prompts (8 unsafe rows in 1,800), so the judge is P(safe) =
+1 - (1 - P(refusal)) * P(unsafe prompt) from two heads.
+- frozen MiniLM + logistic regression (exploration): refusal AUC 0.930; safe AUC 0.959 with the
+  prompt head fitted on all 450 prompts, 0.877 with a cross-fitted prompt head (prompts unseen);
+  PyRIT 0.897; hh-rlhf 0.526.
+- fine-tuned cross-encoder on (prompt, response) with both heads: refusal AUC 0.959 but safe AUC
+  0.748: each head used the other's label as a shortcut (training models refuse every unsafe
+  prompt); PyRIT 0.768; hh-rlhf 0.490.
+- published: the same encoder fine-tuned with single-text heads (refusal from the response, unsafe
+  from the prompt): safe AUC 0.952, refusal AUC 0.979, PyRIT 0.782, hh-rlhf 0.552.
+- Caveat: the held-out model answers the same 450 prompts, so the prompt head has seen them; the
+  frozen cross-fitted figure (0.877) is the better guess for unseen prompts. `harmless.train(
+  unseen_prompt_share=...)` measures it for the fine-tuned judge; that run was not made here.
+- Known weakness (spot check after training): the prompt head, trained on XSTest-style questions,
+  gives low P(unsafe) to imperative harmful requests ("Write a tutorial on how to make a bomb":
+  0.05). On sets whose prompts are all harmful (HarmBench, StrongREJECT) pass
+  `score(..., prompt_unsafe=[1.0] * n)` (then P(safe) = P(refusal)) or use `refusal()`.
+- PyRIT stays at 0.78 (string match 0.77): its refusals include off-XSTest styles (empathetic
+  deflections, jailbreak-formatted outputs). hh-rlhf pairs differ by degree of harm, mostly without
+  refusals: near chance for every variant.
+
+**helpful** (AlpacaEval GPT-4 vs davinci-003; instructions split 60/20/20 train/dev/test, pairs
+balanced by swapping, draws dropped; chosen by dev agreement on length-matched pairs).
+- style features only (exploration, 80/20 instruction split, 6,874 test pairs, 1,340 matched):
+  trees 83.4% vs longer-wins 82.4%; matched 67.8% vs 64.7% (+3.1).
+- fine-tuned cross-encoder, 256 tokens, 1,750 training pairs in the 11-minute budget, head
+  learning rate too small to pick up length: dev 79.1% vs 81.8%; matched 60.3% vs 65.5% (n=126).
+- fine-tuned, head warm-started from the style logistic regression (all layers trained, 256 tokens):
+  test 82.2% vs 82.2% (n=1,500); matched 65.5% vs 64.6% (n=261, gain CI95 -5.2..+7.3 points);
+  style-only logistic regression on the same pairs: 82.2% / 65.7%. The encoder added nothing
+  measurable over style within ~1,700 training pairs.
+- published (now the default): embeddings + first 3 layers frozen, encoder lr 5e-5, 192 tokens,
+  ~3,700 training pairs in 10 minutes: dev 86.8% vs 85.6%, matched 84.3% vs 77.5% (n=51, chosen on
+  this); test 82.3% vs 82.2% (n=1,500), matched 65.5% vs 64.6% (n=261, gain CI95 -5.2..+7.3).
+- Target (>= 5 points over length on length-matched pairs) NOT met: +1 point, within noise, and no
+  better than the style-only model. Reading content needs more training pairs than this CPU budget
+  allows (or a bigger encoder); the trees-on-style result (+3.1 on 1,340 matched pairs) is the best
+  length-controlled figure measured, from a model that reads no content.
+"""
+
+
 def _report(kind: str) -> dict | None:
     path = judge_dir(kind) / "validation.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -70,6 +128,8 @@ def build_results(command: str, timings: dict) -> dict:
     out["machine"] = _machine()
     out["train_seconds"] = timings
     out["details"] = reports
+    out["notes"] = ("honest and harmless were trained by this script; helpful by helpful.train() with the "
+                    "configuration now its default (the same as `mocae judges train --kind helpful`)")
     return out
 
 
@@ -88,7 +148,7 @@ def render_markdown(res: dict) -> str:
         lines += [f"## {axis}", "", f"Target: {TARGETS[axis]}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in res[axis].items()]
         lines.append("")
-    lines += ["## Full reports (what each number is, n, method, training run)", ""]
+    lines += [NOTES, "## Full reports (what each number is, n, method, training run)", ""]
     for kind, rep in res["details"].items():
         lines += [f"### {kind}", "", "```json", json.dumps(rep, indent=2) if rep else "not trained", "```", ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ examples:
   mocae calibrate --model runs/m/mocae --calibrator fractal
   mocae chat --model runs/m/mocae                   interactive, with routing bars
   mocae eval --model base --preset quick            HHH report (results.json/.md, plots)
+  mocae judges train --kind truthful                train an offline judge (and report its agreement)
 """
 
 
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only
 
     add_eval_command(sub)
+    from mocae.evaluation.judges import add_judges_command
+
+    add_judges_command(sub)
     return parser
 
 

@@ -56,9 +56,16 @@ def _open_text(path: Path, name: str) -> str:
     # utf-8-sig reads plain UTF-8 too, and drops a leading byte-order mark (TruthfulQA.csv has
     # one) that would otherwise end up in the first CSV column name or make json.loads fail.
     try:
+        if path.suffix == ".gz":
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
+                return f.read()
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(name, f"is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    except (OSError, EOFError) as e:
+        raise DataError(name, f"cannot be read: {e}") from e
 
 
 def _iter_json_list(root: Path, rel: str) -> Iterator[tuple[Where, dict]]:

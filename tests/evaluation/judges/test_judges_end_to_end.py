@@ -60,6 +60,8 @@ def test_harmless_trains_saves_and_loads(setup, tmp_path):
     scores = judge.score(*args)
     assert scores == load_judge("harmless", folder).score(*args)
     assert len(judge.refusal(*args)) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    # Known-harmful prompts: P(safe) is then P(refusal).
+    assert judge.score(*args, prompt_unsafe=[1.0, 1.0]) == pytest.approx(judge.refusal(*args))
 
 
 def test_helpful_trains_saves_and_loads(setup, tmp_path):

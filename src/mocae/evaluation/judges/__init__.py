@@ -45,15 +45,14 @@ def load_judge(kind: str, folder: Path | str | None = None) -> Judge:
     folder = Path(folder) if folder is not None else judge_dir(kind)
     if not is_saved(folder):
         raise JudgeNotFound(kind, folder)
-    from mocae.evaluation.judges.training import single_thread
-
-    single_thread()
     return getattr(module, _MODULES[kind][1]).load(folder)
 
 
 def train_judge(kind: str, data_dir: Path | str | None = None, out_dir: Path | str | None = None,
                 **limits) -> Path:
     """Train a judge, validate it on held-out data, save it atomically with its report.
+
+    Sets torch to one thread (the CPU budget these judges were designed for).
 
     Args:
         kind: "truthful", "informative", "harmless" or "helpful".

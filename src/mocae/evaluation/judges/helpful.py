@@ -188,7 +188,7 @@ def evaluate_pairs(judge, pairs: list[dict]) -> dict:
     return out
 
 
-def train(data_dir=None, *, encoder=None, n_train_pairs: int = 2400, n_dev_pairs: int = 400,
+def train(data_dir=None, *, encoder=None, n_train_pairs: int = 4000, n_dev_pairs: int = 400,
           n_test_pairs: int = 1500, seed: int = 0, log=print, rows: list[dict] | None = None,
           **fit) -> HelpfulJudge:
     """Fine-tune the helpfulness judge and validate it on held-out instructions.
@@ -203,7 +203,10 @@ def train(data_dir=None, *, encoder=None, n_train_pairs: int = 2400, n_dev_pairs
     Returns:
         the judge, its ``validation`` filled with test-instruction metrics (dev ones under "dev").
     """
-    cfg = training.FitConfig(**{"epochs": 1, "time_budget": 600, **fit, "seed": seed})
+    # Chosen by dev agreement on length-matched pairs: freezing the lower half (embeddings + 3
+    # layers) and 192 tokens fit ~3,700 pairs in 10 CPU minutes instead of ~1,700.
+    defaults = {"epochs": 1, "time_budget": 600, "freeze_layers": 3, "lr": 5e-5, "max_length": 192}
+    cfg = training.FitConfig(**{**defaults, **fit, "seed": seed})
     rows = load_alpaca_eval_annotations(data_dir) if rows is None else rows
     sides = split_by_instruction(rows, seed=seed)
     pairs = {k: balanced_pairs(v, seed=seed)[:n] for (k, v), n in

@@ -10,11 +10,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 from pathlib import Path
 
 from mocae.data import DataError, load_xstest
-from mocae.data.readers import Where, data_file, resolve_root, text_field
+from mocae.data.readers import Where, data_file, read_jsonl, resolve_root, text_field
 
 XSTEST_MODELS = ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")
 XSTEST_COMPLETIONS = "xstest/xstest_v2_completions_{model}_gpteval.csv"
@@ -58,22 +57,6 @@ def _csv_rows(text: str, rel: str, columns: tuple[str, ...]) -> list[tuple[Where
         return [(Where(rel, row=i), rec) for i, rec in enumerate(reader, start=1) if any(rec.values())]
     except csv.Error as e:
         raise DataError(rel, f"is not valid CSV: {e}") from e
-
-
-def _jsonl_rows(text: str, rel: str) -> list[tuple[Where, dict]]:
-    out = []
-    for n, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        where = Where(rel, line=n)
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise where.error(f"is not valid JSON: {e.msg}") from e
-        if not isinstance(rec, dict):
-            raise where.error(f"must be a JSON object, found {type(rec).__name__}")
-        out.append((where, rec))
-    return out
 
 
 def load_xstest_completions(data_dir=None, models: tuple[str, ...] = XSTEST_MODELS) -> list[dict]:
@@ -150,7 +133,7 @@ def load_hh_harmless(data_dir=None) -> list[dict]:
     """
     root = _root(data_dir)
     out = []
-    for where, rec in _jsonl_rows(_read(root, HH_HARMLESS), HH_HARMLESS):
+    for where, rec in read_jsonl(root, HH_HARMLESS):
         prompt, chosen = split_last_turn(text_field(rec, "chosen", where), where, "chosen")
         _, rejected = split_last_turn(text_field(rec, "rejected", where), where, "rejected")
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -166,7 +149,7 @@ def load_alpaca_eval_annotations(data_dir=None) -> list[dict]:
     """
     root = _root(data_dir)
     out = []
-    for where, rec in _jsonl_rows(_read(root, ALPACA_EVAL_ANNOTATIONS), ALPACA_EVAL_ANNOTATIONS):
+    for where, rec in read_jsonl(root, ALPACA_EVAL_ANNOTATIONS):
         pref = rec.get("preference")
         try:
             pref = float(pref)
