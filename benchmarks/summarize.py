@@ -37,7 +37,7 @@ def mixing_overhead(r: dict) -> list[str]:
 def router_calibration(r: dict) -> list[str]:
     lines = ["| calibrator | split | accuracy | ECE | Brier | NLL | n |", "|---|---|---|---|---|---|---|"]
     for name, splits in r.items():
-        if not isinstance(splits, dict) or "test" not in splits:
+        if not isinstance(splits, dict) or "accuracy" not in splits.get("test", {}):
             continue
         for split in ("test", "shifted"):
             m = splits[split]
@@ -53,9 +53,19 @@ def experts(r: dict) -> list[str]:
     return [format_sanity_table(r["sanity"])]
 
 
+def harmless_mix(r: dict) -> list[str]:
+    lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}; n = {r['n_harmful']} harmful / "
+             f"{r['n_safe']} safe prompts.", "",
+             "| benign fraction | refusal on HarmBench (higher) | over-refusal XSTest safe (lower) |", "|---|---|---|"]
+    lines += [f"| {x['benign_fraction']} | {x['refusal_harmful']:.3f} | {x['over_refusal_xstest_safe']:.3f} |"
+              for x in r["rows"]]
+    return lines
+
+
 SECTIONS = {
     "train_speed.json": ("Stage 1 training speed", train_speed),
     "experts.json": ("Stage 1 experts: sanity table on held-out prompts", experts),
+    "harmless_mix.json": ("Stage 1 harmless expert: benign-instruction share", harmless_mix),
     "router_calibration.json": ("Stage 2 router calibration", router_calibration),
     "mixing_overhead.json": ("Stage 2 mixing overhead", mixing_overhead),
 }
