@@ -120,3 +120,32 @@ def generate_batch(
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def completion_batch(tokenizer, prompts: list[str], completions: list[str],
+                     max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded chat prompt + completion rows for scoring or training on the completion.
+
+    Args:
+        prompts: user messages (chat-formatted here).
+        completions: answers; the tokenizer's eos token is appended.
+        max_length: truncate each row to this many tokens.
+
+    Returns:
+        input_ids, attention_mask, labels (-100 on prompt and padding) and prompt_mask
+        (1 on each row's prompt tokens), all (B, T).
+    """
+    ids, prompt_lens = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids.append((p + c)[:max_length])
+        prompt_lens.append(min(len(p), len(ids[-1])))
+    lengths = torch.tensor([len(x) for x in ids])
+    width = int(lengths.max())
+    input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+    positions = torch.arange(width)[None, :]
+    attention_mask = (positions < lengths[:, None]).long()
+    prompt_mask = (positions < torch.tensor(prompt_lens)[:, None]).long()
+    labels = input_ids.masked_fill((attention_mask == 0) | (prompt_mask == 1), -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_mask": prompt_mask}

@@ -19,7 +19,7 @@ import torch
 
 from mocae.data import load_alpaca_eval, load_harmbench, load_truthfulqa_mc, load_xstest
 from mocae.evaluation.refusal import refusal_rate
-from mocae.generation import chat_prompt, generate_batch
+from mocae.generation import completion_batch, generate_batch
 from mocae.paths import atomic_write_json
 
 
@@ -33,35 +33,19 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
     if not prompts or len(prompts) != len(references):
         raise ValueError(f"reference_nll needs equal, non-empty lists (got {len(prompts)}, {len(references)})")
     total, count = 0.0, 0
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            ids, labels = [], []
-            for prompt, ref in zip(prompts[start:start + batch_size], references[start:start + batch_size]):
-                p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-                r = tokenizer(ref + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-                ids.append(p + r)
-                labels.append([-100] * len(p) + r)
-            width = max(map(len, ids))
-            pad = tokenizer.pad_token_id
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-            label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
-            mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
-            extra = {}
-            if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
-                prompt_len = torch.tensor([len(p) for p in ids]) - torch.tensor([sum(t != -100 for t in y)
-                                                                                 for y in labels])
-                prompt_mask = (torch.arange(width)[None, :] < prompt_len[:, None]).long()
-                extra["routing_weights"] = model.route(input_ids, prompt_mask)
-            logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits[:, :-1].float()
-            target = label_ids[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += nll.item()
-            count += int((target != -100).sum())
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        batch = completion_batch(tokenizer, prompts[start:start + batch_size], references[start:start + batch_size])
+        extra = {}
+        if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
+            extra["routing_weights"] = model.route(batch["input_ids"], batch["prompt_mask"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **extra).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += nll.item()
+        count += int((target != -100).sum())
     return total / count
 
 

@@ -129,30 +129,20 @@ def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn) -> list[flo
     Gradients reach only the router: the experts' stacked factors are detached and the
     backbone is frozen, so this tunes how much of each expert a prompt gets.
     """
-    from mocae.generation import chat_prompt
+    from mocae.generation import completion_batch
 
-    tok = model.tokenizer
     optimiser = torch.optim.AdamW(model.router.parameters(), lr=cfg.learning_rate * 0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     curve = []
     for _ in range(cfg.lm_steps):
         idx = torch.randperm(len(pairs), generator=gen)[: cfg.lm_batch_size].tolist()
         batch = [pairs[i] for i in idx]
-        prompts = [chat_prompt(tok, p) for p, _, _ in batch]
-        ids, labels = [], []
-        for text, (_, completion, _) in zip(prompts, batch):
-            p = tok(text, add_special_tokens=False)["input_ids"]
-            c = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
-            ids.append((p + c)[:256])
-            labels.append(([-100] * len(p) + c)[:256])
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
-        label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
-        mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        rows = completion_batch(model.tokenizer, [p for p, _, _ in batch], [c for _, c, _ in batch], max_length=256)
         logits = model.router(features_fn([p for p, _, _ in batch]))
         gate = torch.nn.functional.cross_entropy(logits, torch.tensor([lab for _, _, lab in batch]))
         with model.mixer.weights(logits.softmax(-1)):
-            lm = model.peft_model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
+            lm = model.peft_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                  labels=rows["labels"]).loss
         loss = gate + cfg.lm_loss_weight * lm
         optimiser.zero_grad()
         loss.backward()
