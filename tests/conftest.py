@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny random backbone (never a download) and an isolated cache."""
+"""Shared fixtures: a tiny random backbone (never a download), an isolated cache and three tiny
+random LoRA experts on it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -35,3 +38,35 @@ def real_data_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("MOCAE_DATA_DIR is not set to an existing directory")
     return Path(value)
+
+
+# LoRA targets of the tiny experts: attention and MLP, as real experts have.
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_expert(path, seed, targets=TARGETS, rank=2, backbone="tiny-random"):
+    """A peft adapter folder with random (non-zero) LoRA weights and a training.json."""
+    from mocae.backbones import load_backbone
+
+    base, _ = load_backbone("tiny-random")
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(path)
+    (path / "training.json").write_text(json.dumps({"backbone": backbone}))
+    return path
+
+
+@pytest.fixture
+def expert_dirs(tmp_path):
+    return {axis: str(make_expert(tmp_path / axis, seed))
+            for seed, axis in enumerate(["helpful", "harmless", "honest"])}
+
+
+@pytest.fixture
+def expert_factory():
+    """make_expert(path, seed, targets=..., rank=..., backbone=...) for tests that need odd experts."""
+    return make_expert

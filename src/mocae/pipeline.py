@@ -76,6 +76,19 @@ class RunConfig(BaseModel):
         }
 
 
+    def multitask_config(self):
+        """The multi-task SFT baseline: the shared expert settings on the union of the experts' data."""
+        from mocae.config import validate_config
+        from mocae.experts.config import MultitaskConfig
+
+        experts = self.expert_configs()
+        return validate_config(MultitaskConfig, {
+            "backbone": self.backbone, **self.experts.all,
+            "benign_fraction": experts["harmless"].benign_fraction,
+            "union_caps": {a: c.max_examples for a, c in experts.items()},
+        }, source=f"preset {self.name!r}, multitask")
+
+
 def load_run_config(preset: str | Path) -> RunConfig:
     """Load a preset by name (``configs/<name>.yaml``) or path."""
     return load_config(RunConfig, resolve_preset(preset))

@@ -26,7 +26,14 @@ def _load(*args, **kwargs):
     # Imported lazily: `datasets` is slow to import and only needed on this path.
     import datasets
 
-    return datasets.load_dataset(*args, **kwargs)
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # offline (httpx errors are not OSError), gated or moved: say what to do
+        name = args[0] if args[0] != "json" else kwargs.get("data_files", "?")
+        raise FileNotFoundError(
+            f"no local data directory is set (MOCAE_DATA_DIR) and the Hugging Face Hub fallback failed "
+            f"for {name}: {type(err).__name__}: {err}. Set MOCAE_DATA_DIR to a folder with the data files "
+            f"(`mocae data check` lists them)") from err
 
 
 def _rows(name: str, ds, rename: dict[str, str] | None = None, extra: Callable | None = None) -> Rows:

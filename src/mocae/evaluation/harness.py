@@ -66,6 +66,10 @@ class EvalConfig(BaseModel):
     system: str | None = Field(None, description="system message for every prompt")
     judges: JudgeSwitches = Field(default_factory=JudgeSwitches)
     truthfulqa_mc: bool = Field(True, description="TruthfulQA MC1/MC2 through lm-eval")
+    mc_bf16: bool = Field(False, description="TruthfulQA MC under bf16 autocast: ~2.3x faster on CPU, MC2 moves "
+                          "by ~0.002 (fp32 keeps lm-eval's numbers exactly); the mode is reported")
+    reference_nll: bool = Field(True, description="judge-free helpfulness: per-token NLL of the AlpacaEval "
+                                "reference answers (lower is better)")
     efficiency: bool = Field(True, description="measure prefill/decode throughput and memory")
     efficiency_batch_sizes: list[int] = Field([1, 16], description="batch sizes for throughput")
     efficiency_new_tokens: int = Field(32, gt=0, description="tokens decoded per throughput run")
@@ -153,11 +157,19 @@ def _judged(metric: dict, *judges) -> dict:
     return metric
 
 
-def _helpful(name, judge, ae, outputs, cfg, base_outputs) -> dict:
+def _helpful(name, judge, ae, outputs, cfg, base_outputs, model=None, tokenizer=None) -> dict:
     instructions = [e.prompt for e in ae]
     refs = [e.references[cfg.reference] for e in ae]
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     out = {"output_length_chars": M.mean_metric([len(o) for o in outputs], **boot)}
+    if cfg.reference_nll and model is not None:
+        from mocae.evaluation.sanity import reference_nll
+
+        kept = [(i, r) for i, r in zip(instructions, refs) if r.strip()]
+        nll = reference_nll(model, tokenizer, [i for i, _ in kept], [r for _, r in kept], batch_size=cfg.batch_size,
+                            per_example=True)
+        out["reference_nll"] = {**M.mean_metric(nll, **boot), "digits": 3,
+                                "method": f"mean per-token NLL of each {cfg.reference} answer (judge-free)"}
     if judge is None:
         return out
     pairs = {cfg.reference: refs}
@@ -205,7 +217,7 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg) -> dict:
     if cfg.truthfulqa_mc:
         from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
 
-        mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size)
+        mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16)
         for key in ("mc1", "mc2"):
             out[key] = {**M.mean_metric([q[key] for q in mc["per_question"]], scale=100.0, **boot), "mode": mc["mode"]}
     if "truthful" in judges and "informative" in judges:
@@ -313,7 +325,7 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
     result_metrics = {}
     with stage("helpful_harmless_metrics"):
         result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, outputs["alpaca_eval"], cfg,
-                                             base_outputs)
+                                             base_outputs, model, tokenizer)
         result_metrics["harmless"], category_table = _harmless(judges.get("harmless"), sets["harmful"],
                                                                outputs["harmful"], outputs["xstest_safe"], cfg)
     with stage("honest_metrics"):

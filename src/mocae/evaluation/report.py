@@ -22,6 +22,7 @@ COLUMNS = [
     ("helpful", "win_rate_vs_gpt4_1106_preview", "win % vs GPT-4 ↑"),
     ("helpful", "lc_win_rate_vs_gpt4_1106_preview", "LC win % vs GPT-4 ↑"),
     ("helpful", "win_rate_vs_base", "win % vs base ↑"),
+    ("helpful", "reference_nll", "ref-answer NLL ↓"),
     ("helpful", "lc_win_rate_vs_base", "LC win % vs base ↑"),
     ("harmless", "safety_score", "safety % ↑"),
     ("harmless", "safety_score_strmatch", "safety % (str-match) ↑"),
@@ -59,7 +60,7 @@ def _cell(metric: dict | None) -> str:
     if metric is None:
         return "-"
     value, (low, high) = metric["value"], metric["ci"]
-    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 1 else 3
+    digits = metric.get("digits", 0 if abs(value) >= 100 else 1 if abs(value) >= 1 else 3)
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 

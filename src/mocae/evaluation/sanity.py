@@ -24,15 +24,18 @@ from mocae.paths import atomic_write_json
 
 
 @torch.inference_mode()
-def reference_nll(model, tokenizer, prompts: list[str], references: list[str], batch_size: int = 8) -> float:
+def reference_nll(model, tokenizer, prompts: list[str], references: list[str], batch_size: int = 8,
+                  per_example: bool = False) -> float | list[float]:
     """Mean per-token negative log-likelihood of ``references`` as answers to ``prompts``.
+
+    With ``per_example`` the mean over each reference's own tokens, one value per reference.
 
     Raises:
         ValueError: empty or mismatched lists.
     """
     if not prompts or len(prompts) != len(references):
         raise ValueError(f"reference_nll needs equal, non-empty lists (got {len(prompts)}, {len(references)})")
-    total, count = 0.0, 0
+    total, count, each = 0.0, 0, []
     for start in range(0, len(prompts), batch_size):
         batch = completion_batch(tokenizer, prompts[start:start + batch_size], references[start:start + batch_size])
         extra = {}
@@ -41,12 +44,12 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        **extra).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += nll.item()
-        count += int((target != -100).sum())
-    return total / count
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        scored = (target != -100).sum(1)
+        each += (nll.sum(1) / scored.clamp(min=1)).tolist()
+        total += nll.sum().item()
+        count += int(scored.sum())
+    return each if per_example else total / count
 
 
 def sanity_prompts(cfg, data_dir: Path | None = None) -> dict:

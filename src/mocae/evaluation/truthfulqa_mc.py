@@ -15,6 +15,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from mocae.evaluation.prefix_cache import SharedPrefixLM
+
 MODE = ("lm-eval truthfulqa_mc1/mc2 conventions: 6-shot QA primer, ' ' + answer, "
         "summed log-likelihood, no chat template")
 TASK_MC1 = "mocae_truthfulqa_mc1"
@@ -97,8 +101,58 @@ def write_task_dir(docs: list[dict], root: Path) -> Path:
     return tasks
 
 
+def _question_of(text: str) -> str:
+    """The last "Q: ...\nA:" question of a few-shot MC context (the one being scored)."""
+    start = text.rfind("Q: ")
+    end = text.find("\nA:", start)
+    return text[start + 3:end if end >= 0 else None].strip() if start >= 0 else ""
+
+
+def question_routing(model, tokenizer, questions: list[str], batch_size: int = 16):
+    """A ``routing_override`` for a routed model: each MC context is routed on its question alone.
+
+    lm-eval's context is a 6-shot primer + the question; routed as is, the router would see
+    mostly primer. Routing the chat-formatted question instead is what the model does in chat.
+
+    Raises (when called): ValueError for a context whose question was not routed beforehand.
+    """
+    from mocae.data import normalise_text
+    from mocae.generation import chat_prompt
+
+    weights = {}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            batch = tokenizer([chat_prompt(tokenizer, q) for q in chunk], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            for q, w in zip(chunk, model.route(batch["input_ids"], batch["attention_mask"])):
+                weights[normalise_text(q)] = w
+    finally:
+        tokenizer.padding_side = side
+
+    def override(input_ids):
+
+        rows = []
+        for ids in input_ids:
+            question = normalise_text(_question_of(tokenizer.decode(ids, skip_special_tokens=True)))
+            if question not in weights:
+                raise ValueError(f"MC context with an unrouted question: {question[:80]!r}")
+            rows.append(weights[question])
+        return torch.stack(rows)
+    return override
+
+
+def _supports_cache(model) -> bool:
+    """False for peft X-LoRA (two passes per forward, KV cache disabled)."""
+    from peft.tuners.xlora import XLoraModel
+
+    return not isinstance(getattr(model, "base_model", None), XLoraModel)
+
+
 def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: Path | str | None = None,
-                  limit: int | None = None, batch_size: int = 8) -> dict:
+                  limit: int | None = None, batch_size: int = 8, prefix_cache: bool = True,
+                  bf16: bool = False) -> dict:
     """TruthfulQA MC1 and MC2 of an already loaded model, with lm-eval's conventions.
 
     Args:
@@ -109,6 +163,9 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
         data_dir: data directory for the default examples (None: ``MOCAE_DATA_DIR``).
         limit: score only the first ``limit`` questions (deterministic).
         batch_size: requests per forward pass.
+        prefix_cache: run the shared 6-shot primer once (:class:`SharedPrefixLM`; same logits,
+            ~5x fewer tokens). Off automatically for X-LoRA, whose two-pass forward has no cache.
+        bf16: bf16 autocast for the forward passes (faster on CPU; the mode says so).
 
     Returns:
         {"mc1", "mc2", "n", "mode", "per_question": [{"question", "mc1", "mc2"}, ...]}.
@@ -127,6 +184,9 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
     from lm_eval.tasks import TaskManager
 
     was_training = model.training
+    routed = hasattr(model, "routing_override") and getattr(model, "routes_per_request", False)
+    if routed:
+        model.routing_override = question_routing(model, tokenizer, [d["question"] for d in docs], batch_size)
     try:
         with tempfile.TemporaryDirectory(prefix="mocae_tqa_mc_") as tmp:
             include = write_task_dir(docs, Path(tmp))
@@ -134,12 +194,17 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
             manager = TaskManager(include_path=str(include), include_defaults=False)
             # HFLM puts the model in eval mode and scores (context, " " + choice) pairs,
             # right-padded internally, so the tokenizer's padding side does not matter.
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            scorer = SharedPrefixLM(model) if prefix_cache and _supports_cache(model) else model
+            # HFLM wraps every forward in its own autocast (disabled unless mixed_precision_dtype).
+            lm = HFLM(pretrained=scorer, tokenizer=tokenizer, batch_size=batch_size,
+                      mixed_precision_dtype=torch.bfloat16 if bf16 else None)
             out = simple_evaluate(model=lm, tasks=[TASK_MC1, TASK_MC2], task_manager=manager,
                                   num_fewshot=0, apply_chat_template=False, log_samples=True,
                                   bootstrap_iters=0, cache_requests=False)
     finally:
         model.train(was_training)
+        if routed:
+            model.routing_override = None
 
     per_task = {}
     for task in (TASK_MC1, TASK_MC2):
@@ -153,6 +218,6 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
         "mc1": float(out["results"][TASK_MC1]["acc,none"]),
         "mc2": float(out["results"][TASK_MC2]["acc,none"]),
         "n": len(docs),
-        "mode": MODE,
+        "mode": MODE + ("; routed on the question alone" if routed else "") + ("; bf16 autocast" if bf16 else ""),
         "per_question": per_question,
     }

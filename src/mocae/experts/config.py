@@ -63,3 +63,27 @@ class ExpertConfig(BaseModel):
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError("layers must be non-negative indices")
         return self
+
+
+class MultitaskConfig(ExpertConfig):
+    """The multi-task SFT baseline: one LoRA on the union of the three experts' training sets.
+
+    A subclass (not a new ExpertConfig field) so the per-axis experts' cache keys stay as they were.
+    """
+
+    axis: Literal["multitask"] = Field("multitask", description="always 'multitask'")
+    union_caps: dict[str, int | None] = Field(
+        default_factory=lambda: {"helpful": 2000, "harmless": 2000, "honest": None},
+        description="max_examples of each axis' expert: the union of exactly their training sets")
+
+    @model_validator(mode="after")
+    def _check_caps(self):
+        unknown = set(self.union_caps) - {"helpful", "harmless", "honest"}
+        if unknown or not self.union_caps:
+            raise ValueError(f"union_caps keys must be helpful/harmless/honest, got {sorted(self.union_caps)}")
+        return self
+
+    def axis_config(self, axis: str) -> ExpertConfig:
+        """The config of the ``axis`` expert whose training set this run includes."""
+        fields = self.model_dump(exclude={"union_caps", "axis", "max_examples"})
+        return ExpertConfig(**fields, axis=axis, max_examples=self.union_caps[axis])

@@ -6,11 +6,13 @@
   The benign rows come from the far end of the same shuffled Alpaca order as the helpful
   expert's rows, so the two experts never share an example.
 - honest: TruthfulQA training-half questions, one row per correct reference answer.
+- multitask (baseline): the union of the three experts' exact training sets.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from mocae.data import (
@@ -21,7 +23,7 @@ from mocae.data import (
     load_safety_refusals,
     load_truthfulqa,
 )
-from mocae.experts.config import ExpertConfig
+from mocae.experts.config import ExpertConfig, MultitaskConfig
 
 
 def _shuffled(rows: list[Example], seed: int) -> list[Example]:
@@ -39,6 +41,12 @@ def select_examples(cfg: ExpertConfig, data_dir: Path | None = None) -> list[Exa
     Raises:
         ValueError: the axis' data came back empty (e.g. an empty file or too strict a cap).
     """
+    if isinstance(cfg, MultitaskConfig):
+        rows = []
+        for axis in cfg.union_caps:  # each axis' expert rows, tagged so injection knows the axis
+            rows += [replace(r, meta={**r.meta, "expert": axis})
+                     for r in select_examples(cfg.axis_config(axis), data_dir)]
+        return _shuffled(rows, cfg.seed + 2)
     cap = cfg.max_examples
     if cfg.axis == "helpful":
         rows = _shuffled(load_alpaca(data_dir), cfg.seed)[:cap]
@@ -66,7 +74,9 @@ def to_sft_rows(examples: list[Example], axis: str, inject_prompt: bool) -> list
     """
     rows = []
     for ex in examples:
-        prompt = inject_axis_prompt(ex.prompt, axis) if inject_prompt else ex.prompt
+        # multitask rows carry the expert set they came from; inject that axis' instruction
+        row_axis = ex.meta.get("expert", axis)
+        prompt = inject_axis_prompt(ex.prompt, row_axis) if inject_prompt else ex.prompt
         rows.append({
             "prompt": [{"role": "user", "content": prompt}],
             "completion": [{"role": "assistant", "content": ex.completion}],

@@ -101,6 +101,9 @@ class MoCaEModel(nn.Module):
                 self._token_hooks.append(layer.register_forward_pre_hook(self._token_hook(i), with_kwargs=True))
         self._forced: torch.Tensor | None = None
         self._template: tuple[list[int], int] | None = None
+        # Optional input_ids -> (B, E) weights, for callers whose inputs are not chat requests
+        # (lm-eval's few-shot MC contexts: route on the question, as a chat request would).
+        self.routing_override = None
 
     # construction -----------------------------------------------------------------------------
     @classmethod
@@ -191,12 +194,13 @@ class MoCaEModel(nn.Module):
         Routing comes from these inputs unless ``routing_weights`` (B, E) are given, e.g. weights
         routed on the prompt alone when scoring an answer appended to it.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if routing_weights is None and self.routing_override is not None:
+            routing_weights = self.routing_override(input_ids)
         if routing_weights is not None:
             weights = routing_weights
-        else:
-            weights = self._weights_for(input_ids, attention_mask, axis_weights, prior)
+        else:  # route on these tokens (a mask made up here would not cover a past KV cache: not passed on)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            weights = self._weights_for(input_ids, mask, axis_weights, prior)
         self._forced = weights if (weights is not None and isinstance(self.router, TokenRouter)) else None
         try:
             with self.mixer.weights(weights):
@@ -247,6 +251,11 @@ class MoCaEModel(nn.Module):
     @property
     def device(self):
         return self.peft_model.device
+
+    @property
+    def routes_per_request(self) -> bool:
+        """True when routing gives one weight vector per request (sequence or static routing)."""
+        return not isinstance(self.router, TokenRouter)
 
     def __getattr__(self, name: str):
         # Anything MoCaE does not define (tie_weights, generation_config, ...) is the backbone's,
