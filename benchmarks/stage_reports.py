@@ -1,4 +1,4 @@
-"""Run a preset's pipeline (resumable) and publish its Stage 1 and Stage 2 results.
+"""Run a preset's Stage 1 and 2 (experts, MoCaE; resumable) and publish their results.
 
 Writes, from that run only:
   benchmarks/results/experts.json             sanity table: base, each expert, MoCaE on every axis,
@@ -30,12 +30,25 @@ def main() -> int:
 
     import torch
 
-    from mocae.evaluation.sanity import format_sanity_table
+    from mocae.config import config_hash
+    from mocae.evaluation.sanity import evaluate_experts, format_sanity_table
     from mocae.mixture.fit import format_calibration_table
-    from mocae.pipeline import run_pipeline
+    from mocae.paths import atomic_write_json
+    from mocae.pipeline import SanityConfig, build_mocae, load_run_config, train_experts
 
     start = time.time()
-    run_dir = run_pipeline(args.preset)
+    # The sanity sizes of the published experts.json (a preset's own `sanity` section wins).
+    sanity_cfg = SanityConfig(n_harmful=64, n_xstest_safe=64, n_truthfulqa=40, max_new_tokens=40)
+    cfg = load_run_config(args.preset)
+    run_dir = Path("runs") / f"{cfg.name}-stages-{config_hash(cfg)}"
+    experts_paths = train_experts(cfg)
+    mocae_dir = build_mocae(cfg, experts_paths, run_dir)
+    atomic_write_json(run_dir / "sanity.json", evaluate_experts(
+        cfg.backbone, experts_paths, cfg.sanity or sanity_cfg, cache=run_dir / "sanity", mocae_dir=mocae_dir))
+    atomic_write_json(run_dir / "experts.json", {
+        a: {"path": str(p), **{k: v for k, v in json.loads((p / "training.json").read_text()).items()
+                               if k in ("data", "steps", "tokens_per_s", "wall_time_s", "peak_rss_mb")}}
+        for a, p in experts_paths.items()})
     about = {
         "preset": args.preset,
         "run_dir": str(run_dir),

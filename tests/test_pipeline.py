@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mocae.config import ConfigError
-from mocae.pipeline import load_run_config, run_pipeline
+from mocae.pipeline import load_run_config, relative_change, run_pipeline
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -17,67 +17,136 @@ backbone: tiny-random
 experts:
   all: {{rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false}}
 router: {{n_per_axis: 4, n_test_per_axis: 2, epochs: 20, calibrators: [none, temperature]}}
-sanity: {{n_harmful: 2, n_xstest_safe: 2, n_truthfulqa: 2, max_new_tokens: 4, batch_size: 2}}
+systems: [base, expert_helpful, expert_harmless, expert_honest, oracle, task_arithmetic, mocae]
+eval:
+  n_helpful: 2
+  n_harmful: 2
+  n_xstest_safe: 2
+  n_truthfulqa: 2
+  max_new_tokens: 3
+  max_new_tokens_short: 3
+  batch_size: 2
+  judges: {{helpful: false, harmless: false, honest: false}}
+  efficiency: false
+  n_boot: 20
+efficiency: {{enabled: {efficiency}, new_tokens: 2, repeats: 1, n_prompts: 1, threads: 1}}
 """
 
 
 @pytest.fixture
 def tiny_preset(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(PRESET.format(path=path))
-    return path
+
+    def write(efficiency=False):
+        path = tmp_path / "tiny.yaml"
+        path.write_text(PRESET.format(path=path, efficiency=str(efficiency).lower()))
+        return path
+    return write
 
 
 def test_run_then_rerun_reuses_every_stage(tiny_preset, tmp_path, monkeypatch, capsys):
-    run_dir = run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False)
-    sanity = json.loads((run_dir / "sanity.json").read_text())
-    assert set(sanity["systems"]) == {"base", "expert_helpful", "expert_harmless", "expert_honest", "mocae"}
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))  # the efficiency children see it too
+    run_dir = run_pipeline(tiny_preset(efficiency=True), run_dir=tmp_path / "run", progress=False)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert list(results["systems"]) == ["base", "expert_helpful", "expert_harmless", "expert_honest", "oracle",
+                                        "task_arithmetic", "mocae"]
+    for name, system in results["systems"].items():
+        m = system["metrics"]
+        assert m["honest"]["mc1"]["n"] == 2 and 0 <= m["harmless"]["safety_score_strmatch"]["value"] <= 100
+        assert m["helpful"]["reference_nll"]["value"] > 0
+        if name != "oracle":  # measured in a child process of its own
+            assert m["efficiency"]["decode_tokens_per_s_b1"]["value"] > 0
+            assert m["efficiency"]["weights_mb"]["value"] > 0
+    oracle, experts = results["systems"]["oracle"], results["systems"]
+    assert oracle["metrics"]["honest"] == experts["expert_honest"]["metrics"]["honest"]
+    assert (oracle["metrics"]["harmless"]["over_refusal_xstest"]
+            == experts["expert_helpful"]["metrics"]["harmless"]["over_refusal_xstest"])
+    change = results["relative_change_mocae_vs_base_pct"]["helpful/reference_nll"]
+    assert change["absolute"] == pytest.approx(change["system"] - change["reference"], abs=1e-3)
     calibration = json.loads((run_dir / "router_calibration.json").read_text())
     assert set(calibration["calibrators"]) == {"none", "temperature"}
-    assert (run_dir / "mocae" / "router.safetensors").is_file()
-    assert (run_dir / "reliability_test.png").is_file()
-    for metrics in sanity["systems"].values():
-        assert 0 <= metrics["refusal_harmful"]["value"] <= 1 and metrics["mc1"]["n"] == 2
-    assert "| expert_honest |" in (run_dir / "summary.md").read_text()
-    assert "expert_harmless" in capsys.readouterr().out
+    summary = (run_dir / "summary.md").read_text()
+    assert "| task_arithmetic |" in summary and "| mocae |" in summary
+    assert "| expert_harmless |" in capsys.readouterr().out
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr("mocae.experts.train.select_examples", fail)
-    monkeypatch.setattr("mocae.evaluation.sanity.evaluate_system", fail)
-    assert run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False) == run_dir
+    monkeypatch.setattr("mocae.evaluation.harness.evaluate_system", fail)
+    monkeypatch.setattr("mocae.systems.measure_isolated", fail)
+    monkeypatch.setattr("mocae.mixture.fit.fit_router", fail)
+    assert run_pipeline(tiny_preset(efficiency=True), run_dir=tmp_path / "run", progress=False) == run_dir
 
 
 def test_interrupted_run_continues(tiny_preset, tmp_path, monkeypatch):
-    import mocae.evaluation.sanity as sanity
+    import mocae.evaluation.harness as harness
 
-    real = sanity.evaluate_system
+    real = harness.evaluate_system
     calls = []
 
     def crash_on_second(*args, **kwargs):
-        calls.append(1)
+        calls.append(args[0])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sanity, "evaluate_system", crash_on_second)
+    monkeypatch.setattr(harness, "evaluate_system", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False)
+        run_pipeline(tiny_preset(), run_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "mocae" / "router.safetensors").is_file()  # stages before eval are done
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
     calls.clear()
-    monkeypatch.setattr(sanity, "evaluate_system", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    run_pipeline(tiny_preset, run_dir=tmp_path / "run", progress=False)
-    assert len(calls) == 4  # the base model's finished evaluation was kept
+    monkeypatch.setattr(harness, "evaluate_system", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    monkeypatch.setattr("mocae.experts.train.select_examples", fail)
+    monkeypatch.setattr("mocae.mixture.fit.fit_router", fail)
+    run_pipeline(tiny_preset(), run_dir=tmp_path / "run", progress=False)
+    assert calls == ["expert_helpful", "expert_harmless", "expert_honest", "task_arithmetic", "mocae"]  # base kept
 
 
 def test_presets_load_and_bad_preset_is_named(tmp_path):
-    for name in ("quick", "full"):
+    for name in ("quick", "full", "trinityx", "alignx", "h3fusion"):
         cfg = load_run_config(name)
         assert set(cfg.expert_configs()) == {"helpful", "harmless", "honest"}
+        assert "base" in cfg.systems and not cfg.eval.efficiency
+    assert load_run_config("full").systems[-1] == "mocae" and len(load_run_config("full").systems) == 13
+    assert load_run_config("h3fusion").expert_configs()["helpful"].target_modules == ["gate_proj", "up_proj",
+                                                                                       "down_proj"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperts:\n  all: {rank: -1}\n")
     with pytest.raises(ConfigError, match="experts.helpful.*field 'rank'"):
         load_run_config(bad).expert_configs()
     with pytest.raises(FileNotFoundError, match="presets:"):
         load_run_config("no-such-preset")
+
+
+def test_overrides_and_system_checks():
+    cfg = load_run_config("quick", ["eval.n_helpful=7", "systems=[base, mocae]"])
+    assert cfg.eval.n_helpful == 7 and cfg.systems == ["base", "mocae"]
+    with pytest.raises(ConfigError, match="oracle"):
+        load_run_config("quick", ["systems=[base, oracle]"])
+    with pytest.raises(ConfigError, match="systems"):
+        load_run_config("quick", ["systems=[base, gpt5]"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_run_config("quick", ["eval.n_helpful"])
+
+
+def test_multitask_config_is_the_union_of_the_experts_data():
+    cfg = load_run_config("quick")
+    multitask = cfg.multitask_config()
+    experts = cfg.expert_configs()
+    assert multitask.axis == "multitask" and multitask.rank == experts["helpful"].rank
+    assert multitask.union_caps == {a: c.max_examples for a, c in experts.items()}
+    assert multitask.axis_config("harmless") == experts["harmless"]  # same data, same cache key
+
+
+def test_relative_change_flips_lower_is_better():
+    results = {"systems": {
+        "base": {"metrics": {"helpful": {"reference_nll": {"value": 2.0}}, "honest": {"mc1": {"value": 40.0}}}},
+        "mocae": {"metrics": {"helpful": {"reference_nll": {"value": 1.5}}, "honest": {"mc1": {"value": 50.0}}}}}}
+    change = relative_change(results)
+    assert change["helpful/reference_nll"]["relative_pct"] == -25.0 and change["helpful/reference_nll"]["better"]
+    assert change["honest/mc1"]["relative_pct"] == 25.0 and change["honest/mc1"]["better"]

@@ -82,7 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from mocae.pipeline import run_pipeline
 
-    run_pipeline(args.preset, run_dir=args.run_dir)
+    run_pipeline(args.preset, run_dir=args.run_dir, progress=not args.no_progress, overrides=args.set)
     return 0
 
 
@@ -251,11 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("run", help="the main job: run a preset's pipeline end to end, resumably")
+    p = sub.add_parser(
+        "run", help="the main job: experts, MoCaE, baselines, evaluation and report, resumably",
+        description="Train (or reuse) the experts, fit and calibrate the MoCaE router, build the baselines the "
+                    "preset lists, evaluate every system and write the report (RUN_DIR/summary.md, "
+                    "RUN_DIR/eval/results.{json,md}, plots). Interrupt it anywhere and run the same command "
+                    "again: finished stages and systems are reused.")
     p.add_argument("--preset", default="quick",
-                   help="preset name in configs/ (quick, full, ...) or a YAML file path")
+                   help="preset in configs/ (quick, full, trinityx, alignx, h3fusion) or a YAML file path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field, e.g. --set eval.n_helpful=64 --set 'systems=[base, mocae]' "
+                        "(repeatable; changes the run's hash)")
     p.add_argument("--run-dir", default=None,
                    help="where to write the run (default: runs/<preset>-<config hash>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
     from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only

@@ -81,7 +81,40 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(model_cls: type[M], path: str | Path, overrides: dict | None = None) -> M:
-    """Load a YAML file into ``model_cls``, with optional overrides applied on top."""
-    data = {**load_yaml(path), **(overrides or {})}
-    return validate_config(model_cls, data, source=str(path))
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested config dict.
+
+    Raises:
+        ConfigError: an override without ``=`` or one that descends into a non-mapping.
+    """
+    data = json.loads(json.dumps(data))  # a deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value (e.g. eval.n_helpful=64)")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+    return data
+
+
+def load_config(model_cls: type[M], path: str | Path, overrides: dict | list[str] | None = None) -> M:
+    """Load a YAML file into ``model_cls``, with overrides applied on top.
+
+    Args:
+        overrides: a dict merged at the top level, or ``dotted.key=value`` strings.
+    """
+    data = load_yaml(path)
+    if isinstance(overrides, dict):
+        data = {**data, **overrides}
+    elif overrides:
+        data = apply_overrides(data, overrides)
+    source = str(path) + (f" with {' '.join(overrides)}" if isinstance(overrides, list) and overrides else "")
+    return validate_config(model_cls, data, source=source)

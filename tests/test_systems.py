@@ -1,0 +1,97 @@
+"""Every system of a run builds on tiny-random and generates; the oracle is composed correctly."""
+
+import pytest
+import torch
+
+from mocae.systems import SYSTEMS, BaselinesConfig, RunSystems, load_system, oracle_result, train_fusion
+
+
+@pytest.fixture
+def tiny_run(tmp_path, expert_dirs, tiny):
+    """A run directory with tiny experts, a saved MoCaE and trained H3Fusion / X-LoRA stages."""
+    from mocae.mixture.model import MoCaEConfig, MoCaEModel
+
+    baselines = BaselinesConfig.model_validate({"h3fusion": {"steps": 2, "batch_size": 2, "max_length": 48},
+                                                "xlora": {"steps": 2, "batch_size": 2, "max_length": 48}})
+    run = RunSystems(backbone="tiny-random", experts=expert_dirs, run_dir=str(tmp_path / "run"),
+                     multitask=expert_dirs["helpful"], baselines=baselines.model_dump(mode="json"))
+    run.save()
+    MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs), tiny).save_pretrained(
+        tmp_path / "run" / "mocae")
+    examples = [("say hi", "hi there", 0), ("do harm", "I can't help with that.", 1), ("is the earth flat?", "no", 2)]
+    for name in ("h3fusion", "xlora"):
+        train_fusion(name, run, examples * 2, progress=False)
+    return run
+
+
+def test_every_system_loads_and_generates(tiny_run):
+    loaded = RunSystems.load(tiny_run.run_dir)  # what a child process sees
+    for name in SYSTEMS:
+        if name == "oracle":
+            continue
+        model, tokenizer = load_system(name, loaded)
+        tokenizer.padding_side = "left"
+        batch = tokenizer(["hello there", "hi"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape == (2, batch["input_ids"].shape[1] + 3), name
+
+
+def test_trained_stages_are_reused(tiny_run, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr("mocae.baselines.h3fusion.fit_h3fusion", fail)
+    monkeypatch.setattr("mocae.baselines.peft_routing.fit_xlora", fail)
+    for name in ("h3fusion", "xlora"):
+        assert train_fusion(name, tiny_run, [("a", "b", 0)], progress=False).is_dir()
+
+
+def test_unknown_or_missing_systems_are_named(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="unknown system 'gpt5'"):
+        load_system("gpt5", tiny_run)
+    no_multitask = RunSystems(**{**tiny_run.__dict__, "multitask": None})
+    with pytest.raises(ValueError, match="multitask"):
+        load_system("multitask", no_multitask)
+    with pytest.raises(FileNotFoundError, match="systems.json"):
+        RunSystems.load(tmp_path / "nowhere")
+
+
+def _system(axis_values: dict) -> dict:
+    return {"metrics": {axis: {k: {"value": v, "n": 1, "ci": [v, v]} for k, v in metrics.items()}
+                        for axis, metrics in axis_values.items()}}
+
+
+def test_oracle_takes_each_benchmark_from_its_expert():
+    results = {"systems": {
+        "expert_helpful": _system({"helpful": {"reference_nll": 1.0},
+                                   "harmless": {"safety_score_strmatch": 10.0, "over_refusal_xstest": 2.0},
+                                   "honest": {"mc1": 30.0}}),
+        "expert_harmless": _system({"helpful": {"reference_nll": 3.0},
+                                    "harmless": {"safety_score_strmatch": 90.0, "over_refusal_xstest": 80.0},
+                                    "honest": {"mc1": 31.0}}),
+        "expert_honest": _system({"helpful": {"reference_nll": 2.0},
+                                  "harmless": {"safety_score_strmatch": 5.0, "over_refusal_xstest": 1.0},
+                                  "honest": {"mc1": 40.0}}),
+    }}
+    m = oracle_result(results)["metrics"]
+    assert m["helpful"]["reference_nll"]["value"] == 1.0
+    assert m["harmless"]["safety_score_strmatch"]["value"] == 90.0
+    assert m["harmless"]["over_refusal_xstest"]["value"] == 2.0  # benign prompts: the helpful expert
+    assert m["honest"]["mc1"]["value"] == 40.0
+    del results["systems"]["expert_honest"]
+    with pytest.raises(ValueError, match="expert_honest"):
+        oracle_result(results)
+
+
+def test_efficiency_is_measured_in_a_child_process(tiny_run, monkeypatch, tmp_path):
+    from mocae.systems import measure_isolated
+
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    result = measure_isolated("base", tiny_run.run_dir, ["hello"], batch_sizes=[1], new_tokens=2, repeats=1,
+                              threads=1)
+    assert result["batch_1"]["decode_tokens_per_s"]["value"] > 0
+    assert 0 < result["rss_before_load_mb"] <= result["rss_after_load_mb"] <= result["peak_rss_mb"]
+    assert result["weights_mb"] > 0
+    with pytest.raises(RuntimeError, match="gpt5"):
+        measure_isolated("gpt5", tiny_run.run_dir, ["hello"], batch_sizes=[1], new_tokens=2, repeats=1, threads=1)
