@@ -5,7 +5,8 @@ settings otherwise, and measures string-match refusal on HarmBench test behaviou
 high) and on XSTest's safe prompts (over-refusal: should drop as the benign share grows).
 
 Run:  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/harmless_mix.py [--examples 200]
-Writes benchmarks/results/harmless_mix.json.
+      ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.3 0.5 0.7 --n-prompts 64
+Writes benchmarks/results/harmless_mix.json (quick preset) or harmless_mix_<preset>.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.6])
     parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("--preset", default="quick", help="preset whose harmless expert settings are varied")
     args = parser.parse_args()
 
     import torch
@@ -37,7 +39,7 @@ def main() -> int:
     from mocae.generation import generate_batch
     from mocae.pipeline import load_run_config
 
-    base_cfg = load_run_config("quick").expert_configs()["harmless"]
+    base_cfg = load_run_config(args.preset).expert_configs()["harmless"]
     harmful = [e.prompt for e in load_harmbench() if e.meta.get("functional_category") == "standard"][: args.n_prompts]
     safe = [e.prompt for e in load_xstest(label="safe")][: args.n_prompts]
     rows = []
@@ -55,13 +57,14 @@ def main() -> int:
         })
         print(rows[-1], flush=True)
     result = {
-        "rows": rows, "n_harmful": len(harmful), "n_safe": len(safe), "examples": args.examples,
+        "preset": args.preset, "rows": rows, "n_harmful": len(harmful), "n_safe": len(safe), "examples": args.examples,
         "metric": "string-match refusal (mocae.evaluation.refusal), greedy, 32 new tokens",
         "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "harmless_mix.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "harmless_mix.json" if args.preset == "quick" else f"harmless_mix_{args.preset}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

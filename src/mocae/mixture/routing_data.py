@@ -106,6 +106,11 @@ def routing_splits(n_per_axis: int = 200, calib_fraction: float = 0.3, n_test_pe
         2: [(p, "truthfulqa_train_heldout") for p in tqa_train[:n_tqa_calib]],
     }
 
+    # Balanced classes: the test splits are balanced, and a calibrator fitted on, say, 80 harmless
+    # vs 120 other prompts learns that prior shift as if it were miscalibration.
+    smallest = min(len(items) for items in calib.values())
+    calib = {label: items[:smallest] for label, items in calib.items()}
+
     tqa_eval = [e.prompt for e in load_truthfulqa(data_dir, split="eval")]
     harmful_test = [e.prompt for e in load_harmbench(data_dir)] + [e.prompt for e in load_strongreject(data_dir)]
     test = {
