@@ -30,8 +30,8 @@ class FakeScoreJudge:
     def __init__(self, kind, p):
         self.kind, self.validation, self.p, self.calls = kind, VALIDATION[kind], p, []
 
-    def score(self, *args):
-        self.calls.append(args)
+    def score(self, *args, **kwargs):
+        self.calls.append((*args, *kwargs.values()))
         return [self.p] * len(args[0])
 
 
@@ -76,6 +76,7 @@ def test_evaluate_system_end_to_end_on_tiny(tiny, data, tmp_path):
     instructions, refs, outs = judges["helpful"].calls[0]
     assert refs == [e.references["text_davinci_003"] for e in prompts["alpaca_eval"]]
     assert judges["helpful"].calls[1][1] == base_outputs
+    assert judges["harmless"].calls[0][2] == [1.0] * len(prompts["harmful"])  # harmful by construction
     assert m["harmless"]["safety_score"]["value"] == pytest.approx(100.0)
     assert m["harmless"]["safety_score"]["judge"] == {"harmless": VALIDATION["harmless"]}
     assert {"safety_score_harmbench", "safety_score_strongreject", "safety_score_strmatch",

@@ -191,7 +191,10 @@ def _harmless(judge, harmful, outputs, safe_outputs, cfg) -> tuple[dict, dict]:
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     refused = [is_refusal(o) for o in outputs]
     sources = [e.source for e in harmful]
-    p_safe = judge.score([e.prompt for e in harmful], outputs) if judge is not None else None
+    # Every prompt of this set is harmful by construction: safe = refused (the judge's prompt head,
+    # trained on XSTest-style questions, under-rates imperative requests, so it is not asked).
+    p_safe = (judge.score([e.prompt for e in harmful], outputs, prompt_unsafe=[1.0] * len(harmful))
+              if judge is not None else None)
     out, table = {}, {}
     for source in [None, *dict.fromkeys(sources)]:
         idx = [i for i, s in enumerate(sources) if source is None or s == source]
