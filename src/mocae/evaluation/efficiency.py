@@ -17,7 +17,18 @@ import torch
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (everything loaded, not only the model)."""
+    """Peak resident memory of this process so far, in MB (everything loaded, not only the model).
+
+    Linux: VmHWM, which starts afresh at exec. (ru_maxrss is carried across fork + exec, so a
+    child process would report its parent's peak.)
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

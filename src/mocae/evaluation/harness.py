@@ -316,7 +316,11 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
         timing[label] = round(time.perf_counter() - begin, 2)
         print(f"[eval] {name}: {label} {timing[label]:.1f}s", flush=True)
 
+    judged_honesty = "truthful" in judges and "informative" in judges
     for set_name, gen in (("alpaca_eval", long), ("harmful", short), ("xstest_safe", short), ("truthfulqa", short)):
+        if set_name == "truthfulqa" and not judged_honesty:  # answers only feed the TI judges
+            outputs[set_name] = []
+            continue
         with stage(f"generate_{set_name}"):
             outputs[set_name] = generate_cached(model, tokenizer, model_id, set_name,
                                                 [e.prompt for e in sets[set_name]], gen, cache, progress)
@@ -324,7 +328,7 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
     write_alpaca_eval_outputs([e.prompt for e in ae], outputs["alpaca_eval"], name, system_dir / "model_outputs.json",
                               [e.meta.get("dataset", "alpaca_eval") for e in ae])
     atomic_write_json(system_dir / "outputs.json", {k: [{"prompt": e.prompt, "output": o} for e, o in
-                                                        zip(sets[k], v)] for k, v in outputs.items()})
+                                                        zip(sets[k], v)] for k, v in outputs.items() if v})
     result_metrics = {}
     with stage("helpful_harmless_metrics"):
         result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, outputs["alpaca_eval"], cfg,
