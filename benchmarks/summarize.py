@@ -62,12 +62,24 @@ def harmless_mix(r: dict) -> list[str]:
     return lines
 
 
+def bench(r: dict) -> list[str]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench import markdown
+
+    return markdown(r).splitlines()[3:]  # without its title and provenance line
+
+
 SECTIONS = {
     "train_speed.json": ("Stage 1 training speed", train_speed),
     "experts.json": ("Stage 1 experts: sanity table on held-out prompts", experts),
     "harmless_mix.json": ("Stage 1 harmless expert: benign-instruction share", harmless_mix),
     "router_calibration.json": ("Stage 2 router calibration", router_calibration),
     "mixing_overhead.json": ("Stage 2 mixing overhead", mixing_overhead),
+    "harmless_mix_full.json": ("Stage 1 harmless expert at full size: benign-instruction share", harmless_mix),
+    "bench_smollm2-135m.json": ("Every system, SmolLM2-135M (benchmarks/bench.py)", bench),
+    "bench_qwen2.5-coder-0.5b.json": ("Every system, Qwen2.5-Coder-0.5B (benchmarks/bench.py)", bench),
 }
 
 

@@ -95,3 +95,27 @@ def test_efficiency_is_measured_in_a_child_process(tiny_run, monkeypatch, tmp_pa
     assert result["weights_mb"] > 0
     with pytest.raises(RuntimeError, match="gpt5"):
         measure_isolated("gpt5", tiny_run.run_dir, ["hello"], batch_sizes=[1], new_tokens=2, repeats=1, threads=1)
+
+
+def test_every_system_scores_with_the_shared_prefix_cache(tiny_run):
+    """lm-eval's MC scoring path: the cached-prefix forward equals the plain one for each system."""
+    from mocae.evaluation.prefix_cache import SharedPrefixLM
+    from mocae.evaluation.truthfulqa_mc import _supports_cache
+
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(5, 200, (24,), generator=gen)
+    batch = torch.stack([torch.cat([prefix, torch.randint(5, 200, (6,), generator=gen)]) for _ in range(3)])
+    for name in SYSTEMS:
+        if name == "oracle":
+            continue
+        model, _ = load_system(name, tiny_run)
+        if name == "mocae":
+            model.routing_override = lambda ids: torch.tensor([[0.2, 0.3, 0.5]]).expand(len(ids), -1)
+        with torch.no_grad():
+            plain = model(input_ids=batch).logits
+            if not _supports_cache(model):
+                assert name == "xlora"
+                continue
+            wrapped = SharedPrefixLM(model)
+            assert torch.allclose(wrapped(batch).logits, plain, atol=1e-4), name
+            assert wrapped.stats["cached_calls"] == 1, name
