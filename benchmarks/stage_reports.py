@@ -26,6 +26,8 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full")
+    parser.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-stages-<hash>); "
+                        "finished stages in it are reused")
     args = parser.parse_args()
 
     import torch
@@ -40,7 +42,7 @@ def main() -> int:
     # The sanity sizes of the published experts.json (a preset's own `sanity` section wins).
     sanity_cfg = SanityConfig(n_harmful=64, n_xstest_safe=64, n_truthfulqa=40, max_new_tokens=40)
     cfg = load_run_config(args.preset)
-    run_dir = Path("runs") / f"{cfg.name}-stages-{config_hash(cfg)}"
+    run_dir = Path(args.run_dir or Path("runs") / f"{cfg.name}-stages-{config_hash(cfg)}")
     experts_paths = train_experts(cfg)
     mocae_dir = build_mocae(cfg, experts_paths, run_dir)
     atomic_write_json(run_dir / "sanity.json", evaluate_experts(

@@ -150,3 +150,31 @@ def test_relative_change_flips_lower_is_better():
     change = relative_change(results)
     assert change["helpful/reference_nll"]["relative_pct"] == -25.0 and change["helpful/reference_nll"]["better"]
     assert change["honest/mc1"]["relative_pct"] == 25.0 and change["honest/mc1"]["better"]
+
+
+def test_run_interrupted_in_the_baselines_stage_continues(tiny_preset, tmp_path, monkeypatch):
+    import mocae.baselines.h3fusion as h3fusion
+
+    preset = tiny_preset()
+    overrides = ["systems=[base, expert_helpful, expert_harmless, expert_honest, h3fusion, mocae]",
+                 "baselines.h3fusion.steps=1", "baselines.fusion_examples_per_axis=2"]
+    real = h3fusion.fit_h3fusion
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(h3fusion, "fit_h3fusion", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(preset, run_dir=tmp_path / "run", progress=False, overrides=overrides)
+    assert (tmp_path / "run" / "mocae" / "router.safetensors").is_file()
+    assert not (tmp_path / "run" / "h3fusion").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(h3fusion, "fit_h3fusion", real)
+    monkeypatch.setattr("mocae.experts.train.select_examples", fail)
+    monkeypatch.setattr("mocae.mixture.fit.fit_router", fail)
+    run_dir = run_pipeline(preset, run_dir=tmp_path / "run", progress=False, overrides=overrides)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert "h3fusion" in results["systems"] and (run_dir / "h3fusion_training.json").is_file()
