@@ -116,6 +116,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| change | {d['weights_mb']:+.1f}% | {d['weights_and_activations_mb']:+.1f}% | "
                      f"{d['peak_rss_mb']:+.1f}% | {d['decode_ms_per_token_bs1']:+.1f}% |")
         lines += ["", c["note"]]
+    for name, c in report.get("cost_only", {}).items():
+        lines += ["", f"## {name}: speed and memory only", "",
+                  f"Not evaluated on the HHH sets: {c['reason']}. Decode (bs 1): "
+                  f"{c['decode_tokens_per_s_bs1']['value']:.1f} tok/s; peak RSS {c['peak_rss_mb']:.0f} MB; "
+                  f"weights {c['weights_mb']} MB."]
     notes = sorted({n for row in report["systems"].values() for n in row["notes"]})
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
@@ -127,6 +132,10 @@ def main() -> int:
     parser.add_argument("--preset", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
     parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--cost-only", nargs="*", default=[], metavar="SYSTEM",
+                        help="systems of the run measured for speed and memory only (e.g. one too slow to "
+                             "generate every eval set here); reported apart, with the reason")
+    parser.add_argument("--cost-only-reason", default="", help="why those systems were not evaluated")
     args = parser.parse_args()
 
     import torch
@@ -146,6 +155,17 @@ def main() -> int:
         mocae_vs_base[axis] = {"metric": field, **(change.get(f"{axis_name}/{key}") or {})}
     mocae_vs_base["harmless_over_refusal"] = {"metric": "over_refusal",
                                               **(change.get("harmless/over_refusal_xstest") or {})}
+    cost_only = {}
+    if args.cost_only:
+        from mocae.evaluation.harness import eval_prompts
+        from mocae.pipeline import measure_systems
+
+        measured_cfg = cfg.model_copy(update={"systems": args.cost_only})
+        prompts = [e.prompt for e in eval_prompts(cfg.eval)["alpaca_eval"][:cfg.efficiency.n_prompts]]
+        for name, e in measure_systems(measured_cfg, run_dir, prompts).items():
+            cost_only[name] = {"reason": args.cost_only_reason,
+                               "decode_tokens_per_s_bs1": e["batch_1"]["decode_tokens_per_s"],
+                               "peak_rss_mb": e["peak_rss_mb"], "weights_mb": e["weights_mb"]}
     report = {
         "backbone": cfg.backbone, "preset": args.preset, "overrides": args.set,
         "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
@@ -153,6 +173,7 @@ def main() -> int:
         "run_dir": str(run_dir), "wall_time_s": round(time.time() - start, 1),
         "config": cfg.model_dump(mode="json"), "systems": rows, "mocae_vs_base": mocae_vs_base,
         "mocae_vs_h3fusion": cost_comparison(systems),
+        "cost_only": cost_only,
         "judges": results.get("judges"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
