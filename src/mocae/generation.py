@@ -149,3 +149,28 @@ def completion_batch(tokenizer, prompts: list[str], completions: list[str],
     prompt_mask = (positions < torch.tensor(prompt_lens)[:, None]).long()
     labels = input_ids.masked_fill((attention_mask == 0) | (prompt_mask == 1), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_mask": prompt_mask}
+
+
+def completion_batches(tokenizer, examples: list[tuple], batch_size: int, steps: int, max_length: int,
+                       seed: int = 0, desc: str = "train", progress: bool = True, device=None):
+    """``steps`` training batches of (prompt, completion, label) examples, reshuffled every pass.
+
+    Yields:
+        (completion_batch dict, labels LongTensor) per step, with a tqdm bar when ``progress``.
+    """
+    import random
+
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = completion_batch(tokenizer, [examples[i][0] for i in idx], [examples[i][1] for i in idx],
+                                 max_length=max_length)
+        labels = torch.tensor([examples[i][2] for i in idx])
+        if device is not None:
+            batch, labels = {k: v.to(device) for k, v in batch.items()}, labels.to(device)
+        yield batch, labels

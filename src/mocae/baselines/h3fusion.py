@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -339,9 +338,7 @@ def fit_h3fusion(model, tokenizer, examples: list[tuple[str, str, int]], cfg: H3
     Returns:
         {"losses", "lm_loss", "gating_loss", "drift": per-step lists, "steps", "wall_time_s"}.
     """
-    from tqdm.auto import tqdm
-
-    from mocae.generation import completion_batch
+    from mocae.generation import completion_batches
 
     cfg = cfg or H3FusionConfig()
     layers = h3fusion_layers(model)
@@ -357,20 +354,12 @@ def fit_h3fusion(model, tokenizer, examples: list[tuple[str, str, int]], cfg: H3
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
     history = {"losses": [], "lm_loss": [], "gating_loss": [], "drift": []}
     start = time.time()
     model.train()
     try:
-        for _ in tqdm(range(cfg.steps), desc="h3fusion", disable=not progress):
-            if len(order) < cfg.batch_size:  # reshuffle once per pass over the data
-                order += rng.sample(range(len(examples)), len(examples))
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            batch = completion_batch(tokenizer, [examples[i][0] for i in idx], [examples[i][1] for i in idx],
-                                     max_length=cfg.max_length)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            labels = torch.tensor([examples[i][2] for i in idx], device=model.device)
+        for batch, labels in completion_batches(tokenizer, examples, cfg.batch_size, cfg.steps, cfg.max_length,
+                                                cfg.seed, "h3fusion", progress, model.device):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], use_cache=False)

@@ -42,7 +42,6 @@ subtraction (``use_gks``) is not used: it needs separately trained general adapt
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from pathlib import Path
@@ -183,9 +182,7 @@ def fit_xlora(model, tokenizer, examples: list[tuple[str, str, int]], cfg: XLora
     Returns:
         {"losses": per-step LM loss, "steps", "wall_time_s", "trainable_params"}.
     """
-    from tqdm.auto import tqdm
-
-    from mocae.generation import completion_batch
+    from mocae.generation import completion_batches
 
     cfg = cfg or XLoraBaselineConfig(**getattr(model, "xlora_settings", {}))
     classifier = xlora_classifier(model)
@@ -196,19 +193,12 @@ def fit_xlora(model, tokenizer, examples: list[tuple[str, str, int]], cfg: XLora
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
     losses = []
     start = time.time()
     classifier.train()
     try:
-        for _ in tqdm(range(cfg.steps), desc="x-lora", disable=not progress):
-            if len(order) < cfg.batch_size:  # reshuffle once per pass over the data
-                order += rng.sample(range(len(examples)), len(examples))
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            batch = completion_batch(tokenizer, [examples[i][0] for i in idx], [examples[i][1] for i in idx],
-                                     max_length=cfg.max_length)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
+        for batch, _ in completion_batches(tokenizer, examples, cfg.batch_size, cfg.steps, cfg.max_length, cfg.seed,
+                                           "x-lora", progress, model.device):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], use_cache=False)
