@@ -275,6 +275,11 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     if "multitask" in cfg.systems:
         print("[experts] multitask: the union of the three training sets", flush=True)
         multitask = train_expert(cfg.multitask_config(), progress=progress)
+    else:  # record a trained one anyway: runs sharing this directory may list it
+        from mocae.experts.train import expert_dir, is_trained
+
+        found = expert_dir(cfg.multitask_config())
+        multitask = found if is_trained(found) else None
     trained = {**experts, **({"multitask": multitask} if multitask else {})}
     records = {a: json.loads((p / "training.json").read_text()) for a, p in trained.items()}
     atomic_write_json(run_dir / "experts.json", {
