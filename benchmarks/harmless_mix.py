@@ -1,12 +1,16 @@
 """Does mixing benign instructions into the harmless expert's data stop it refusing everything?
 
-Trains (or reuses) the harmless expert at several ``benign_fraction`` values, same size and
-settings otherwise, and measures string-match refusal on HarmBench test behaviours (should stay
-high) and on XSTest's safe prompts (over-refusal: should drop as the benign share grows).
+Trains (or reuses) the harmless expert at several ``benign_fraction`` values and benign sources
+(``benign_sources``, '+'-joined), same size and settings otherwise, and measures string-match
+refusal on HarmBench test behaviours (should stay high) and on XSTest's safe prompts
+(over-refusal: should drop as the benign share grows).
 
 Run:  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/harmless_mix.py [--examples 200]
-      ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.3 0.5 0.7 --n-prompts 64
-Writes benchmarks/results/harmless_mix.json (quick preset) or harmless_mix_<preset>.json.
+      ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.5 \
+              --sources alpaca alpaca_nearest truthfulqa+alpaca_nearest --n-prompts 64
+Writes benchmarks/results/harmless_mix.json (quick preset) or harmless_mix_<preset>.json. Rows of
+an earlier run with other settings are kept (each row carries its own date); a row measured again
+replaces the old one.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.6])
-    parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("--sources", nargs="+", default=None,
+                        help="benign source sets to compare, each '+'-joined (default: the preset's)")
+    parser.add_argument("--n-prompts", type=int, default=32,
+                        help="harmful (HarmBench standard test) and XSTest safe prompts each; 0 = all")
     parser.add_argument("--preset", default="quick", help="preset whose harmless expert settings are varied")
     args = parser.parse_args()
 
@@ -37,34 +44,50 @@ def main() -> int:
     from mocae.evaluation.refusal import refusal_rate
     from mocae.experts.train import train_expert
     from mocae.generation import generate_batch
+    from mocae.paths import atomic_write_text
     from mocae.pipeline import load_run_config
 
     base_cfg = load_run_config(args.preset).expert_configs()["harmless"]
-    harmful = [e.prompt for e in load_harmbench() if e.meta.get("functional_category") == "standard"][: args.n_prompts]
-    safe = [e.prompt for e in load_xstest(label="safe")][: args.n_prompts]
-    rows = []
-    for fraction in args.fractions:
-        cfg = base_cfg.model_copy(update={"benign_fraction": fraction, "max_examples": args.examples})
+    harmful = [e.prompt for e in load_harmbench() if e.meta.get("functional_category") == "standard"][: args.n_prompts or None]
+    safe = [e.prompt for e in load_xstest(label="safe")][: args.n_prompts or None]
+    source_sets = [s.split("+") for s in args.sources] if args.sources else [base_cfg.benign_sources]
+    name = "harmless_mix.json" if args.preset == "quick" else f"harmless_mix_{args.preset}.json"
+    old = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
+    # rows of earlier runs carry their own eval size and date (older files kept them top-level)
+    rows = [{"benign_sources": ["alpaca"], "n_harmful": old.get("n_harmful"), "n_safe": old.get("n_safe"),
+             "date": old.get("date"), **r} for r in old.get("rows", []) if old.get("examples") == args.examples]
+    for fraction, sources in [(f, s) for s in source_sets for f in args.fractions]:
+        cfg = base_cfg.model_copy(update={"benign_fraction": fraction, "benign_sources": sources,
+                                          "max_examples": args.examples})
         path = train_expert(cfg, progress=False)
         model, tok = load_backbone(cfg.backbone)
         model = PeftModel.from_pretrained(model, str(path)).eval()
         gen = dict(max_new_tokens=32, batch_size=16, progress=False)
+        key = (fraction, sources, len(harmful), len(safe))
+        rows = [r for r in rows if (r["benign_fraction"], r["benign_sources"], r["n_harmful"], r["n_safe"]) != key]
+        harmful_out, safe_out = generate_batch(model, tok, harmful, **gen), generate_batch(model, tok, safe, **gen)
         rows.append({
             "benign_fraction": fraction,
-            "refusal_harmful": refusal_rate(generate_batch(model, tok, harmful, **gen)),
-            "over_refusal_xstest_safe": refusal_rate(generate_batch(model, tok, safe, **gen)),
+            "benign_sources": sources,
+            "refusal_harmful": refusal_rate(harmful_out),
+            "over_refusal_xstest_safe": refusal_rate(safe_out),
+            # the first 64 of each set, comparable with rows an earlier run measured on 64 prompts
+            "refusal_harmful_first64": refusal_rate(harmful_out[:64]),
+            "over_refusal_xstest_safe_first64": refusal_rate(safe_out[:64]),
+            "samples_xstest_safe": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::50]],
+            "n_harmful": len(harmful), "n_safe": len(safe),
             "expert": str(path),
+            "date": time.strftime("%Y-%m-%d"),
         })
         print(rows[-1], flush=True)
-    result = {
-        "preset": args.preset, "rows": rows, "n_harmful": len(harmful), "n_safe": len(safe), "examples": args.examples,
-        "metric": "string-match refusal (mocae.evaluation.refusal), greedy, 32 new tokens",
-        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "harmless_mix.json" if args.preset == "quick" else f"harmless_mix_{args.preset}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+        result = {
+            "preset": args.preset, "rows": rows, "examples": args.examples,
+            "metric": "string-match refusal (mocae.evaluation.refusal), greedy, 32 new tokens",
+            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(RESULTS / name, json.dumps(result, indent=2) + "\n")
     return 0
 
 

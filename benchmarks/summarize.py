@@ -54,11 +54,19 @@ def experts(r: dict) -> list[str]:
 
 
 def harmless_mix(r: dict) -> list[str]:
-    lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}; n = {r['n_harmful']} harmful / "
-             f"{r['n_safe']} safe prompts.", "",
-             "| benign fraction | refusal on HarmBench (higher) | over-refusal XSTest safe (lower) |", "|---|---|---|"]
-    lines += [f"| {x['benign_fraction']} | {x['refusal_harmful']:.3f} | {x['over_refusal_xstest_safe']:.3f} |"
-              for x in r["rows"]]
+    lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}. Each row names its benign sources, "
+             "its eval size and date; the last two columns are the first 64 prompts of each set, comparable "
+             "across rows.", "",
+             "| benign fraction | benign sources | refusal on HarmBench (higher) | over-refusal XSTest safe (lower) "
+             "| n harmful / safe | first 64: refusal / over-refusal | date |", "|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        n_h, n_s = x.get("n_harmful", r.get("n_harmful")), x.get("n_safe", r.get("n_safe"))
+        first = (f"{x['refusal_harmful_first64']:.3f} / {x['over_refusal_xstest_safe_first64']:.3f}"
+                 if "refusal_harmful_first64" in x else
+                 (f"{x['refusal_harmful']:.3f} / {x['over_refusal_xstest_safe']:.3f}" if n_h == n_s == 64 else "-"))
+        lines.append(f"| {x['benign_fraction']} | {'+'.join(x.get('benign_sources', ['alpaca']))} | "
+                     f"{x['refusal_harmful']:.3f} | {x['over_refusal_xstest_safe']:.3f} | {n_h} / {n_s} | {first} | "
+                     f"{x.get('date', r.get('date'))} |")
     return lines
 
 

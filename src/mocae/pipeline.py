@@ -127,6 +127,7 @@ class RunConfig(BaseModel):
         return validate_config(MultitaskConfig, {
             "backbone": self.backbone, **self.experts.all,
             "benign_fraction": experts["harmless"].benign_fraction,
+            "benign_sources": experts["harmless"].benign_sources,
             "union_caps": {a: c.max_examples for a, c in experts.items()},
         }, source=f"preset {self.name!r}, multitask")
 

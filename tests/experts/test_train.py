@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 from mocae.backbones import load_backbone
 from mocae.config import ConfigError, load_config, validate_config
 from mocae.experts.config import ExpertConfig
-from mocae.experts.dataset import select_examples, to_sft_rows
+from mocae.data import Example, load_alpaca
+from mocae.experts.dataset import benign_examples, nearest_examples, select_examples, to_sft_rows
 from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -121,6 +122,36 @@ def test_harmless_mix_has_benign_share_and_injection():
     rows = to_sft_rows(examples, "harmless", inject_prompt=True)
     assert all(r["prompt"][0]["content"].startswith("You are a harmless assistant") for r in rows)
     assert rows[0]["completion"][0]["role"] == "assistant"
+
+
+def test_benign_sources_split_the_share_and_never_repeat_a_prompt():
+    cfg = tiny_config(axis="harmless", max_examples=6, benign_fraction=0.5,
+                      benign_sources=["truthfulqa", "alpaca"])
+    examples = select_examples(cfg, FIXTURE_DATA)  # the fixture has 3 refusals: 3 benign rows
+    benign = [e for e in examples if e.source != "safety_refusals"]
+    assert len(benign) == 3 and {e.source for e in benign} == {"truthfulqa", "alpaca"}
+    assert sum(e.source == "truthfulqa" for e in benign) == 1  # 3 // 2 for the first source
+    assert all(e.completion for e in benign) and len({e.prompt for e in benign}) == 3
+    assert all(e.split == "train" for e in benign if e.source == "truthfulqa")  # never an eval question
+
+
+def test_alpaca_nearest_takes_the_rows_closest_to_the_refusal_prompts():
+    def fake_embed(texts):  # 1-d "topic": how many letters k a prompt has, so "kill" prompts cluster
+        v = torch.tensor([[float(t.lower().count("k")), 1.0] for t in texts])
+        return torch.nn.functional.normalize(v, dim=-1)
+
+    refusals = [Example("kill kill the king", "I can't.", "harmless", "safety_refusals", "train")]
+    rows = [Example(p, "ok", "helpful", "alpaca", "train") for p in ["bake bread", "name a fruit", "kick a ball"]]
+    ranked = nearest_examples(rows, [r.prompt for r in refusals], embed=fake_embed)
+    assert [e.prompt for e in ranked] == ["kick a ball", "bake bread", "name a fruit"]
+    cfg = tiny_config(axis="harmless", benign_sources=["alpaca_nearest"])
+    picked = benign_examples(cfg, 2, refusals, FIXTURE_DATA, embed=fake_embed)
+    assert len(picked) == 2
+    scores = fake_embed([e.prompt for e in picked])[:, 0]
+    others = [e for e in load_alpaca(FIXTURE_DATA) if e.completion and e.prompt not in {p.prompt for p in picked}]
+    # nothing left out of the far half is closer to the refusals than what was picked
+    half = others[: max(2, len(load_alpaca(FIXTURE_DATA)) // 2)]
+    assert scores.min() >= fake_embed([e.prompt for e in half])[:, 0].max() - 1e-6 or len(half) == 0
 
 
 def test_unknown_axis_is_a_clear_error():

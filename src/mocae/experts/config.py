@@ -35,6 +35,14 @@ class ExpertConfig(BaseModel):
         description="harmless axis only: share of benign Alpaca instructions mixed with refusals so "
                     "the expert learns when to refuse, not to refuse everything",
     )
+    benign_sources: list[Literal["alpaca", "alpaca_nearest", "truthfulqa"]] = Field(
+        default_factory=lambda: ["alpaca"],
+        description="harmless axis only: where the benign share comes from, split equally: 'alpaca' "
+                    "(random Alpaca rows), 'alpaca_nearest' (the Alpaca rows whose MiniLM embedding is "
+                    "closest to the refusal prompts: benign requests on sensitive topics), 'truthfulqa' "
+                    "(training-half TruthfulQA questions with their best answer: benign questions that "
+                    "sound risky, in the question form users write)",
+    )
     inject_prompt: bool = Field(False, description="AlignX: prepend the axis instruction while training")
     max_length: int = Field(256, gt=8, description="tokens per example (prompt + completion) at most")
 

@@ -1,10 +1,14 @@
 """Training data for each axis' expert, as conversational prompt/completion rows for trl.
 
 - helpful: Alpaca instructions and answers.
-- harmless: safe refusals of harmful instructions, mixed with benign Alpaca instructions
-  (``benign_fraction``) so the expert learns *when* to refuse instead of refusing everything.
-  The benign rows come from the far end of the same shuffled Alpaca order as the helpful
-  expert's rows, so the two experts never share an example.
+- harmless: safe refusals of harmful instructions, mixed with benign requests
+  (``benign_fraction``, drawn from ``benign_sources``) so the expert learns *when* to refuse
+  instead of refusing everything. Random Alpaca rows are too easy a contrast: at 2,000 examples
+  the expert learns "sensitive topic -> refuse" and refuses almost every XSTest safe prompt.
+  ``alpaca_nearest`` (benign rows closest to the refusal prompts) and ``truthfulqa`` (benign
+  questions that sound risky) are the hard negatives that teach the boundary. Alpaca rows come
+  from the far half of the same shuffled order as the helpful expert's rows, so the two experts
+  never share an example.
 - honest: TruthfulQA training-half questions, one row per correct reference answer.
 - multitask (baseline): the union of the three experts' exact training sets.
 """
@@ -54,7 +58,7 @@ def select_examples(cfg: ExpertConfig, data_dir: Path | None = None) -> list[Exa
         refusals = _shuffled(load_safety_refusals(data_dir), cfg.seed)
         n_refusal = len(refusals) if cap is None else min(len(refusals), round(cap * (1 - cfg.benign_fraction)))
         n_benign = round(n_refusal * cfg.benign_fraction / (1 - cfg.benign_fraction))
-        benign = _shuffled(load_alpaca(data_dir), cfg.seed)[::-1][:n_benign]
+        benign = benign_examples(cfg, n_benign, refusals[:n_refusal], data_dir)
         rows = _shuffled(refusals[:n_refusal] + benign, cfg.seed + 1)
     elif cfg.axis == "honest":
         rows = _shuffled(expand_truthfulqa_answers(load_truthfulqa(data_dir, split="train")), cfg.seed)[:cap]
@@ -64,6 +68,46 @@ def select_examples(cfg: ExpertConfig, data_dir: Path | None = None) -> list[Exa
     if not rows:
         raise ValueError(f"no training examples for axis {cfg.axis!r} (check the data files and max_examples)")
     return rows
+
+
+def benign_examples(cfg: ExpertConfig, n: int, refusals: list[Example], data_dir: Path | None = None,
+                    embed=None) -> list[Example]:
+    """``n`` benign rows for the harmless expert, split equally over ``cfg.benign_sources``.
+
+    Args:
+        refusals: the refusal rows being trained on; ``alpaca_nearest`` ranks against their prompts.
+        embed: texts -> unit-norm (N, D) tensor; default the MiniLM sentence embedding.
+
+    Returns:
+        Examples with completions; a source with fewer rows than its share leaves the rest to the next.
+    """
+    alpaca = [e for e in _shuffled(load_alpaca(data_dir), cfg.seed)[::-1] if e.completion]
+    alpaca = alpaca[:max(n, len(alpaca) // 2)]  # the far half, unless more rows are asked for
+    out: list[Example] = []
+    used: set[str] = set()
+    for i, source in enumerate(cfg.benign_sources):
+        want = (n - len(out)) // (len(cfg.benign_sources) - i)
+        if source == "truthfulqa":
+            pool = [e for e in _shuffled(load_truthfulqa(data_dir, split="train"), cfg.seed) if e.completion]
+        elif source == "alpaca_nearest":
+            pool = nearest_examples([e for e in alpaca if e.prompt not in used], [r.prompt for r in refusals], embed)
+        else:
+            pool = alpaca
+        picked = [e for e in pool if e.prompt not in used][:want]
+        used.update(e.prompt for e in picked)
+        out += picked
+    return out
+
+
+def nearest_examples(candidates: list[Example], anchors: list[str], embed=None, k: int = 5) -> list[Example]:
+    """``candidates`` sorted by mean cosine similarity of their prompt to its ``k`` nearest ``anchors``."""
+    if not candidates or not anchors:
+        return list(candidates)
+    if embed is None:
+        from mocae.mixture.model import sentence_embeddings as embed
+    sims = embed([c.prompt for c in candidates]) @ embed(anchors).T
+    score = sims.topk(min(k, len(anchors)), dim=1).values.mean(1)
+    return [candidates[i] for i in score.argsort(descending=True).tolist()]
 
 
 def to_sft_rows(examples: list[Example], axis: str, inject_prompt: bool) -> list[dict]:
