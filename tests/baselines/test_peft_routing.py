@@ -63,10 +63,32 @@ def examples():
 def test_xlora_builds_and_generates(expert_dirs):
     model, tok = build_xlora("tiny-random", expert_dirs)
     assert model.config.use_cache is False and "use_cache=False" in model.xlora_note
+    assert "KV cache" in model.xlora_note
     assert model.xlora_experts == ["helpful", "harmless", "honest"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == []
     check_generation(model, tok)
     assert model.base_model.get_latest_scalings().shape[-1] == 3
+
+
+def test_cached_xlora_decoding_equals_peft_uncached_generate(expert_dirs):
+    model, tok = build_xlora("tiny-random", expert_dirs, XLoraBaselineConfig(depth=2, size=16))
+    with torch.no_grad():  # a classifier that routes differently per token, so the caches matter
+        for param in xlora_classifier(model).parameters():
+            param.normal_(0, 2.0, generator=torch.Generator().manual_seed(param.numel()))
+    batch = left_padded(tok)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=12,
+                  do_sample=False, pad_token_id=tok.pad_token_id)
+    uncached, cached = model.generate_uncached(**kwargs), model.generate(**kwargs)
+    assert cached.tolist() == uncached.tolist()
+    scalings = model.base_model.get_latest_scalings()
+    assert scalings.shape[1] == 1 and not torch.allclose(scalings[0, 0, 0], scalings[1, 0, 0])  # rows differ
+    eos = int(cached[0, batch["input_ids"].shape[1]])  # make the first generated token of row 0 an EOS
+    stopped = model.generate(**{**kwargs, "max_new_tokens": 4}, eos_token_id=eos)
+    assert (stopped[0, batch["input_ids"].shape[1] + 1:] == tok.pad_token_id).all()
+    full = model.generate(**{**kwargs, "max_new_tokens": 4}, eos_token_id=eos, min_new_tokens=4)
+    assert full.shape[1] == batch["input_ids"].shape[1] + 4 and eos not in full[0, -3:].tolist()
+    with pytest.raises(ValueError, match="greedy only"):
+        model.generate(**{**kwargs, "do_sample": True})
 
 
 def test_xlora_one_hot_classifier_is_that_expert(expert_dirs):

@@ -1,0 +1,119 @@
+"""Greedy decoding for peft's X-LoRA with a KV cache: the same tokens, ~10x fewer FLOPs per token.
+
+peft 0.21's ``XLoraModel.generate`` forces ``use_cache=False``: each new token re-encodes the
+whole sequence twice (a scaling pass with the adapters off, then the real pass), which made
+X-LoRA decode at 1.8 tok/s at batch 1 on SmolLM2-135M, too slow to evaluate. Neither pass
+needs that:
+
+  * the scaling pass is the *base* model (adapters disabled), so its hidden states for earlier
+    tokens never change: it can keep a KV cache of its own;
+  * the classifier gives each token its own scalings from those causal hidden states, so an
+    earlier token's scalings, and so its keys and values in the real pass, never change either:
+    the real pass keeps a second cache.
+
+This module runs exactly peft's two passes (its classifier, its layers, its dummy scalings for
+the scaling pass) token by token with one ``DynamicCache`` per pass. A test checks the tokens
+equal peft's own uncached ``generate``. Only greedy decoding is supported, which is all the
+harness uses.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+
+@contextmanager
+def _inject_scalings(model, scalings: torch.Tensor):
+    """Pass ``scalings`` to every X-LoRA layer's forward, as peft's own pre-forward hook does."""
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, kwargs):
+        kwargs["scalings"] = scalings
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _passes(model, ids, mask, positions, caches):
+    """peft's scaling pass then its real pass on the new tokens ``ids``; returns the last logits."""
+    xlora = model.base_model                      # peft XLoraModel
+    lora_model, classifier = xlora.lora_model, xlora.internal_xlora_classifier
+    backbone = lora_model.model                   # the transformers causal LM with LoRA layers inside
+    step = dict(attention_mask=mask, position_ids=positions, use_cache=True)
+    lora_model.disable_adapter_layers()
+    try:
+        with _inject_scalings(model, classifier.make_dummy_scalings(input_ids=ids)):
+            base = backbone.get_decoder()(input_ids=ids, past_key_values=caches[0], output_hidden_states=True,
+                                          return_dict=True, **step)
+    finally:
+        lora_model.enable_adapter_layers()
+        xlora._maybe_freeze_all_adapters()
+    scalings = classifier(result=base, input_ids=ids)
+    xlora.internal_xlora_scalings = scalings
+    with _inject_scalings(model, scalings):
+        out = backbone(input_ids=ids, past_key_values=caches[1], logits_to_keep=1, return_dict=True, **step)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def generate_xlora_cached(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
+                          pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+                          **kwargs) -> torch.Tensor:
+    """Greedy X-LoRA generation with one KV cache per pass (left-padded batches welcome).
+
+    Args:
+        model: a peft X-LoRA model (``build_xlora``).
+        input_ids, attention_mask: the left-padded prompts.
+        max_new_tokens, min_new_tokens: the generation budget (EOS is suppressed before the minimum).
+        pad_token_id, eos_token_id: default to the model's generation config.
+    Returns:
+        (batch, prompt + generated) token ids, finished rows padded with ``pad_token_id``, like
+        ``transformers`` ``generate``.
+    Raises:
+        ValueError: sampling or another unsupported generation option was asked for.
+    """
+    from transformers import DynamicCache
+
+    unsupported = {k: v for k, v in kwargs.items() if k not in ("use_cache",) and v is not None}
+    if do_sample or unsupported:
+        raise ValueError("cached X-LoRA decoding is greedy only; unsupported options: "
+                         f"{sorted(unsupported) + (['do_sample'] if do_sample else [])}")
+    gen_cfg = model.generation_config
+    eos = gen_cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (gen_cfg.pad_token_id or 0)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    caches = (DynamicCache(), DynamicCache())
+    ids, out = input_ids, [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        logits = _passes(model, ids, mask, positions, caches)
+        if step < min_new_tokens and eos.numel():
+            logits[:, eos] = float("-inf")
+        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+        out.append(token[:, None])
+        done |= torch.isin(token, eos)
+        if done.all():
+            break
+        ids = token[:, None]
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.cat(out, dim=1)
+
+
+def use_cached_decoding(model):
+    """Make ``model.generate`` the cached decoder; peft's own stays as ``model.generate_uncached``."""
+    model.generate_uncached = model.generate
+    model.generate = partial(generate_xlora_cached, model)
+    return model
