@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from mocae.backbones import load_backbone
 from mocae.config import ConfigError, load_config, validate_config
 from mocae.experts.config import ExpertConfig
-from mocae.data import Example, load_alpaca
+from mocae.data import Example
 from mocae.experts.dataset import benign_examples, nearest_examples, select_examples, to_sft_rows
 from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert
 
@@ -144,14 +144,16 @@ def test_alpaca_nearest_takes_the_rows_closest_to_the_refusal_prompts():
     rows = [Example(p, "ok", "helpful", "alpaca", "train") for p in ["bake bread", "name a fruit", "kick a ball"]]
     ranked = nearest_examples(rows, [r.prompt for r in refusals], embed=fake_embed)
     assert [e.prompt for e in ranked] == ["kick a ball", "bake bread", "name a fruit"]
+
+    def by_length(texts):  # longer prompts sit closer to the (long) anchor
+        return torch.nn.functional.normalize(torch.tensor([[float(len(t)), 10.0] for t in texts]), dim=-1)
+
+    far_half = benign_examples(tiny_config(axis="harmless", benign_sources=["alpaca"]), 2, refusals, FIXTURE_DATA)
+    assert len({len(e.prompt) for e in far_half}) == 2  # the fixture rows differ, so the pick is decided
+    anchor = [Example("x" * 1000, "no", "harmless", "safety_refusals", "train")]
     cfg = tiny_config(axis="harmless", benign_sources=["alpaca_nearest"])
-    picked = benign_examples(cfg, 2, refusals, FIXTURE_DATA, embed=fake_embed)
-    assert len(picked) == 2
-    scores = fake_embed([e.prompt for e in picked])[:, 0]
-    others = [e for e in load_alpaca(FIXTURE_DATA) if e.completion and e.prompt not in {p.prompt for p in picked}]
-    # nothing left out of the far half is closer to the refusals than what was picked
-    half = others[: max(2, len(load_alpaca(FIXTURE_DATA)) // 2)]
-    assert scores.min() >= fake_embed([e.prompt for e in half])[:, 0].max() - 1e-6 or len(half) == 0
+    picked = benign_examples(cfg, 1, anchor, FIXTURE_DATA, embed=by_length)
+    assert [e.prompt for e in picked] == [max(far_half, key=lambda e: len(e.prompt)).prompt]
 
 
 def test_unknown_axis_is_a_clear_error():

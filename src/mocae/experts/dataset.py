@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 from mocae.data import (
@@ -100,14 +101,30 @@ def benign_examples(cfg: ExpertConfig, n: int, refusals: list[Example], data_dir
 
 
 def nearest_examples(candidates: list[Example], anchors: list[str], embed=None, k: int = 5) -> list[Example]:
-    """``candidates`` sorted by mean cosine similarity of their prompt to its ``k`` nearest ``anchors``."""
+    """``candidates`` sorted by mean cosine similarity of their prompt to its ``k`` nearest ``anchors``.
+
+    Args:
+        embed: texts -> unit-norm (N, D) tensor; default the MiniLM sentence embedding (its ranking
+            is memoised: the fusion stages select an expert's rows again).
+    """
     if not candidates or not anchors:
         return list(candidates)
-    if embed is None:
-        from mocae.mixture.model import sentence_embeddings as embed
-    sims = embed([c.prompt for c in candidates]) @ embed(anchors).T
-    score = sims.topk(min(k, len(anchors)), dim=1).values.mean(1)
-    return [candidates[i] for i in score.argsort(descending=True).tolist()]
+    prompts = tuple(c.prompt for c in candidates)
+    order = (_minilm_order(prompts, tuple(anchors), k) if embed is None
+             else _similarity_order(embed, prompts, anchors, k))
+    return [candidates[i] for i in order]
+
+
+@lru_cache(maxsize=4)
+def _minilm_order(prompts: tuple[str, ...], anchors: tuple[str, ...], k: int) -> list[int]:
+    from mocae.mixture.model import sentence_embeddings
+
+    return _similarity_order(sentence_embeddings, prompts, anchors, k)
+
+
+def _similarity_order(embed, prompts, anchors, k: int) -> list[int]:
+    sims = embed(list(prompts)) @ embed(list(anchors)).T
+    return sims.topk(min(k, len(anchors)), dim=1).values.mean(1).argsort(descending=True).tolist()
 
 
 def to_sft_rows(examples: list[Example], axis: str, inject_prompt: bool) -> list[dict]:
