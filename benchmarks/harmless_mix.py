@@ -33,6 +33,7 @@ def main() -> int:
                         help="benign source sets to compare, each '+'-joined (default: the preset's)")
     parser.add_argument("--n-prompts", type=int, default=32,
                         help="harmful (HarmBench standard test) and XSTest safe prompts each; 0 = all")
+    parser.add_argument("--base", action="store_true", help="also measure the base model (a row with fraction null)")
     parser.add_argument("--preset", default="quick", help="preset whose harmless expert settings are varied")
     args = parser.parse_args()
 
@@ -49,19 +50,24 @@ def main() -> int:
 
     base_cfg = load_run_config(args.preset).expert_configs()["harmless"]
     harmful = [e.prompt for e in load_harmbench() if e.meta.get("functional_category") == "standard"][: args.n_prompts or None]
-    safe = [e.prompt for e in load_xstest(label="safe")][: args.n_prompts or None]
+    safe_rows = load_xstest(label="safe")[: args.n_prompts or None]
+    safe = [e.prompt for e in safe_rows]
     source_sets = [s.split("+") for s in args.sources] if args.sources else [base_cfg.benign_sources]
     name = "harmless_mix.json" if args.preset == "quick" else f"harmless_mix_{args.preset}.json"
     old = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
     # rows of earlier runs carry their own eval size and date (older files kept them top-level)
     rows = [{"benign_sources": ["alpaca"], "n_harmful": old.get("n_harmful"), "n_safe": old.get("n_safe"),
              "date": old.get("date"), **r} for r in old.get("rows", []) if old.get("examples") == args.examples]
-    for fraction, sources in [(f, s) for s in source_sets for f in args.fractions]:
-        cfg = base_cfg.model_copy(update={"benign_fraction": fraction, "benign_sources": sources,
-                                          "max_examples": args.examples})
-        path = train_expert(cfg, progress=False)
-        model, tok = load_backbone(cfg.backbone)
-        model = PeftModel.from_pretrained(model, str(path)).eval()
+    runs = [(f, s) for s in source_sets for f in args.fractions]
+    for fraction, sources in ([(None, [])] if args.base else []) + runs:
+        model, tok = load_backbone(base_cfg.backbone)
+        path = "base model (no expert)"
+        if fraction is not None:
+            cfg = base_cfg.model_copy(update={"benign_fraction": fraction, "benign_sources": sources,
+                                              "max_examples": args.examples})
+            path = train_expert(cfg, progress=False)
+            model = PeftModel.from_pretrained(model, str(path))
+        model.eval()
         gen = dict(max_new_tokens=32, batch_size=16, progress=False)
         key = (fraction, sources, len(harmful), len(safe))
         rows = [r for r in rows if (r["benign_fraction"], r["benign_sources"], r["n_harmful"], r["n_safe"]) != key]
@@ -74,6 +80,9 @@ def main() -> int:
             # the first 64 of each set, comparable with rows an earlier run measured on 64 prompts
             "refusal_harmful_first64": refusal_rate(harmful_out[:64]),
             "over_refusal_xstest_safe_first64": refusal_rate(safe_out[:64]),
+            "over_refusal_by_type": {
+                t: refusal_rate([a for a, e in zip(safe_out, safe_rows) if e.meta["type"] == t])
+                for t in sorted({e.meta["type"] for e in safe_rows})},
             "samples_xstest_safe": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::50]],
             "n_harmful": len(harmful), "n_safe": len(safe),
             "expert": str(path),

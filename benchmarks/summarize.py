@@ -26,11 +26,15 @@ def train_speed(r: dict) -> list[str]:
 
 
 def mixing_overhead(r: dict) -> list[str]:
-    lines = ["| system | decode tok/s bs1 | decode tok/s bs16 | latency vs base (bs1) | peak RSS MB |",
-             "|---|---|---|---|---|"]
+    lines = ["| system | decode tok/s bs1 | decode tok/s bs16 | latency vs base (bs1) | peak RSS MB | date |",
+             "|---|---|---|---|---|---|"]
     for name, s in r["systems"].items():
         lines.append(f"| {name} | {s['bs1']['decode_tokens_per_s']} | {s['bs16']['decode_tokens_per_s']} | "
-                     f"{r['latency_ratio_vs_base_bs1'][name]}x | {s['peak_rss_mb']} |")
+                     f"{r['latency_ratio_vs_base_bs1'][name]}x | {s['peak_rss_mb']} | {s.get('date', r['date'])} |")
+    same = r.get("xlora_cached_same_tokens_as_peft_bs16")
+    if same is not None:
+        lines.append(f"\nX-LoRA with mocae's KV-cached decoding gives the same tokens as peft's uncached generate "
+                     f"(batch 16, {r['new_tokens']} tokens): {same}.")
     return lines
 
 
@@ -64,7 +68,8 @@ def harmless_mix(r: dict) -> list[str]:
         first = (f"{x['refusal_harmful_first64']:.3f} / {x['over_refusal_xstest_safe_first64']:.3f}"
                  if "refusal_harmful_first64" in x else
                  (f"{x['refusal_harmful']:.3f} / {x['over_refusal_xstest_safe']:.3f}" if n_h == n_s == 64 else "-"))
-        lines.append(f"| {x['benign_fraction']} | {'+'.join(x.get('benign_sources', ['alpaca']))} | "
+        fraction = "base model" if x["benign_fraction"] is None else x["benign_fraction"]
+        lines.append(f"| {fraction} | {'+'.join(x.get('benign_sources', ['alpaca'])) or '-'} | "
                      f"{x['refusal_harmful']:.3f} | {x['over_refusal_xstest_safe']:.3f} | {n_h} / {n_s} | {first} | "
                      f"{x.get('date', r.get('date'))} |")
     return lines
