@@ -57,7 +57,7 @@ def main() -> int:
     old = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
     # rows of earlier runs carry their own eval size and date (older files kept them top-level)
     rows = [{"benign_sources": ["alpaca"], "n_harmful": old.get("n_harmful"), "n_safe": old.get("n_safe"),
-             "date": old.get("date"), **r} for r in old.get("rows", []) if old.get("examples") == args.examples]
+             "date": old.get("date"), "command": old.get("command"), **r} for r in old.get("rows", []) if old.get("examples") == args.examples]
     runs = [(f, s) for s in source_sets for f in args.fractions]
     for fraction, sources in ([(None, [])] if args.base else []) + runs:
         model, tok = load_backbone(base_cfg.backbone)
@@ -87,6 +87,7 @@ def main() -> int:
             "n_harmful": len(harmful), "n_safe": len(safe),
             "expert": str(path),
             "date": time.strftime("%Y-%m-%d"),
+            "command": "python " + " ".join(sys.argv),
         })
         print(rows[-1], flush=True)
         result = {

@@ -72,6 +72,8 @@ def harmless_mix(r: dict) -> list[str]:
         lines.append(f"| {fraction} | {'+'.join(x.get('benign_sources', ['alpaca'])) or '-'} | "
                      f"{x['refusal_harmful']:.3f} | {x['over_refusal_xstest_safe']:.3f} | {n_h} / {n_s} | {first} | "
                      f"{x.get('date', r.get('date'))} |")
+    commands = dict.fromkeys(x["command"] for x in r["rows"] if x.get("command"))
+    lines += ["", "Rows come from: " + "; ".join(f"`{c}`" for c in commands)] if commands else []
     return lines
 
 
