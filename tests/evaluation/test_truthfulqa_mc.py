@@ -142,3 +142,12 @@ def test_real_eval_half_conversion(real_data_dir):
         assert sum(doc["mc1_targets"]["labels"]) == 1 and doc["mc1_targets"]["labels"][0] == 1
         assert doc["mc2_targets"]["labels"][0] == 1
         assert len(doc["mc2_targets"]["choices"]) == len(doc["mc2_targets"]["labels"])
+
+
+def test_mc_batch_rows_shrink_for_a_large_vocabulary():
+    from mocae.evaluation.truthfulqa_mc import LOGITS_BUDGET, MC_TOKENS, mc_batch_size
+
+    assert mc_batch_size(16, 49_152) == 16          # SmolLM2: unchanged
+    rows = mc_batch_size(16, 151_936)               # Qwen2.5: one logits tensor within the budget
+    assert 1 <= rows < 16 and rows * MC_TOKENS * 151_936 <= LOGITS_BUDGET
+    assert mc_batch_size(16, 10**9) == 1            # never zero

@@ -150,6 +150,19 @@ def _supports_cache(model) -> bool:
     return not isinstance(getattr(model, "base_model", None), XLoraModel)
 
 
+LOGITS_BUDGET = 2**28  # floats in one batch's [rows, tokens, vocab] logits (1 GB in fp32)
+MC_TOKENS = 256        # primer + question + the longest choice, rounded up
+
+
+def mc_batch_size(batch_size: int, vocab_size: int) -> int:
+    """Rows per MC forward pass so one logits tensor stays within ``LOGITS_BUDGET``.
+
+    lm-eval log-softmaxes the full [rows, tokens, vocab] logits and the prefix cache concatenates
+    them, so a 152k-vocabulary model (Qwen2.5) at 16 rows held ~10 GB and was OOM-killed here.
+    """
+    return max(1, min(batch_size, LOGITS_BUDGET // (MC_TOKENS * vocab_size)))
+
+
 def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: Path | str | None = None,
                   limit: int | None = None, batch_size: int = 8, prefix_cache: bool = True,
                   bf16: bool = False) -> dict:
@@ -162,7 +175,7 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
         examples: ``load_truthfulqa_mc`` Examples; default: the eval half from ``data_dir``.
         data_dir: data directory for the default examples (None: ``MOCAE_DATA_DIR``).
         limit: score only the first ``limit`` questions (deterministic).
-        batch_size: requests per forward pass.
+        batch_size: requests per forward pass (at most; capped by ``mc_batch_size`` for large vocabularies).
         prefix_cache: run the shared 6-shot primer once (:class:`SharedPrefixLM`; same logits,
             ~5x fewer tokens). Off automatically for X-LoRA, whose two-pass forward has no cache.
         bf16: bf16 autocast for the forward passes (faster on CPU; the mode says so).
@@ -196,7 +209,8 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
             # right-padded internally, so the tokenizer's padding side does not matter.
             scorer = SharedPrefixLM(model) if prefix_cache and _supports_cache(model) else model
             # HFLM wraps every forward in its own autocast (disabled unless mixed_precision_dtype).
-            lm = HFLM(pretrained=scorer, tokenizer=tokenizer, batch_size=batch_size,
+            rows = mc_batch_size(batch_size, len(tokenizer))
+            lm = HFLM(pretrained=scorer, tokenizer=tokenizer, batch_size=rows,
                       mixed_precision_dtype=torch.bfloat16 if bf16 else None)
             out = simple_evaluate(model=lm, tasks=[TASK_MC1, TASK_MC2], task_manager=manager,
                                   num_fewshot=0, apply_chat_template=False, log_samples=True,
