@@ -19,48 +19,53 @@ harness uses.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 
 import torch
 
 
-@contextmanager
-def _inject_scalings(model, scalings: torch.Tensor):
-    """Pass ``scalings`` to every X-LoRA layer's forward, as peft's own pre-forward hook does."""
-    from peft.tuners.lora import LoraLayer
+class _StepState:
+    """The X-LoRA layers of one model, with one pre-forward hook each that passes ``scalings``.
 
-    def hook(module, args, kwargs):
-        kwargs["scalings"] = scalings
+    Registered once per ``generate`` call: re-registering hooks and toggling adapters through
+    peft (``disable_adapter_layers`` walks every module and parameter) cost ~150 ms per token.
+    """
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.scalings: torch.Tensor | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.layers]
+
+    def _hook(self, module, args, kwargs):
+        kwargs["scalings"] = self.scalings
         return args, kwargs
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for h in handles:
+    def adapters(self, enabled: bool) -> None:
+        # What peft's enable_adapters sets, without its requires_grad bookkeeping (no grad here).
+        for layer in self.layers:
+            layer._disable_adapters = not enabled
+
+    def close(self) -> None:
+        self.adapters(True)
+        for h in self.handles:
             h.remove()
 
 
-def _passes(model, ids, mask, positions, caches):
+def _passes(model, state: _StepState, ids, mask, positions, caches):
     """peft's scaling pass then its real pass on the new tokens ``ids``; returns the last logits."""
     xlora = model.base_model                      # peft XLoraModel
-    lora_model, classifier = xlora.lora_model, xlora.internal_xlora_classifier
-    backbone = lora_model.model                   # the transformers causal LM with LoRA layers inside
+    classifier = xlora.internal_xlora_classifier
+    backbone = xlora.lora_model.model             # the transformers causal LM with LoRA layers inside
     step = dict(attention_mask=mask, position_ids=positions, use_cache=True)
-    lora_model.disable_adapter_layers()
-    try:
-        with _inject_scalings(model, classifier.make_dummy_scalings(input_ids=ids)):
-            base = backbone.get_decoder()(input_ids=ids, past_key_values=caches[0], output_hidden_states=True,
-                                          return_dict=True, **step)
-    finally:
-        lora_model.enable_adapter_layers()
-        xlora._maybe_freeze_all_adapters()
-    scalings = classifier(result=base, input_ids=ids)
-    xlora.internal_xlora_scalings = scalings
-    with _inject_scalings(model, scalings):
-        out = backbone(input_ids=ids, past_key_values=caches[1], logits_to_keep=1, return_dict=True, **step)
+    state.adapters(False)
+    state.scalings = classifier.make_dummy_scalings(input_ids=ids)
+    base = backbone.get_decoder()(input_ids=ids, past_key_values=caches[0], output_hidden_states=True,
+                                  return_dict=True, **step)
+    state.adapters(True)
+    state.scalings = xlora.internal_xlora_scalings = classifier(result=base, input_ids=ids)
+    out = backbone(input_ids=ids, past_key_values=caches[1], logits_to_keep=1, return_dict=True, **step)
     return out.logits[:, -1].float()
 
 
@@ -97,18 +102,22 @@ def generate_xlora_cached(model, input_ids: torch.Tensor, attention_mask: torch.
     caches = (DynamicCache(), DynamicCache())
     ids, out = input_ids, [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        logits = _passes(model, ids, mask, positions, caches)
-        if step < min_new_tokens and eos.numel():
-            logits[:, eos] = float("-inf")
-        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
-        out.append(token[:, None])
-        done |= torch.isin(token, eos)
-        if done.all():
-            break
-        ids = token[:, None]
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        positions = positions[:, -1:] + 1
+    state = _StepState(model)
+    try:
+        for step in range(max_new_tokens):
+            logits = _passes(model, state, ids, mask, positions, caches)
+            if step < min_new_tokens and eos.numel():
+                logits[:, eos] = float("-inf")
+            token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            out.append(token[:, None])
+            done |= torch.isin(token, eos)
+            if done.all():
+                break
+            ids = token[:, None]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+    finally:
+        state.close()
     return torch.cat(out, dim=1)
 
 
