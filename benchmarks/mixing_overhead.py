@@ -10,8 +10,8 @@ this single command, with the same prompts, greedy decoding and a fixed number o
 Decode tokens/s = new tokens / (generate time - prefill time), at batch 1 and 16.
 
 Run:  .venv/bin/python benchmarks/mixing_overhead.py --mocae runs/quick-<hash>/mocae [--systems ...]
-Writes benchmarks/results/mixing_overhead.json (with --systems: systems not measured again keep
-their earlier rows, each with its own date).
+Writes benchmarks/results/mixing_overhead.json, or --out (with --systems: systems not measured
+again keep their earlier rows, each with its own date).
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS,
                         help="systems to measure (base is always measured: ratios are against it)")
+    parser.add_argument("--out", default="mixing_overhead.json",
+                        help="result file in benchmarks/results/ (xlora_decode.json holds the X-LoRA runs)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -119,7 +121,7 @@ def main() -> int:
 
     import torch
 
-    out_path = RESULTS / "mixing_overhead.json"
+    out_path = RESULTS / args.out
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     systems = {n: {"date": old.get("date"), **row} for n, row in old.get("systems", {}).items()
                if old.get("mocae_dir") == str(args.mocae) and n not in args.systems}

@@ -92,6 +92,8 @@ SECTIONS = {
     "harmless_mix.json": ("Stage 1 harmless expert: benign-instruction share", harmless_mix),
     "router_calibration.json": ("Stage 2 router calibration", router_calibration),
     "mixing_overhead.json": ("Stage 2 mixing overhead", mixing_overhead),
+    "xlora_decode.json": ("X-LoRA baseline: KV-cached decoding vs peft's uncached generate (under load)",
+                          mixing_overhead),
     "harmless_mix_full.json": ("Stage 1 harmless expert at full size: benign-instruction share", harmless_mix),
     "bench_smollm2-135m.json": ("Every system, SmolLM2-135M (benchmarks/bench.py)", bench),
     "bench_qwen2.5-coder-0.5b.json": ("Every system, Qwen2.5-Coder-0.5B (benchmarks/bench.py)", bench),

@@ -151,3 +151,13 @@ def test_mc_batch_rows_shrink_for_a_large_vocabulary():
     rows = mc_batch_size(16, 151_936)               # Qwen2.5: one logits tensor within the budget
     assert 1 <= rows < 16 and rows * MC_TOKENS * 151_936 <= LOGITS_BUDGET
     assert mc_batch_size(16, 10**9) == 1            # never zero
+
+
+def test_arrow_scores_in_fp32_even_when_bf16_is_asked(tiny, expert_dirs):
+    """peft Arrow's router fails under bf16 autocast (scatter_ dtype mismatch): MC falls back to fp32."""
+    from mocae.baselines.peft_routing import build_arrow
+
+    model, tok = build_arrow("tiny-random", expert_dirs, model_and_tokenizer=tiny)
+    model.config.max_position_embeddings = 2048
+    result = truthfulqa_mc(model, tok, examples=FAKE, batch_size=3, bf16=True)
+    assert result["n"] == 2 and "bf16" not in result["mode"]

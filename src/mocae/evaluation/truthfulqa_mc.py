@@ -150,6 +150,11 @@ def _supports_cache(model) -> bool:
     return not isinstance(getattr(model, "base_model", None), XLoraModel)
 
 
+def _supports_bf16(model) -> bool:
+    """False for peft Arrow: its router's ``scatter_`` mixes fp32 and bf16 under autocast and fails."""
+    return not hasattr(model, "arrow_experts")
+
+
 LOGITS_BUDGET = 2**28  # floats in one batch's [rows, tokens, vocab] logits (1 GB in fp32)
 MC_TOKENS = 256        # primer + question + the longest choice, rounded up
 
@@ -196,6 +201,7 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    bf16 = bf16 and _supports_bf16(model)
     was_training = model.training
     routed = hasattr(model, "routing_override") and getattr(model, "routes_per_request", False)
     if routed:
