@@ -31,6 +31,8 @@ def mixing_overhead(r: dict) -> list[str]:
     for name, s in r["systems"].items():
         lines.append(f"| {name} | {s['bs1']['decode_tokens_per_s']} | {s['bs16']['decode_tokens_per_s']} | "
                      f"{r['latency_ratio_vs_base_bs1'][name]}x | {s['peak_rss_mb']} | {s.get('date', r['date'])} |")
+    if r.get("conditions"):
+        lines.append(f"\nConditions: {r['conditions']}")
     same = r.get("xlora_cached_same_tokens_as_peft_bs16")
     if same is not None:
         lines.append(f"\nX-LoRA with mocae's KV-cached decoding gives the same tokens as peft's uncached generate "
