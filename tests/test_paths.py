@@ -5,21 +5,35 @@ import stat
 
 import pytest
 
-from mocae.paths import atomic_write_json, atomic_write_text
+from mocae.paths import atomic_directory, atomic_save_figure, atomic_write_json, atomic_write_text
 
-def test_atomic_write_respects_the_umask_not_mkstemps_0600(tmp_path):
+
+def test_atomic_writes_respect_the_umask_not_mkstemps_0600(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
     old = os.umask(0o022)
     try:
         atomic_write_json(tmp_path / "r.json", {"a": 1})
+        atomic_save_figure(plt.figure(), tmp_path / "f.png")
+        with atomic_directory(tmp_path / "model") as folder:
+            (folder / "w.txt").write_text("w")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(tmp_path / "r.json") == 0o644 and mode(tmp_path / "f.png") == 0o644
+    assert mode(tmp_path / "model") == 0o755
     assert (tmp_path / "r.json").read_text() == '{\n  "a": 1\n}\n'
+
 
 def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
     target = tmp_path / "r.txt"
     target.write_text("old")
-
     with pytest.raises(TypeError):
         atomic_write_text(target, 123)  # not text: the write fails before the replace
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]

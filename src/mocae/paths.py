@@ -41,17 +41,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file is for everyone to read
+        _as_if_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def _as_if_created(path, mode: int) -> None:
+    """Give a mkstemp/mkdtemp path (0600/0700) the mode a plain open/mkdir would: ``mode`` minus the umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, mode & ~mask)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -69,6 +70,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        _as_if_created(tmp, 0o777)
         yield tmp
         if target.exists():
             shutil.rmtree(target)
@@ -86,6 +88,7 @@ def atomic_save_figure(fig, path: Path, dpi: int = 100) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
+        _as_if_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
