@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from mocae.mixture.layer import LoraMixer
+from mocae.mixture.layer import LoraMixer, PeftBackedModel
 from mocae.paths import atomic_directory, atomic_write_json
 
 STEPS = ("analysis", "guidance", "answer")
@@ -167,7 +167,7 @@ def encode_chain(tokenizer, prompt: str, completion: str, max_length: int) -> di
 
 
 # ---- the model ---------------------------------------------------------------------------------
-class MoteModel(nn.Module):
+class MoteModel(PeftBackedModel):
     """Backbone + step experts + shared expert, mixed per token by step. Use ``build_mote``/``load_mote``."""
 
     def __init__(self, peft_model, tokenizer, cfg: MoteConfig, backbone: str, trainable: bool = False):
@@ -230,25 +230,6 @@ class MoteModel(nn.Module):
             return out.logits[:, -1].float()
 
         return greedy_decode(step, input_ids, attention_mask, max_new_tokens, eos, pad, min_new_tokens)
-
-    @property
-    def device(self):
-        return self.peft_model.device
-
-    @property
-    def config(self):
-        """The backbone's HF config, so lm-eval's HFLM accepts the model."""
-        return self.peft_model.config
-
-    def __getattr__(self, name: str):
-        # What MoTE does not define (generation_config, tie_weights, ...) is the backbone's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            peft_model = self._modules.get("peft_model")
-            if peft_model is None:
-                raise
-            return getattr(peft_model, name)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the four peft adapters and ``mote_config.json``; atomically replaces ``path``."""

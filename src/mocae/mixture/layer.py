@@ -168,3 +168,31 @@ class LoraMixer:
             if merge:
                 self.unmerge()
             self.sequence_weights = previous
+
+
+class PeftBackedModel(nn.Module):
+    """Base of models that wrap a ``peft_model`` with a mixer (MoCaE, MoTE).
+
+    Anything the wrapper does not define (tie_weights, generation_config, ...) is the backbone's,
+    so code written for HF causal LMs (lm-eval's HFLM, generate helpers) runs unchanged.
+    """
+
+    peft_model: nn.Module
+
+    @property
+    def device(self):
+        return self.peft_model.device
+
+    @property
+    def config(self):
+        """The backbone's HF config, so tools that expect a causal LM (lm-eval's HFLM) accept the model."""
+        return self.peft_model.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            peft_model = self._modules.get("peft_model")
+            if peft_model is None:
+                raise
+            return getattr(peft_model, name)
