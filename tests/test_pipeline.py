@@ -108,13 +108,16 @@ def test_interrupted_run_continues(tiny_preset, tmp_path, monkeypatch):
 
 
 def test_presets_load_and_bad_preset_is_named(tmp_path):
-    for name in ("quick", "full", "trinityx", "alignx", "h3fusion"):
+    for name in ("quick", "full", "trinityx", "alignx", "h3fusion", "mote"):
         cfg = load_run_config(name)
         assert set(cfg.expert_configs()) == {"helpful", "harmless", "honest"}
         assert "base" in cfg.systems and not cfg.eval.efficiency
     assert load_run_config("full").systems[-1] == "mocae" and len(load_run_config("full").systems) == 13
     assert load_run_config("h3fusion").expert_configs()["helpful"].target_modules == ["gate_proj", "up_proj",
                                                                                        "down_proj"]
+    mote = load_run_config("mote").baselines.mote
+    assert (mote.rank, mote.target_modules, mote.learning_rate, mote.batch_size, mote.epochs) == (
+        16, "all-linear", 2e-5, 16, 3)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperts:\n  all: {rank: -1}\n")
     with pytest.raises(ConfigError, match="experts.helpful.*field 'rank'"):

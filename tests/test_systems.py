@@ -8,18 +8,22 @@ from mocae.systems import SYSTEMS, BaselinesConfig, RunSystems, load_system, ora
 
 @pytest.fixture
 def tiny_run(tmp_path, expert_dirs, tiny):
-    """A run directory with tiny experts, a saved MoCaE and trained H3Fusion / X-LoRA stages."""
+    """A run directory with tiny experts, a saved MoCaE and trained H3Fusion / X-LoRA / MoTE stages."""
     from mocae.mixture.model import MoCaEConfig, MoCaEModel
 
     baselines = BaselinesConfig.model_validate({"h3fusion": {"steps": 2, "batch_size": 2, "max_length": 48},
-                                                "xlora": {"steps": 2, "batch_size": 2, "max_length": 48}})
+                                                "xlora": {"steps": 2, "batch_size": 2, "max_length": 48},
+                                                "mote": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"],
+                                                         "epochs": 1, "batch_size": 2, "max_length": 64,
+                                                         "analysis_tokens": 4, "guidance_tokens": 4,
+                                                         "reasoning_tokens": 2}})
     run = RunSystems(backbone="tiny-random", experts=expert_dirs, run_dir=str(tmp_path / "run"),
                      multitask=expert_dirs["helpful"], baselines=baselines.model_dump(mode="json"))
     run.save()
     MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs), tiny).save_pretrained(
         tmp_path / "run" / "mocae")
     examples = [("say hi", "hi there", 0), ("do harm", "I can't help with that.", 1), ("is the earth flat?", "no", 2)]
-    for name in ("h3fusion", "xlora"):
+    for name in ("h3fusion", "xlora", "mote"):
         train_fusion(name, run, examples * 2, progress=False)
     return run
 
@@ -43,7 +47,8 @@ def test_trained_stages_are_reused(tiny_run, monkeypatch):
 
     monkeypatch.setattr("mocae.baselines.h3fusion.fit_h3fusion", fail)
     monkeypatch.setattr("mocae.baselines.peft_routing.fit_xlora", fail)
-    for name in ("h3fusion", "xlora"):
+    monkeypatch.setattr("mocae.baselines.mote.fit_mote", fail)
+    for name in ("h3fusion", "xlora", "mote"):
         assert train_fusion(name, tiny_run, [("a", "b", 0)], progress=False).is_dir()
 
 

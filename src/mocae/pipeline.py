@@ -5,7 +5,7 @@ Stages, each cached so that an interrupted run continues where it stopped:
    ``$MOCAE_CACHE/experts`` for the same config; a half-trained one resumes from its checkpoint);
 2. mocae: the router trained on held-out axis-labelled prompts, calibrators fitted on a split
    the router never saw, saved with ``save_pretrained``;
-3. baselines: the H3Fusion router and the X-LoRA classifier trained on the experts' data
+3. baselines: the H3Fusion router, the X-LoRA classifier and MoTE trained on the experts' data
    (merges and Arrow need no training and are built when evaluated);
 4. eval: every system through the evaluation harness (finished systems are cached), the oracle
    composed from the single experts, efficiency per system in a child process of its own;
@@ -174,9 +174,9 @@ def train_baselines(cfg: RunConfig, run, progress: bool = True) -> None:
     names = [n for n in cfg.systems if n in TRAINED]
     if not names:
         return
-    examples = fusion_examples(cfg.expert_configs(), cfg.baselines.fusion_examples_per_axis)
     for name in names:
-        train_fusion(name, run, examples, progress)
+        n = cfg.baselines.mote.examples_per_axis if name == "mote" else cfg.baselines.fusion_examples_per_axis
+        train_fusion(name, run, fusion_examples(cfg.expert_configs(), n), progress)
 
 
 def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> dict:

@@ -6,7 +6,8 @@ Every system is a ``loader() -> (model, tokenizer)`` the evaluation harness scor
   experts' training sets), ``mocae`` (the run's Mixture of Calibrated Experts);
 - merges of the experts' dense deltas: ``task_arithmetic``, ``ties``, ``dare`` (peft merge_utils);
 - routed baselines: ``h3fusion`` (MoE of expert MLPs, token router trained here), ``xlora``
-  (peft X-LoRA, classifier trained here), ``arrow`` (peft Arrow, training-free);
+  (peft X-LoRA, classifier trained here), ``arrow`` (peft Arrow, training-free), ``mote``
+  (step experts + shared expert on self-generated reasoning chains, trained here);
 - ``oracle``: the right expert per benchmark, composed from the single experts' results (an
   upper bound for any router; it generates nothing of its own).
 
@@ -28,14 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from mocae import AXES
 from mocae.baselines.h3fusion import H3FusionConfig
 from mocae.baselines.merges import MergeConfig
+from mocae.baselines.mote import MoteConfig
 from mocae.baselines.peft_routing import ArrowBaselineConfig, XLoraBaselineConfig
 from mocae.paths import atomic_write_json
 
 SystemName = Literal["base", "expert_helpful", "expert_harmless", "expert_honest", "oracle", "multitask",
-                     "task_arithmetic", "ties", "dare", "h3fusion", "xlora", "arrow", "mocae"]
+                     "task_arithmetic", "ties", "dare", "h3fusion", "xlora", "arrow", "mote", "mocae"]
 SYSTEMS: tuple[str, ...] = SystemName.__args__
 MERGES = ("task_arithmetic", "ties", "dare")
-TRAINED = ("h3fusion", "xlora")  # fusion stages trained in the run directory
+TRAINED = ("h3fusion", "xlora", "mote")  # stages trained in the run directory
 # The oracle's expert per prompt set: XSTest's safe prompts are benign requests, so the right
 # expert for them is the helpful one (sending them to the harmless expert is what over-refuses).
 ORACLE_EXPERT = {"helpful": "helpful", "harmless": "harmless", "over_refusal": "helpful", "honest": "honest"}
@@ -56,6 +58,7 @@ class BaselinesConfig(BaseModel):
     h3fusion: H3FusionConfig = Field(default_factory=H3FusionConfig)
     xlora: XLoraBaselineConfig = Field(default_factory=XLoraBaselineConfig)
     arrow: ArrowBaselineConfig = Field(default_factory=ArrowBaselineConfig)
+    mote: MoteConfig = Field(default_factory=MoteConfig)
     fusion_examples_per_axis: int = Field(64, gt=0, description="labelled training pairs per axis for the "
                                           "H3Fusion router and the X-LoRA classifier (from the experts' own data)")
 
@@ -149,11 +152,19 @@ def load_system(name: str, run: RunSystems):
         from mocae.baselines.peft_routing import load_xlora
 
         return load_xlora(folder)
+    if name == "mote":
+        from mocae.baselines.mote import load_mote
+
+        return load_mote(folder)
     raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
 
 
 def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]], progress: bool = True) -> Path:
-    """Train (or reuse) the H3Fusion router or the X-LoRA classifier; saved in ``run_dir/<name>``."""
+    """Train (or reuse) the H3Fusion router, the X-LoRA classifier or MoTE; saved in ``run_dir/<name>``.
+
+    Args:
+        examples: (prompt, completion, axis index into AXES) triples (``fusion_examples``).
+    """
     folder = Path(run.run_dir) / name
     report = Path(run.run_dir) / f"{name}_training.json"
     if folder.is_dir() and report.is_file():
@@ -172,6 +183,17 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
         model, tokenizer = build_xlora(run.backbone, run.experts, cfg.xlora)
         record = fit_xlora(model, tokenizer, examples, cfg.xlora, progress=progress)
         save_xlora(model, folder)
+    elif name == "mote":
+        from mocae.backbones import load_backbone
+        from mocae.baselines.mote import build_chains, build_mote, fit_mote, write_chains
+
+        chains = build_chains(*load_backbone(run.backbone), examples, AXES.index("harmless"), cfg.mote,
+                              progress=progress)
+        write_chains(chains, Path(run.run_dir) / "mote_chains.json")
+        model, tokenizer = build_mote(run.backbone, cfg.mote)
+        record = fit_mote(model, tokenizer, chains, cfg.mote, checkpoint_dir=Path(run.run_dir) / "mote_checkpoint",
+                          progress=progress)
+        model.save_pretrained(folder)
     else:
         raise ValueError(f"{name!r} has no fusion stage (trained systems: {TRAINED})")
     atomic_write_json(report, record)

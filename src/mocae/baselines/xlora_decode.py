@@ -89,36 +89,22 @@ def generate_xlora_cached(model, input_ids: torch.Tensor, attention_mask: torch.
     """
     from transformers import DynamicCache
 
+    from mocae.generation import greedy_decode
+
     unsupported = {k: v for k, v in kwargs.items() if k not in ("use_cache",) and v is not None}
     if do_sample or unsupported:
         raise ValueError("cached X-LoRA decoding is greedy only; unsupported options: "
                          f"{sorted(unsupported) + (['do_sample'] if do_sample else [])}")
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (gen_cfg.pad_token_id or 0)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     caches = (DynamicCache(), DynamicCache())
-    ids, out = input_ids, [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     state = _StepState(model)
     try:
-        for step in range(max_new_tokens):
-            logits = _passes(model, state, ids, mask, positions, caches)
-            if step < min_new_tokens and eos.numel():
-                logits[:, eos] = float("-inf")
-            token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
-            out.append(token[:, None])
-            done |= torch.isin(token, eos)
-            if done.all():
-                break
-            ids = token[:, None]
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-            positions = positions[:, -1:] + 1
+        return greedy_decode(lambda ids, mask, positions, _: _passes(model, state, ids, mask, positions, caches),
+                             input_ids, attention_mask, max_new_tokens, eos, pad, min_new_tokens)
     finally:
         state.close()
-    return torch.cat(out, dim=1)
 
 
 def use_cached_decoding(model):

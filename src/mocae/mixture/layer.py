@@ -22,28 +22,45 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 class _MixedModule:
-    """Stacked expert factors of one LoRA linear layer."""
+    """Stacked expert factors of one LoRA linear layer.
 
-    def __init__(self, module, adapters: list[str], layer_index: int | None):
+    ``live``: re-read the factors from peft's parameters on every call, so gradients reach them
+    (training a mixture, MoTE); otherwise they are stacked once and detached (inference).
+    """
+
+    def __init__(self, module, adapters: list[str], layer_index: int | None, live: bool = False):
         self.module = module
+        self.adapters = list(adapters)
         self.layer_index = layer_index
+        self.live = live
         self.ranks = [module.r[a] for a in adapters]
-        with torch.no_grad():
-            self.A = torch.cat([module.lora_A[a].weight for a in adapters], dim=0).detach()
-            self.B = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in adapters], dim=1).detach()
+        if not live:
+            with torch.no_grad():
+                self.A, self.B = (t.detach() for t in self._stack())
         self.rank_index = torch.repeat_interleave(torch.arange(len(adapters)), torch.tensor(self.ranks))
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m, names = self.module, self.adapters
+        return (torch.cat([m.lora_A[a].weight for a in names], dim=0),
+                torch.cat([m.lora_B[a].weight * m.scaling[a] for a in names], dim=1))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E*r, d_in), scaled B (d_out, E*r))."""
+        return self._stack() if self.live else (self.A, self.B)
 
     def delta(self, weights: torch.Tensor) -> torch.Tensor:
         """Dense ``sum_e w[e] scale_e B_e A_e`` for one weight vector (E,): used to merge."""
-        return (self.B * weights[self.rank_index].to(self.B.dtype)) @ self.A
+        A, B = self.factors()
+        return (B * weights[self.rank_index].to(B.dtype)) @ A
 
     def mixed_update(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The mixture's contribution for input ``x`` (..., T, d_in) and weights (B, E) or (B, T, E)."""
-        h = x @ self.A.to(x.dtype).T  # (B, T, E*r)
+        A, B = self.factors()
+        h = x @ A.to(x.dtype).T  # (B, T, E*r)
         w = weights[..., self.rank_index].to(h.dtype)
         if w.dim() == 2:  # one weight vector per sequence
             w = w[:, None, :]
-        return (h * w) @ self.B.to(x.dtype).T
+        return (h * w) @ B.to(x.dtype).T
 
 
 class LoraMixer:
@@ -52,12 +69,14 @@ class LoraMixer:
     Args:
         peft_model: a ``peft.PeftModel`` with every name in ``adapters`` loaded.
         adapters: adapter names in expert order (the router's output order).
+        trainable: keep the experts' LoRA factors live so a loss through the mixture trains them.
 
-    Set ``sequence_weights`` (B, E) before a forward pass, or ``token_weights[layer]`` (B, T, E)
-    from per-layer routers; with neither set, the model behaves as the base model.
+    Set ``sequence_weights`` (B, E), or (B, T, E) for weights per token shared by every layer,
+    before a forward pass, or ``token_weights[layer]`` (B, T, E) from per-layer routers; with
+    none set, the model behaves as the base model.
     """
 
-    def __init__(self, peft_model, adapters: list[str]):
+    def __init__(self, peft_model, adapters: list[str], trainable: bool = False):
         from peft.tuners.lora import LoraLayer
 
         self.peft_model = peft_model
@@ -74,11 +93,17 @@ class LoraMixer:
                 raise ValueError(f"module {name} has no LoRA for expert(s) {missing}: experts must target "
                                  "the same modules")
             match = _LAYER_INDEX.search(name + ".")
-            self.modules.append(_MixedModule(module, self.adapters, int(match.group(1)) if match else None))
+            self.modules.append(_MixedModule(module, self.adapters, int(match.group(1)) if match else None,
+                                             live=trainable))
         if not self.modules:
             raise ValueError("the model has no LoRA layers to mix")
         # peft's own LoRA path off: the mixer adds the (mixed) update itself.
         peft_model.base_model.disable_adapter_layers()
+        if trainable:  # disabling peft's path also froze the factors
+            for m in self.modules:
+                for a in self.adapters:
+                    m.module.lora_A[a].weight.requires_grad_(True)
+                    m.module.lora_B[a].weight.requires_grad_(True)
         self._hooks = [m.module.register_forward_hook(self._hook(m)) for m in self.modules]
 
     @property
@@ -124,11 +149,15 @@ class LoraMixer:
 
     @contextmanager
     def weights(self, sequence_weights: torch.Tensor | None = None, merge: bool = False):
-        """Context with fixed per-sequence weights (B, E); ``merge`` folds them in when B == 1."""
-        if sequence_weights is not None and (sequence_weights.dim() != 2
-                                             or sequence_weights.shape[1] != self.num_experts):
-            raise ValueError(f"weights must be (batch, {self.num_experts}), got {tuple(sequence_weights.shape)}")
-        merge = merge and sequence_weights is not None and sequence_weights.shape[0] == 1
+        """Context with fixed weights: (B, E) per sequence or (B, T, E) per token (every layer alike).
+
+        ``merge`` folds per-sequence weights into W0 when B == 1.
+        """
+        if sequence_weights is not None and (sequence_weights.dim() not in (2, 3)
+                                             or sequence_weights.shape[-1] != self.num_experts):
+            raise ValueError(f"weights must be (batch, {self.num_experts}) or (batch, tokens, {self.num_experts}), "
+                             f"got {tuple(sequence_weights.shape)}")
+        merge = merge and sequence_weights is not None and sequence_weights.dim() == 2 and sequence_weights.shape[0] == 1
         previous = self.sequence_weights
         self.sequence_weights = sequence_weights
         if merge:
@@ -139,3 +168,31 @@ class LoraMixer:
             if merge:
                 self.unmerge()
             self.sequence_weights = previous
+
+
+class PeftBackedModel(nn.Module):
+    """Base of models that wrap a ``peft_model`` with a mixer (MoCaE, MoTE).
+
+    Anything the wrapper does not define (tie_weights, generation_config, ...) is the backbone's,
+    so code written for HF causal LMs (lm-eval's HFLM, generate helpers) runs unchanged.
+    """
+
+    peft_model: nn.Module
+
+    @property
+    def device(self):
+        return self.peft_model.device
+
+    @property
+    def config(self):
+        """The backbone's HF config, so tools that expect a causal LM (lm-eval's HFLM) accept the model."""
+        return self.peft_model.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            peft_model = self._modules.get("peft_model")
+            if peft_model is None:
+                raise
+            return getattr(peft_model, name)

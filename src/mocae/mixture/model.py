@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from mocae.mixture.layer import LoraMixer
+from mocae.mixture.layer import LoraMixer, PeftBackedModel
 from mocae.paths import atomic_directory
 from mocae.mixture.router import (
     SequenceRouter,
@@ -83,7 +83,7 @@ def check_experts(backbone: str, experts: dict[str, str]) -> None:
                              "the mixture needs the same target modules")
 
 
-class MoCaEModel(nn.Module):
+class MoCaEModel(PeftBackedModel):
     """The Mixture of Calibrated Experts. Use ``build`` or ``from_pretrained`` to make one."""
 
     def __init__(self, peft_model, tokenizer, config: MoCaEConfig, router: nn.Module, calibrator):
@@ -249,29 +249,9 @@ class MoCaEModel(nn.Module):
         return results
 
     @property
-    def device(self):
-        return self.peft_model.device
-
-    @property
     def routes_per_request(self) -> bool:
         """True when routing gives one weight vector per request (sequence or static routing)."""
         return not isinstance(self.router, TokenRouter)
-
-    def __getattr__(self, name: str):
-        # Anything MoCaE does not define (tie_weights, generation_config, ...) is the backbone's,
-        # so code written for HF causal LMs (lm-eval's HFLM, generate helpers) runs unchanged.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            peft_model = self._modules.get("peft_model")
-            if peft_model is None:
-                raise
-            return getattr(peft_model, name)
-
-    @property
-    def config(self):
-        """The backbone's HF config, so tools that expect a causal LM (lm-eval's HFLM) accept MoCaE."""
-        return self.peft_model.config
 
     # save / load --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
