@@ -180,6 +180,22 @@ def completion_batches(tokenizer, examples: list[tuple], batch_size: int, steps:
         yield batch, labels
 
 
+def greedy_settings(generation_config, decoder: str, do_sample: bool, options: dict,
+                    eos_token_id=None, pad_token_id: int | None = None) -> tuple:
+    """EOS and pad ids for a greedy-only decoder, from the model's generation config by default.
+
+    Raises:
+        ValueError: sampling or any other generation option (``options``) was asked for.
+    """
+    unsupported = sorted(k for k, v in options.items() if v is not None and k != "use_cache")
+    if do_sample or unsupported:
+        raise ValueError(f"{decoder} is greedy only; unsupported options: "
+                         f"{unsupported + (['do_sample'] if do_sample else [])}")
+    eos = generation_config.eos_token_id if eos_token_id is None else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (generation_config.pad_token_id or 0)
+    return eos, pad
+
+
 @torch.no_grad()
 def greedy_decode(step, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                   eos_token_id: int | list[int] | None, pad_token_id: int, min_new_tokens: int = 0) -> torch.Tensor:

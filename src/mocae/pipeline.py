@@ -174,9 +174,12 @@ def train_baselines(cfg: RunConfig, run, progress: bool = True) -> None:
     names = [n for n in cfg.systems if n in TRAINED]
     if not names:
         return
+    examples = {}  # by examples per axis: H3Fusion and X-LoRA share one selection
     for name in names:
         n = cfg.baselines.mote.examples_per_axis if name == "mote" else cfg.baselines.fusion_examples_per_axis
-        train_fusion(name, run, fusion_examples(cfg.expert_configs(), n), progress)
+        if n not in examples:
+            examples[n] = fusion_examples(cfg.expert_configs(), n)
+        train_fusion(name, run, examples[n], progress)
 
 
 def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> dict:

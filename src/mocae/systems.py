@@ -185,12 +185,12 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
         save_xlora(model, folder)
     elif name == "mote":
         from mocae.backbones import load_backbone
-        from mocae.baselines.mote import build_chains, build_mote, fit_mote, write_chains
+        from mocae.baselines.mote import build_chains, build_mote, fit_mote
 
-        chains = build_chains(*load_backbone(run.backbone), examples, AXES.index("harmless"), cfg.mote,
-                              progress=progress)
-        write_chains(chains, Path(run.run_dir) / "mote_chains.json")
-        model, tokenizer = build_mote(run.backbone, cfg.mote)
+        base = load_backbone(run.backbone)  # writes the chains, then carries the new LoRAs
+        chains = build_chains(*base, examples, AXES.index("harmless"), cfg.mote, progress=progress)
+        atomic_write_json(Path(run.run_dir) / "mote_chains.json", chains)
+        model, tokenizer = build_mote(run.backbone, cfg.mote, model_and_tokenizer=base)
         record = fit_mote(model, tokenizer, chains, cfg.mote, checkpoint_dir=Path(run.run_dir) / "mote_checkpoint",
                           progress=progress)
         model.save_pretrained(folder)

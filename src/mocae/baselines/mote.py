@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mocae.mixture.layer import LoraMixer, PeftBackedModel
-from mocae.paths import atomic_directory, atomic_write_json
+from mocae.paths import atomic_directory
 
 STEPS = ("analysis", "guidance", "answer")
 ADAPTERS = (*STEPS, "shared")  # the mixer's expert order
@@ -177,7 +177,11 @@ class MoteModel(PeftBackedModel):
         self.mote_config = cfg
         self.backbone = backbone
         self.mixer = LoraMixer(peft_model, list(ADAPTERS), trainable=trainable)
-        self.reasoning_tokens = cfg.reasoning_tokens  # read by generate_batch: the chain's own budget
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Read by generate_batch: the chain's own budget, on top of the answer's."""
+        return self.mote_config.reasoning_tokens
 
     final_answer = staticmethod(final_answer)  # read by generate_batch: only the answer is scored
 
@@ -207,15 +211,10 @@ class MoteModel(PeftBackedModel):
         """
         from transformers import DynamicCache
 
-        from mocae.generation import greedy_decode
+        from mocae.generation import greedy_decode, greedy_settings
 
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
-        if do_sample or unsupported:
-            raise ValueError(f"MoTE decoding is greedy only; unsupported options: "
-                             f"{unsupported + (['do_sample'] if do_sample else [])}")
-        gen_cfg = self.peft_model.generation_config
-        eos = gen_cfg.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (gen_cfg.pad_token_id or 0)
+        eos, pad = greedy_settings(self.peft_model.generation_config, "MoTE decoding", do_sample, kwargs,
+                                   eos_token_id, pad_token_id)
         cache = DynamicCache()
 
         def step(ids, mask, positions, generated):
@@ -399,8 +398,3 @@ def fit_mote(model: MoteModel, tokenizer, chains: list[dict], cfg: MoteConfig | 
                        "mean_tokens": round(sum(len(r["input_ids"]) for r in rows) / len(rows), 1),
                        "epochs": cfg.epochs, "batches_per_epoch": math.ceil(len(batches) / cfg.epochs)}}
 
-
-def write_chains(chains: list[dict], path: Path) -> Path:
-    """The training chains as JSON, for inspection next to the trained model."""
-    atomic_write_json(Path(path), chains)
-    return Path(path)

@@ -89,15 +89,10 @@ def generate_xlora_cached(model, input_ids: torch.Tensor, attention_mask: torch.
     """
     from transformers import DynamicCache
 
-    from mocae.generation import greedy_decode
+    from mocae.generation import greedy_decode, greedy_settings
 
-    unsupported = {k: v for k, v in kwargs.items() if k not in ("use_cache",) and v is not None}
-    if do_sample or unsupported:
-        raise ValueError("cached X-LoRA decoding is greedy only; unsupported options: "
-                         f"{sorted(unsupported) + (['do_sample'] if do_sample else [])}")
-    gen_cfg = model.generation_config
-    eos = gen_cfg.eos_token_id if eos_token_id is None else eos_token_id
-    pad = pad_token_id if pad_token_id is not None else (gen_cfg.pad_token_id or 0)
+    eos, pad = greedy_settings(model.generation_config, "cached X-LoRA decoding", do_sample, kwargs,
+                               eos_token_id, pad_token_id)
     caches = (DynamicCache(), DynamicCache())
     state = _StepState(model)
     try:
