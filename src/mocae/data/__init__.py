@@ -2,6 +2,7 @@
 
 from mocae.data.chat import AXIS_INSTRUCTIONS, inject_axis_prompt, to_chat_messages, to_prompt_completion
 from mocae.data.loaders import (
+    alpaca_eval_split_map,
     expand_truthfulqa_answers,
     load_advbench,
     load_alpaca,
@@ -25,6 +26,7 @@ from mocae.data.records import DataError, Example, exclude_overlap, normalise_te
 from mocae.data.registry import DATASETS, DatasetSpec, check_data, format_check_table
 
 __all__ = [
+    "alpaca_eval_split_map",
     "AXIS_INSTRUCTIONS",
     "DATASETS",
     "DataError",

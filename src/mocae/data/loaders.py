@@ -30,6 +30,7 @@ from mocae.data.readers import (
     text_field,
 )
 from mocae.data.records import Example, normalise_text
+from mocae.data.splits import ALPACA_EVAL_SIDES, split_alpaca_eval, split_truthfulqa
 
 ALPACA_SEED_TASKS = "alpaca/seed_tasks.jsonl"
 ALPACA = "alpaca/alpaca_5000.json"
@@ -115,14 +116,21 @@ def load_alpaca_seed_tasks(data_dir: Path | None = None, split: str = "val") -> 
     return out
 
 
-def load_alpaca_eval(data_dir: Path | None = None, split: str = "eval") -> list[Example]:
-    """AlpacaEval's 805 instructions with reference outputs.
+def load_alpaca_eval(data_dir: Path | None = None, split: str | None = "eval") -> list[Example]:
+    """AlpacaEval's instructions with reference outputs, one side of THE AlpacaEval split.
+
+    The 805 instructions are split once (``mocae.data.splits.split_alpaca_eval``: seeded,
+    stratified by ``dataset``) into "judge_train" (362), "judge_dev" (81) and "eval" (362).
+    Win rates are measured on "eval"; nothing that trains may read it.
 
     ``references`` holds the AlpacaEval 1 baseline ``text_davinci_003`` and, when
     ``alpaca_eval/reference_gpt4_1106_preview.json`` exists, the AlpacaEval 2 baseline
     ``gpt4_1106_preview``, matched by instruction.
+
+    Args:
+        split: "judge_train", "judge_dev", "eval" or None (all 805).
     """
-    _check_split("alpaca_eval", split, ("eval",))
+    _check_split("alpaca_eval", split, ALPACA_EVAL_SIDES, allow_all=True)
     root = resolve_root(data_dir)
     rows = _rows(data_dir, ALPACA_EVAL, read_json_list, hub.alpaca_eval, "alpaca_eval")
     gpt4_rows = None
@@ -134,37 +142,46 @@ def load_alpaca_eval(data_dir: Path | None = None, split: str = "eval") -> list[
     if gpt4_rows is not None:
         gpt4 = {normalise_text(text_field(r, "instruction", w)): text_field(r, "output", w, allow_empty=True)
                 for w, r in gpt4_rows}
-    out = []
+    parsed, first_row = [], {}
     for where, rec in rows:
         instruction = text_field(rec, "instruction", where).strip()
+        key = normalise_text(instruction)
+        if key in first_row:  # a repeated instruction would make the split ambiguous
+            raise where.error(f"repeats the instruction of row {first_row[key]}", "instruction")
+        first_row[key] = where.row
         refs = {"text_davinci_003": text_field(rec, "output", where, allow_empty=True)}
         if gpt4 is not None:
-            key = normalise_text(instruction)
             if key not in gpt4:
                 raise where.error(f"has no match in {ALPACA_EVAL_GPT4}", "instruction")
             refs["gpt4_1106_preview"] = gpt4[key]
         meta = {"dataset": text_field(rec, "dataset", where).strip(), "row": where.row}
-        out.append(Example(instruction, None, "helpful", "alpaca_eval", "eval", references=refs, meta=meta))
-    return out
+        parsed.append((key, instruction, refs, meta))
+    sides = split_alpaca_eval([k for k, *_ in parsed], [m["dataset"] for *_, m in parsed])
+    return [Example(ins, None, "helpful", "alpaca_eval", sides[key], references=refs, meta=meta)
+            for key, ins, refs, meta in parsed if split is None or sides[key] == split]
+
+
+def alpaca_eval_split_map(data_dir: Path | None = None) -> dict[str, str]:
+    """{normalised instruction: "judge_train" | "judge_dev" | "eval"} for every AlpacaEval instruction."""
+    return {normalise_text(ex.prompt): ex.split for ex in load_alpaca_eval(data_dir, split=None)}
 
 
 # Honest: TruthfulQA, split by question ------------------------------------------------------
 
 
-def split_questions(keys: list[str]) -> dict[str, str]:
-    """THE TruthfulQA split rule: the first ``n // 2`` questions in file order are "train", the rest "eval".
-
-    With the 817 questions of TruthfulQA.csv that is 408 train / 409 eval. Every TruthfulQA-derived
-    file is split through this rule (via ``truthfulqa_split_map``), never by row.
+def split_questions(keys: list[str], types: list[str], categories: list[str]) -> dict[str, str]:
+    """THE TruthfulQA split rule (``mocae.data.splits.split_truthfulqa``): seeded, question level,
+    stratified by Type x Category; 408 train / 409 eval questions on TruthfulQA.csv. Every
+    TruthfulQA-derived file is split through it (via ``truthfulqa_split_map``), never by row.
 
     Args:
         keys: normalised questions (``normalise_text``) in file order.
+        types, categories: each question's Type and Category.
 
     Returns:
         {normalised question: "train" | "eval"}.
     """
-    n_train = len(keys) // 2
-    return {key: "train" if i < n_train else "eval" for i, key in enumerate(keys)}
+    return split_truthfulqa(keys, types, categories)
 
 
 def _truthfulqa_all(data_dir) -> list[Example]:
@@ -185,7 +202,8 @@ def _truthfulqa_all(data_dir) -> list[Example]:
                 "type": label_field(rec, "Type", where, ("Adversarial", "Non-Adversarial")),
                 "source": optional_text(rec, "Source", where), "row": where.row}
         parsed.append((key, question, refs, meta))
-    splits = split_questions([key for key, *_ in parsed])
+    splits = split_questions([key for key, *_ in parsed], [m["type"] for *_, m in parsed],
+                             [m["category"] for *_, m in parsed])
     return [Example(q, refs["best"], "honest", "truthfulqa", splits[key], references=refs, meta=meta)
             for key, q, refs, meta in parsed]
 
@@ -223,7 +241,8 @@ def load_truthfulqa(data_dir: Path | None = None, split: str | None = None) -> l
 
     Args:
         data_dir: data directory (default ``$MOCAE_DATA_DIR``, else Hub truthfulqa/truthful_qa).
-        split: "train" (first 408 questions), "eval" (other 409) or None for all 817.
+        split: "train" (408 questions), "eval" (the other 409; stratified by Type x Category) or
+            None for all 817.
 
     Returns:
         Examples with references {"best", "correct", "incorrect"} and meta {"category", "type"}.

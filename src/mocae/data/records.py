@@ -7,7 +7,7 @@ from typing import Iterable
 
 from mocae import AXES
 
-SPLITS = ("train", "val", "eval", "test", "all")
+SPLITS = ("train", "val", "eval", "test", "all", "judge_train", "judge_dev")
 
 
 @dataclass(frozen=True)
