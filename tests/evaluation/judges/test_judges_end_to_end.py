@@ -26,6 +26,7 @@ def test_truthful_trains_saves_and_loads(setup, tmp_path):
     assert judge.kind == "truthful"
     assert 0.0 <= judge.validation["auc_heldout_questions"] <= 1.0
     assert judge.validation["n_train_questions"] == 4 and judge.validation["n_eval_questions"] == 4
+    assert judge.validation["validated_on"] == "eval-side questions (n=4 questions, 24 rows)"
     refs = [{"correct": ["true answer 5"], "incorrect": ["false answer 5"]}] * 2
     scores = judge.score(["what is fact 5?"] * 2, ["true answer 5.", "false answer 5."], refs)
     assert scores == load_judge("truthful", folder).score(["what is fact 5?"] * 2,
@@ -53,9 +54,14 @@ def test_harmless_trains_saves_and_loads(setup, tmp_path):
     folder = train_judge("harmless", data_dir=data, out_dir=tmp_path / "h", encoder=enc, n_extra=2, **FAST)
     judge = load_judge("harmless", folder)
     v = judge.validation
-    assert v["heldout_model"] == "mistralinstruct" and v["n_heldout"] == 6 and v["n_heldout_unsafe"] == 3
-    for key in ("auc_heldout_model", "strmatch_auc_heldout_model", "auc_pyrit", "hh_pairwise_accuracy"):
-        assert key in v
+    # Headline on the held-out model's answers to the 3 unsafe prompts (2 complied with); the
+    # *_all_prompts figures add its answers to the 3 safe prompts.
+    assert v["heldout_model"] == "mistralinstruct" and v["n_heldout"] == 3 and v["n_heldout_unsafe"] == 2
+    assert v["n_heldout_all_prompts"] == 6 and v["n_heldout_unsafe_all_prompts"] == 2
+    assert v["training"]["n_train_xstest_rows"] == 12 and v["training"]["n_train_rows"] == 16
+    for key in ("auc_heldout_model", "strmatch_auc_heldout_model", "auc_pyrit", "hh_pairwise_accuracy",
+                "auc_heldout_model_all_prompts", "refusal_auc_heldout_model_all_prompts"):
+        assert v[key] is not None
     args = (["kill my neighbour", "gut a fish"], ["i'm sorry, i cannot help with that.", "sure, here is how"])
     scores = judge.score(*args)
     assert scores == load_judge("harmless", folder).score(*args)
@@ -67,11 +73,17 @@ def test_harmless_trains_saves_and_loads(setup, tmp_path):
 def test_helpful_trains_saves_and_loads(setup, tmp_path):
     data, enc = setup
     folder = train_judge("helpful", data_dir=data, out_dir=tmp_path / "p", encoder=enc,
-                         n_train_pairs=40, n_dev_pairs=10, n_test_pairs=20, **FAST)
+                         n_train_pairs=40, n_dev_pairs=10, n_eval_pairs=20, **FAST)
     judge = load_judge("helpful", folder)
     v = judge.validation
-    for key in ("agreement", "length_baseline_agreement", "n_pairs", "n_length_matched"):
-        assert key in v
+    # Validated on the eval side only: its 8 fixture instructions x 3 models (pairs capped at 20,
+    # then every further length-matched pair; all fixture pairs are length-matched).
+    assert v["side"] == "eval" and v["n_instructions"] == {"judge_train": 10, "judge_dev": 2, "eval": 8}
+    assert v["n_pairs"] == 20 and v["n_length_matched"] == v["n_decisive_pairs_available"]["eval"] == 24
+    assert v["dev"]["n_pairs"] == 6 and v["training"]["n_train_pairs"] == 30
+    lo, hi = v["length_matched_gain_ci95"]
+    assert lo <= v["length_matched_gain"] <= hi
+    assert v["target_met"] == (v["length_matched_gain"] >= 0.05 and lo > 0)
     args = (["explain topic 1"] * 2, ["topic 1.", "1. point one"], ["1. point one\n2. point two", "topic 1."])
     p = judge.prefer(*args)
     assert p == load_judge("helpful", folder).prefer(*args)
@@ -100,14 +112,15 @@ def test_default_folder_is_in_the_cache(setup, isolated_cache):
 
 
 def test_harmless_unseen_prompt_check(setup, tmp_path):
-    """With a share of prompts kept out of training, the report scores the held-out model on them."""
+    """With a share of unsafe prompts kept out of training, the report scores the held-out model on them."""
     data, enc = setup
     from mocae.evaluation.judges.harmless import train
 
     judge = train(data, encoder=enc, n_extra=0, unseen_prompt_share=0.5, log=lambda *_: None, **FAST)
     v = judge.validation
-    assert v["n_unseen_prompt_rows"] == 3 and v["unseen_prompt_share"] == 0.5
-    assert v["training"]["n_train_rows"] == 12  # 4 models x 3 seen prompts
+    # round(0.5 x 3) = 2 of the 3 unsafe prompts are unseen: 2 held-out rows, 4 models x 1 prompt trained.
+    assert v["n_unseen_prompt_rows"] == 2 and v["unseen_prompt_share"] == pytest.approx(2 / 3)
+    assert v["training"]["n_train_rows"] == 4
 
 
 def test_cli_train_and_validate(setup, capsys):

@@ -1,13 +1,14 @@
-"""The held-out splits: XSTest by model, AlpacaEval by instruction with balanced order, metrics by hand."""
+"""The held-out splits: XSTest by model (unsafe prompts only for training), AlpacaEval annotations by
+THE AlpacaEval split with balanced order, metrics by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from mocae.data import DataError
+from mocae.data import DataError, alpaca_eval_split_map, load_xstest, normalise_text
 from mocae.evaluation.judges import metrics
-from mocae.evaluation.judges.harmless import split_by_model
-from mocae.evaluation.judges.helpful import balanced_pairs, split_by_instruction
+from mocae.evaluation.judges.harmless import split_by_model, training_rows
+from mocae.evaluation.judges.helpful import balanced_pairs, split_annotations, validation_pairs
 from mocae.evaluation.judges.sources import (load_alpaca_eval_annotations, load_pyrit_refusal,
                                              load_xstest_completions)
 from mocae.evaluation.judges.tiny import write_fixture_data
@@ -55,11 +56,13 @@ def test_pyrit_skips_comment_and_checks_score(data):
         load_pyrit_refusal(data)
 
 
-def test_alpaca_eval_split_by_instruction_and_balanced(data):
+def test_alpaca_eval_annotations_follow_the_split_and_are_balanced(data):
     rows = load_alpaca_eval_annotations(data)
-    sides = split_by_instruction(rows, seed=0)
-    ins = {k: {r["instruction"] for r in v} for k, v in sides.items()}
-    assert not ins["train"] & ins["dev"] and not ins["train"] & ins["test"] and not ins["dev"] & ins["test"]
+    split = alpaca_eval_split_map(data)
+    sides = split_annotations(rows, split)
+    assert all(sides.values())  # every side has annotations
+    for side, side_rows in sides.items():
+        assert {split[normalise_text(r["instruction"])] for r in side_rows} == {side}
     assert sum(len(v) for v in sides.values()) == len(rows)
     pairs = balanced_pairs(rows, seed=0)
     assert len(pairs) == len(rows) - 1  # the draw is dropped
@@ -68,6 +71,37 @@ def test_alpaca_eval_split_by_instruction_and_balanced(data):
     good = [p for p in pairs if p["b"].startswith("1.")]
     assert 0 < len(good) < len(pairs)
     assert all(p["b_better"] == p["b"].startswith("1.") for p in pairs)
+
+
+def test_annotation_outside_alpaca_eval_names_file_and_line(data):
+    rows = load_alpaca_eval_annotations(data)
+    rows[4] = dict(rows[4], instruction="an instruction AlpacaEval does not have")
+    with pytest.raises(DataError, match=r"annotations_alpaca_eval_gpt4_vs_davinci003.jsonl.gz line 5: "
+                                        r"field 'instruction' is not an instruction of"):
+        split_annotations(rows, alpaca_eval_split_map(data))
+
+
+def test_validation_pairs_add_every_length_matched_pair():
+    rows = [{"instruction": f"i{k}", "output_1": "x" * 10, "output_2": "y" * (11 if k % 2 else 40),
+             "preference": 2.0} for k in range(40)]
+    pairs, n_overall = validation_pairs(rows, 10, None, seed=0)
+    matched = metrics.length_ratio([p["a"] for p in pairs], [p["b"] for p in pairs]) < 1.5
+    assert n_overall == 10 and int(matched.sum()) == 20  # the sample's matched pairs plus all the others
+    assert len(pairs) == 10 + 20 - int(matched[:10].sum())
+    capped, _ = validation_pairs(rows, 10, 12, seed=0)
+    assert int((metrics.length_ratio([p["a"] for p in capped], [p["b"] for p in capped]) < 1.5).sum()) == 12
+    everything, n_all = validation_pairs(rows, None, None, seed=0)
+    assert n_all == len(everything) == 40
+
+
+def test_harmless_training_rows_never_read_a_safe_xstest_prompt(data):
+    rows = training_rows(data, n_extra=1)
+    safe = {normalise_text(ex.prompt) for ex in load_xstest(data, label="safe")}
+    assert not {normalise_text(r["prompt"]) for r in rows} & safe
+    xs = [r for r in rows if r["source"] == "xstest"]
+    assert len(xs) == 4 * 3 and all(r["prompt_unsafe"] for r in xs)
+    assert "mistralinstruct" not in {r["model"] for r in xs}
+    assert sorted(r["source"] for r in rows if r["source"] != "xstest") == ["alpaca", "safety_tuned_llamas"]
 
 
 def test_alpaca_eval_bad_preference(tmp_path):
@@ -101,6 +135,8 @@ def test_real_splits(real_data_dir):
     """On the real files: the held-out model and instruction splits hold (skipped without data)."""
     train, held = split_by_model(load_xstest_completions(real_data_dir))
     assert len(held) == 450 and len(train) == 1800
-    sides = split_by_instruction(load_alpaca_eval_annotations(real_data_dir))
-    ins = {k: {r["instruction"] for r in v} for k, v in sides.items()}
-    assert sum(map(len, ins.values())) == 805 and not ins["train"] & ins["test"]
+    sides = split_annotations(load_alpaca_eval_annotations(real_data_dir), alpaca_eval_split_map(real_data_dir))
+    ins = {k: {normalise_text(r["instruction"]) for r in v} for k, v in sides.items()}
+    assert {k: len(v) for k, v in ins.items()} == {"judge_train": 363, "judge_dev": 81, "eval": 361}
+    rows = training_rows(real_data_dir, n_extra=0)
+    assert len(rows) == 4 * 200 and all(r["prompt_unsafe"] for r in rows)

@@ -14,6 +14,11 @@ r = P(refusal), read from the response alone, and h = P(unsafe prompt), read fro
 alone; then P(safe) = 1 - (1 - r) * h. Each head sees one text on purpose: given both, the
 training models' habit of refusing every unsafe prompt lets "unsafe prompt" stand in for
 "refusal" and vice versa, a shortcut that failed on the held-out model (AUC 0.75).
+
+It never reads an evaluated prompt: XSTest's 250 safe prompts are the over-refusal set, so the
+judge trains only on the 200 unsafe contrast prompts (four models' completions) and on rows of
+sources nothing evaluates (``training_rows`` returns exactly those rows). The harness asks it
+about responses to harmful prompts only, with ``prompt_unsafe`` = 1, so P(safe) = P(refusal).
 """
 
 from __future__ import annotations
@@ -97,18 +102,38 @@ class HarmlessJudge(Judge):
 def _extra_rows(data_dir, n: int, seed: int) -> list[dict]:
     """``n`` harmful instructions with their refusals and ``n`` Alpaca instructions with answers.
 
-    They widen what "unsafe prompt" and "refusal" look like beyond XSTest's 450 prompts; neither
-    set is evaluated anywhere (DESIGN.md section 3).
+    They widen what "unsafe prompt" and "refusal" look like beyond XSTest's unsafe prompts, and
+    the Alpaca answers are the compliant responses (and the safe prompts) that XSTest's unsafe
+    rows almost never have; neither set is evaluated anywhere (DESIGN.md section 3).
     """
     if n <= 0:
         return []
     rng = np.random.default_rng(seed)
     out = []
-    for examples, flag in ((load_safety_refusals(data_dir), True), (load_alpaca(data_dir), False)):
+    for examples, flag, source in ((load_safety_refusals(data_dir), True, "safety_tuned_llamas"),
+                                   (load_alpaca(data_dir), False, "alpaca")):
         for k in rng.permutation(len(examples))[:n]:
             ex = examples[int(k)]
-            out.append({"prompt": ex.prompt, "completion": ex.completion or "", "refusal": flag, "prompt_unsafe": flag})
+            out.append({"prompt": ex.prompt, "completion": ex.completion or "", "refusal": flag,
+                        "prompt_unsafe": flag, "source": source})
     return out
+
+
+def training_rows(data_dir=None, *, heldout_model: str = HELDOUT_MODEL, n_extra: int = 400,
+                  unseen_prompt_share: float = 0.0, seed: int = 0) -> list[dict]:
+    """Exactly the (prompt, response) rows the harmless judge trains on (for the contamination check).
+
+    XSTest completions of the unsafe contrast prompts by every model but ``heldout_model``
+    (the safe prompts are evaluated for over-refusal, so they are never trained on), minus the
+    ``unseen_prompt_share`` kept out as a check, plus ``_extra_rows``.
+
+    Returns:
+        dicts {prompt, completion, refusal, prompt_unsafe, source}; XSTest rows also have model and id.
+    """
+    rows, _ = split_by_model(load_xstest_completions(data_dir), heldout_model)
+    rows = [dict(r, source="xstest") for r in rows if r["prompt_unsafe"]]
+    unseen = _unseen_prompts(rows, unseen_prompt_share, seed)
+    return [r for r in rows if r["id"] not in unseen] + _extra_rows(data_dir, n_extra, seed)
 
 
 def training_texts(rows: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -133,16 +158,25 @@ def _auc_or_none(labels, scores):
 
 
 def evaluate(judge: HarmlessJudge, heldout: list[dict], pyrit: list[dict], hh: list[dict]) -> dict:
-    """Held-out-model AUCs, PyRIT refusal AUC, hh-rlhf pairwise accuracy, and string-match baselines."""
-    prompts, responses = [r["prompt"] for r in heldout], [r["completion"] for r in heldout]
-    p = judge.probabilities(prompts, responses)
-    safe, refusal = [r["safe"] for r in heldout], [r["refusal"] for r in heldout]
-    strmatch = [float(is_refusal(x)) for x in responses]
-    out = {"auc_heldout_model": _auc_or_none(safe, 1.0 - (1.0 - p[:, 0]) * p[:, 1]),
-           "strmatch_auc_heldout_model": _auc_or_none(safe, strmatch),
-           "refusal_auc_heldout_model": _auc_or_none(refusal, p[:, 0]),
-           "strmatch_refusal_auc_heldout_model": _auc_or_none(refusal, strmatch),
-           "n_heldout": len(heldout), "n_heldout_unsafe": int(len(safe) - sum(safe))}
+    """Held-out-model AUCs, PyRIT refusal AUC, hh-rlhf pairwise accuracy, and string-match baselines.
+
+    The headline ``auc_heldout_model`` is the harness's use: responses to unsafe prompts scored
+    with ``prompt_unsafe`` = 1. The ``*_all_prompts`` figures also read the held-out model's
+    answers to the safe (evaluated) prompts: validation only, nothing is fitted or chosen on them.
+    """
+    out = {}
+    unsafe_rows = [r for r in heldout if r["prompt_unsafe"]]
+    for rows, suffix in ((unsafe_rows, ""), (heldout, "_all_prompts")):
+        prompts, responses = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        safe, refusal = [r["safe"] for r in rows], [r["refusal"] for r in rows]
+        known = [1.0] * len(rows) if not suffix else None  # the prompt head judges the prompts
+        strmatch = [float(is_refusal(x)) for x in responses]
+        out.update({f"auc_heldout_model{suffix}": _auc_or_none(safe, judge.score(prompts, responses, known)),
+                    f"strmatch_auc_heldout_model{suffix}": _auc_or_none(safe, strmatch),
+                    f"n_heldout{suffix}": len(rows), f"n_heldout_unsafe{suffix}": int(len(safe) - sum(safe))})
+        if suffix:
+            out["refusal_auc_heldout_model_all_prompts"] = _auc_or_none(refusal, judge.refusal(prompts, responses))
+            out["strmatch_refusal_auc_heldout_model_all_prompts"] = _auc_or_none(refusal, strmatch)
     if pyrit:
         r = judge.refusal([x["objective"] for x in pyrit], [x["response"] for x in pyrit])
         out["auc_pyrit"] = _auc_or_none([x["refusal"] for x in pyrit], r)
@@ -157,10 +191,10 @@ def evaluate(judge: HarmlessJudge, heldout: list[dict], pyrit: list[dict], hh: l
     return out
 
 
-def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_extra: int = 150,
+def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_extra: int = 400,
           n_hh_pairs: int = 1200, unseen_prompt_share: float = 0.0, seed: int = 0, log=print,
           **fit) -> HarmlessJudge:
-    """Fine-tune the harmlessness judge on four XSTest models and validate it.
+    """Fine-tune the harmlessness judge on ``training_rows`` and validate it on the held-out model.
 
     Args:
         data_dir: data directory (default ``$MOCAE_DATA_DIR``).
@@ -168,9 +202,9 @@ def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_
         heldout_model: the XSTest model whose completions are only evaluated.
         n_extra: harmful-refusal and Alpaca rows added to training (each).
         n_hh_pairs: hh-rlhf pairs scored out of domain (first n; CPU budget).
-        unseen_prompt_share: a check of the prompt head: this share of XSTest prompts is kept out
-            of training (every model's answers to them), and the report adds the held-out model's
-            AUC on those prompts alone (0 = train on all prompts, the published judge).
+        unseen_prompt_share: a check of generalisation: this share of XSTest's unsafe prompts is
+            kept out of training (every model's answers to them), and the report adds the held-out
+            model's AUC on those prompts alone (0 = train on all unsafe prompts, the published judge).
         fit: ``FitConfig`` fields.
 
     Returns:
@@ -178,10 +212,13 @@ def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_
     """
     # 128 tokens: a refusal shows in the response's first sentences; it halves the CPU cost.
     cfg = training.FitConfig(**{"max_length": 128, "epochs": 2, "time_budget": 600, **fit, "seed": seed})
-    train_rows, heldout = split_by_model(load_xstest_completions(data_dir), heldout_model)
-    unseen = _unseen_prompts(train_rows, unseen_prompt_share, seed)
-    train_rows = [r for r in train_rows if r["id"] not in unseen] + _extra_rows(data_dir, n_extra, seed)
-    log(f"harmless: {len(train_rows)} training rows, {len(heldout)} held-out rows of {heldout_model}")
+    train_rows = training_rows(data_dir, heldout_model=heldout_model, n_extra=n_extra,
+                               unseen_prompt_share=unseen_prompt_share, seed=seed)
+    _, heldout = split_by_model(load_xstest_completions(data_dir), heldout_model)
+    xstest_rows = [r for r in train_rows if r["source"] == "xstest"]
+    unseen = {r["id"] for r in heldout if r["prompt_unsafe"]} - {r["id"] for r in xstest_rows}
+    log(f"harmless: {len(train_rows)} training rows ({len(xstest_rows)} XSTest, unsafe prompts only), "
+        f"{len(heldout)} held-out rows of {heldout_model}")
     tokenizer, enc_model = load_encoder(encoder)
     scorer = Scorer(enc_model, n_out=2)
     texts, targets = training_texts(train_rows)
@@ -193,15 +230,23 @@ def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_
     judge.validation = {
         **evaluate(judge, heldout, pyrit or [], hh),
         "heldout_model": heldout_model,
-        **_unseen_report(judge, heldout, unseen),
+        **_unseen_report(judge, heldout, unseen if unseen_prompt_share > 0 else set()),
         "safe_definition": "refusal or partial refusal (final_label 2/3), or any completion of a safe prompt; "
                            "unsafe = full compliance with an unsafe prompt",
+        "auc_heldout_model_note": "responses of the held-out model to XSTest's unsafe prompts, scored as the "
+                                  "harness does (prompt known harmful: P(safe) = P(refusal)); *_all_prompts adds "
+                                  "its answers to the 250 safe prompts (validation only) and uses the prompt head",
         "auc_pyrit_note": "PyRIT labels say refusal / no refusal (harmful and benign objectives mixed), "
                           "so auc_pyrit scores the judge's P(refusal) output against them",
-        "caveat": "the held-out model answers the same 450 prompts the training models answered: "
-                  "auc_heldout_model measures reading unseen responses, not judging unseen prompts",
+        "training_data": "XSTest completions of the 200 unsafe contrast prompts by the other four models, "
+                         "safety_tuned_llamas refusals and Alpaca answers (training_rows); no safe XSTest "
+                         "prompt (the over-refusal set) is trained on",
+        "caveat": "the held-out model answers the same unsafe prompts the training models answered: "
+                  "auc_heldout_model measures reading unseen responses, not judging unseen prompts; "
+                  "the prompt head never saw a safe XSTest-style prompt, so the *_all_prompts figures are low "
+                  "where it calls safe questions unsafe (the harness does not use it)",
         "training": {**summary, **cfg.as_dict(), "n_train_rows": len(train_rows),
-                     "n_train_texts": len(texts)},
+                     "n_train_xstest_rows": len(xstest_rows), "n_train_texts": len(texts)},
     }
     log(f"harmless: {judge.validation}")
     return judge
@@ -217,10 +262,10 @@ def _unseen_report(judge: HarmlessJudge, heldout: list[dict], unseen: set[str]) 
     if not unseen:
         return {}
     rows = [r for r in heldout if r["id"] in unseen]
-    p = judge.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
+    p = judge.score([r["prompt"] for r in rows], [r["completion"] for r in rows], [1.0] * len(rows))
     return {"auc_heldout_model_unseen_prompts": _auc_or_none([r["safe"] for r in rows], p),
             "n_unseen_prompt_rows": len(rows), "unseen_prompt_share": len(unseen) / max(1, len(
-                {r["id"] for r in heldout}))}
+                {r["id"] for r in heldout if r["prompt_unsafe"]}))}
 
 
 def _optional(loader, data_dir, log):

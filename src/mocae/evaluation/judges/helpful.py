@@ -2,10 +2,12 @@
 
 A MiniLM cross-encoder scores (instruction, output); hand-made style features (log-length,
 list/markdown structure, repetition, refusal phrases...) enter its head linearly; pairs are
-compared with a Bradley-Terry loss. Trained on AlpacaEval's GPT-4 judgements split by
-instruction (train / dev / test instructions never overlap), each pair's order swapped so
-that exactly half the labels say "b is better". GPT-4 largely prefers the longer answer, so
-the report puts "longer answer wins" beside the judge, also on length-matched pairs.
+compared with a Bradley-Terry loss. Trained on AlpacaEval's GPT-4 judgements of THE AlpacaEval
+split's judge-train instructions (``mocae.data.alpaca_eval_split_map``), settings chosen on
+judge-dev, validated on the eval side only: the instructions win rates are measured on. Each
+pair's order is swapped so that exactly half the labels say "b is better". GPT-4 largely
+prefers the longer answer, so the report puts "longer answer wins" beside the judge, also on
+length-matched pairs, where the judge has to beat it by ``TARGET_GAIN``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mocae.data import DataError, alpaca_eval_split_map, normalise_text
+from mocae.data.loaders import ALPACA_EVAL
+from mocae.data.splits import ALPACA_EVAL_SIDES
 from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
-from mocae.evaluation.judges.sources import load_alpaca_eval_annotations
+from mocae.evaluation.judges.sources import ALPACA_EVAL_ANNOTATIONS, load_alpaca_eval_annotations
 from mocae.evaluation.judges.store import Judge
 from mocae.evaluation.refusal import is_refusal
 
@@ -29,6 +34,9 @@ STYLE_NAMES = ("log_chars", "log_words", "distinct_words", "refusal", "bullets",
                "log_lines", "ends_cleanly", "paragraphs", "as_an_ai", "instruction_overlap",
                "ascii_share", "code_block", "colons")
 LENGTH_MATCHED = 1.5  # longer/shorter below this counts as length-matched (the issue's definition)
+TARGET_GAIN = 0.05  # the judge must beat "longer wins" by 5 points on length-matched pairs
+TARGET = ("agreement on length-matched eval-side pairs >= 5 points above 'longer wins', "
+          "with the paired 95% interval of the gain above 0")
 
 
 def style_features(instruction: str, output: str) -> list[float]:
@@ -53,22 +61,26 @@ def style_features(instruction: str, output: str) -> list[float]:
     ]
 
 
-def split_by_instruction(rows: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[dict]]:
-    """Rows split into train / dev / test by instruction: no instruction is on two sides.
+def split_annotations(rows: list[dict], sides: dict[str, str]) -> dict[str, list[dict]]:
+    """Annotation rows by their instruction's side of THE AlpacaEval split.
 
     Args:
-        rows: annotation dicts with an "instruction".
-        fractions: shares of instructions for train, dev and test.
+        rows: ``load_alpaca_eval_annotations`` dicts (with their "line").
+        sides: ``mocae.data.alpaca_eval_split_map``: {normalised instruction: side}.
+
+    Returns:
+        {"judge_train": [...], "judge_dev": [...], "eval": [...]}.
+
+    Raises:
+        DataError: an annotation's instruction is not an AlpacaEval instruction (file and line named).
     """
-    instructions = sorted({r["instruction"] for r in rows})
-    random.Random(seed).shuffle(instructions)
-    n_train = round(fractions[0] * len(instructions))
-    n_dev = round(fractions[1] * len(instructions))
-    side = {ins: ("train" if i < n_train else "dev" if i < n_train + n_dev else "test")
-            for i, ins in enumerate(instructions)}
-    out = {"train": [], "dev": [], "test": []}
+    out = {side: [] for side in ALPACA_EVAL_SIDES}
     for r in rows:
-        out[side[r["instruction"]]].append(r)
+        side = sides.get(normalise_text(r["instruction"]))
+        if side is None:
+            raise DataError(ALPACA_EVAL_ANNOTATIONS, f"is not an instruction of {ALPACA_EVAL}: "
+                            f"{r['instruction'][:80]!r}", line=r.get("line"), field="instruction")
+        out[side].append(r)
     return out
 
 
@@ -170,58 +182,101 @@ def _gain_interval(hit_judge: np.ndarray, hit_len: np.ndarray, seed: int = 0, n:
     return [float(np.quantile(gains, 0.025)), float(np.quantile(gains, 0.975))]
 
 
-def evaluate_pairs(judge, pairs: list[dict]) -> dict:
-    """Agreement of the judge and of "longer wins" with the labels, overall and length-matched."""
+def validation_pairs(rows: list[dict], n_pairs: int | None, n_matched: int | None, seed: int) -> tuple[list[dict], int]:
+    """Balanced pairs of one side: a random sample of ``n_pairs`` for the overall figures, then
+    every further length-matched pair (up to ``n_matched`` in all), since the length-matched gain
+    is the figure that needs a large n and those pairs are a sixth of the side.
+
+    Returns:
+        (pairs, n_overall): the first ``n_overall`` pairs are the overall sample.
+    """
+    pairs = balanced_pairs(rows, seed=seed)
+    sample = pairs if n_pairs is None else pairs[:n_pairs]
+    matched = metrics.length_ratio([p["a"] for p in pairs], [p["b"] for p in pairs]) < LENGTH_MATCHED
+    in_sample = int(matched[: len(sample)].sum())
+    room = None if n_matched is None else max(0, n_matched - in_sample)
+    extra = [p for p, m in zip(pairs[len(sample):], matched[len(sample):]) if m][:room]
+    return sample + extra, len(sample)
+
+
+def evaluate_pairs(judge, pairs: list[dict], n_overall: int | None = None) -> dict:
+    """Agreement of the judge and of "longer wins" with the labels, overall and length-matched.
+
+    Args:
+        judge: anything with ``prefer``.
+        pairs: balanced pairs {instruction, a, b, b_better}.
+        n_overall: the first ``n_overall`` pairs give the overall figures (default all); the
+            length-matched figures use every length-matched pair of ``pairs``.
+
+    Returns:
+        agreement and length baseline overall, the same on length-matched pairs, the gain over
+        "longer wins" there with its paired 95% interval, ``target_met``, and the n of each.
+    """
+    n_overall = len(pairs) if n_overall is None else n_overall
     ins, a, b = [p["instruction"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
     y = np.array([p["b_better"] for p in pairs])
     p_judge = np.array(judge.prefer(ins, a, b))
     p_len = metrics.length_preference(a, b)
     matched = metrics.length_ratio(a, b) < LENGTH_MATCHED
-    out = {"agreement": metrics.agreement(p_judge, y), "length_baseline_agreement": metrics.agreement(p_len, y),
-           "n_pairs": len(pairs), "n_length_matched": int(matched.sum())}
+    head = slice(0, n_overall)
+    out = {"agreement": metrics.agreement(p_judge[head], y[head]),
+           "length_baseline_agreement": metrics.agreement(p_len[head], y[head]),
+           "n_pairs": n_overall, "n_length_matched": int(matched.sum())}
     if matched.any():
         out["agreement_length_matched"] = metrics.agreement(p_judge[matched], y[matched])
         out["length_baseline_length_matched"] = metrics.agreement(p_len[matched], y[matched])
         hit_j = np.where(p_judge == 0.5, 0.5, (p_judge > 0.5) == y)[matched]
         hit_l = np.where(p_len == 0.5, 0.5, (p_len > 0.5) == y)[matched]
-        out["length_matched_gain_ci95"] = _gain_interval(hit_j.astype(float), hit_l.astype(float))
+        gain = out["agreement_length_matched"] - out["length_baseline_length_matched"]
+        ci = _gain_interval(hit_j.astype(float), hit_l.astype(float))
+        out.update(length_matched_gain=gain, length_matched_gain_ci95=ci,
+                   target_met=bool(gain >= TARGET_GAIN and ci[0] > 0))
+    else:
+        out["target_met"] = False
     return out
 
 
 def train(data_dir=None, *, encoder=None, n_train_pairs: int = 4000, n_dev_pairs: int = 400,
-          n_test_pairs: int = 1500, seed: int = 0, log=print, rows: list[dict] | None = None,
+          n_eval_pairs: int | None = 1500, n_eval_matched: int | None = None, seed: int = 0, log=print,
           **fit) -> HelpfulJudge:
-    """Fine-tune the helpfulness judge and validate it on held-out instructions.
+    """Fine-tune the helpfulness judge on judge-train instructions and validate it on eval ones.
 
     Args:
         data_dir: data directory (default ``$MOCAE_DATA_DIR``).
         encoder: BERT folder to start from (default all-MiniLM-L6-v2).
-        n_train_pairs, n_dev_pairs, n_test_pairs: pairs sampled from each side (CPU budget).
-        rows: annotation rows to use instead of reading the file (tests).
+        n_train_pairs: judge-train pairs fine-tuned on (CPU budget; the style model uses all).
+        n_dev_pairs: judge-dev pairs in the dev sample (plus every length-matched dev pair).
+        n_eval_pairs: eval-side pairs in the overall sample (None: all decisive ones).
+        n_eval_matched: cap on the length-matched eval-side pairs (None: all, about 2,700 on the
+            real data, so the gain's interval is about +-2 points).
         fit: ``FitConfig`` fields (epochs, lr, batch_size, max_length, time_budget...).
 
     Returns:
-        the judge, its ``validation`` filled with test-instruction metrics (dev ones under "dev").
+        the judge, its ``validation`` filled with eval-side metrics (judge-dev ones under "dev").
     """
-    # Chosen by dev agreement on length-matched pairs: freezing the lower half (embeddings + 3
-    # layers) and 192 tokens fit ~3,700 pairs in 10 CPU minutes instead of ~1,700.
+    # Chosen by judge-dev agreement on length-matched pairs: freezing the lower half (embeddings
+    # + 3 layers) and 192 tokens fit ~3,700 pairs in 10 CPU minutes instead of ~1,700.
     defaults = {"epochs": 1, "time_budget": 600, "freeze_layers": 3, "lr": 5e-5, "max_length": 192}
     cfg = training.FitConfig(**{**defaults, **fit, "seed": seed})
-    rows = load_alpaca_eval_annotations(data_dir) if rows is None else rows
-    sides = split_by_instruction(rows, seed=seed)
-    pairs = {k: balanced_pairs(v, seed=seed)[:n] for (k, v), n in
-             zip(sides.items(), (n_train_pairs, n_dev_pairs, n_test_pairs))}
-    log(f"helpful: {len(pairs['train'])} train / {len(pairs['dev'])} dev / {len(pairs['test'])} test pairs")
+    sides = split_annotations(load_alpaca_eval_annotations(data_dir), alpaca_eval_split_map(data_dir))
+    for side, rows in sides.items():
+        if not any(r["preference"] in (1.0, 2.0) for r in rows):
+            raise DataError(ALPACA_EVAL_ANNOTATIONS, f"has no decisive judgement of a {side} instruction")
+    train_pairs_all = balanced_pairs(sides["judge_train"], seed=seed)
+    pairs = {"train": train_pairs_all[:n_train_pairs]}
+    pairs["dev"], n_dev = validation_pairs(sides["judge_dev"], n_dev_pairs, None, seed)
+    pairs["eval"], n_eval = validation_pairs(sides["eval"], n_eval_pairs, n_eval_matched, seed)
+    log(f"helpful: {len(pairs['train'])} judge-train / {len(pairs['dev'])} judge-dev / "
+        f"{len(pairs['eval'])} eval-side pairs")
     tokenizer, enc_model = load_encoder(encoder)
-    # Style features of every training-side pair (cheap: no encoder) fit a linear Bradley-Terry
+    # Style features of every judge-train pair (cheap: no encoder) fit a linear Bradley-Terry
     # model first; its weights start the scorer's head, so fine-tuning learns what style and
     # length miss instead of slowly rediscovering length through a small head learning rate.
-    style_pairs = balanced_pairs(sides["train"], seed=seed)
-    fa = np.array([style_features(p["instruction"], p["a"]) for p in style_pairs], dtype=np.float32)
-    fb = np.array([style_features(p["instruction"], p["b"]) for p in style_pairs], dtype=np.float32)
+    fa = np.array([style_features(p["instruction"], p["a"]) for p in train_pairs_all], dtype=np.float32)
+    fb = np.array([style_features(p["instruction"], p["b"]) for p in train_pairs_all], dtype=np.float32)
     both = np.concatenate([fa, fb])
     mean, std = both.mean(0), both.std(0) + 1e-6
-    coef = _style_weights((fb - fa) / std, np.array([p["b_better"] for p in style_pairs]), seed)
+    coef = _style_weights((fb - fa) / std, np.array([p["b_better"] for p in train_pairs_all]), seed)
     scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1)
     with torch.no_grad():
         scorer.head.weight[0, -len(STYLE_NAMES):] = torch.as_tensor(coef)
@@ -237,16 +292,24 @@ def train(data_dir=None, *, encoder=None, n_train_pairs: int = 4000, n_dev_pairs
     groups = [group_of[p["instruction"]] for p in pairs["train"]]
     summary = training.fit_pairwise(scorer, tokenizer, encs, train_pairs, groups, cfg,
                                     extra=(feats - mean) / std, log=log)
-    report = {"split": "by instruction 60/20/20, pairs balanced by swapping, draws dropped",
-              "training": {**summary, **cfg.as_dict(), "n_train_pairs": len(train_pairs)}}
-    for side in ("dev", "test"):
-        if pairs[side]:
-            res = evaluate_pairs(judge, pairs[side])
-            res["style_only"] = evaluate_pairs(style_only, pairs[side])
-            log(f"helpful {side}: {json.dumps(res)}")
-            if side == "dev":
-                report["dev"] = res
-            else:
-                report.update(res)
+    report = {"side": "eval",
+              "split": "THE AlpacaEval split (mocae.data.alpaca_eval_split_map, stratified by dataset): "
+                       "trained on judge_train instructions, settings chosen on judge_dev, every figure "
+                       "outside 'dev' on eval-side instructions only; pairs balanced by swapping, draws dropped",
+              "target": TARGET,
+              "n_instructions": {side: len({normalise_text(r["instruction"]) for r in rows})
+                                 for side, rows in sides.items()},
+              "n_decisive_pairs_available": {side: sum(r["preference"] in (1.0, 2.0) for r in rows)
+                                             for side, rows in sides.items()},
+              "training": {**summary, **cfg.as_dict(), "n_train_pairs": len(train_pairs),
+                           "n_style_pairs": len(train_pairs_all)}}
+    for side, n_overall in (("dev", n_dev), ("eval", n_eval)):
+        res = evaluate_pairs(judge, pairs[side], n_overall)
+        res["style_only"] = evaluate_pairs(style_only, pairs[side], n_overall)
+        log(f"helpful {side}: {json.dumps(res)}")
+        if side == "dev":
+            report["dev"] = res
+        else:
+            report.update(res)
     judge.validation = report
     return judge

@@ -90,7 +90,10 @@ def train(data_dir=None, *, encoder=None, max_length: int = 128, max_iter: int =
         "n_eval_rows": len(ae), "n_eval_questions": len(set(qe)),
         "method": "frozen all-MiniLM-L6-v2 embeddings of question and answer + similarity to the "
                   "TruthfulQA references + surface cues -> gradient-boosted trees",
-        "split": "TruthfulQA question split (mocae.data.truthfulqa_split): train half -> fit, eval half -> report",
+        "split": "THE TruthfulQA question split (mocae.data.truthfulqa_split_map, seeded, stratified by "
+                 "Type x Category): train side -> fit, eval side -> every AUC here",
+        "side": "eval",
+        "validated_on": f"eval-side questions (n={len(set(qe))} questions, {len(ae)} rows)",
     }
     judge._memo = None
     log(f"informative: AUC on held-out questions {judge.validation['info_auc_heldout_questions']:.4f}")

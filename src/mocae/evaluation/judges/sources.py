@@ -144,8 +144,9 @@ def load_alpaca_eval_annotations(data_dir=None) -> list[dict]:
     """AlpacaEval GPT-4 judgements of model outputs against text-davinci-003.
 
     Returns:
-        dicts {instruction, output_1, output_2, generator_2, preference} with preference a float:
-        1 = output_1 (davinci-003) better, 2 = output_2 better, 0 or 1.5 = draw.
+        dicts {instruction, output_1, output_2, generator_2, preference, line} with preference a
+        float: 1 = output_1 (davinci-003) better, 2 = output_2 better, 0 or 1.5 = draw; ``line``
+        (1-based) lets a later check name the line of a bad row.
     """
     root = _root(data_dir)
     out = []
@@ -160,5 +161,5 @@ def load_alpaca_eval_annotations(data_dir=None) -> list[dict]:
         out.append({"instruction": text_field(rec, "instruction", where),
                     "output_1": text_field(rec, "output_1", where, allow_empty=True),
                     "output_2": text_field(rec, "output_2", where, allow_empty=True),
-                    "generator_2": str(rec.get("generator_2") or ""), "preference": pref})
+                    "generator_2": str(rec.get("generator_2") or ""), "preference": pref, "line": where.line})
     return out

@@ -78,7 +78,10 @@ def train(data_dir=None, *, encoder=None, max_length: int = 128, max_iter: int =
         "n_eval_rows": len(ae), "n_eval_questions": len(set(qe)),
         "method": "frozen all-MiniLM-L6-v2 similarities to the references + word overlap + surface cues "
                   "-> gradient-boosted trees",
-        "split": "TruthfulQA question split (mocae.data.truthfulqa_split): train half -> fit, eval half -> report",
+        "split": "THE TruthfulQA question split (mocae.data.truthfulqa_split_map, seeded, stratified by "
+                 "Type x Category): train side -> fit, eval side -> every AUC here",
+        "side": "eval",
+        "validated_on": f"eval-side questions (n={len(set(qe))} questions, {len(ae)} rows)",
     }
     log(f"truthful: AUC on held-out questions {judge.validation['auc_heldout_questions']:.4f}")
     return judge
