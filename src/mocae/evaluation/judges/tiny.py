@@ -30,7 +30,11 @@ def build_tiny_encoder(folder: Path, texts: list[str] = (), hidden: int = 32, la
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     vocab = list(dict.fromkeys(SPECIAL + chars + words))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # The vocabulary goes in as a dict: transformers 5 ignores ``vocab_file=`` and would leave a
+    # 5-token vocabulary that reads every word as [UNK] (no judge could learn from text then).
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    if tokenizer.tokenize("a") != ["a"]:
+        raise RuntimeError("the tiny tokenizer did not take its vocabulary")
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
