@@ -4,11 +4,14 @@ Usage:
     OMP_NUM_THREADS=1 python benchmarks/train_judges.py                 # train all four, then report
     OMP_NUM_THREADS=1 python benchmarks/train_judges.py --kind helpful  # train one, report all present
     python benchmarks/train_judges.py --report-only                     # rebuild the report from the cache
+    # a smoke run on fixture files (mocae.evaluation.judges.tiny), nothing written to the real results:
+    python benchmarks/train_judges.py --data-dir FIXTURES --encoder TINY_BERT --results-dir /tmp/r
 
-Writes benchmarks/results/judges.json in issue 5's schema ({"helpful": {...}, "harmless": {...},
-"honest": {...}}, plus command, date, machine and each judge's full report under "details")
-and benchmarks/results/judges.md. Judges come from $MOCAE_CACHE/judges/<kind>/; a kind never
-trained is reported as missing, not guessed.
+Writes <results-dir>/judges.json in issue 5's schema ({"helpful": {...}, "harmless": {...},
+"honest": {...}}; issue 12 adds the helpful judge's eval-side length-matched gain, its interval
+and ``target_met``, and ``n`` per judge), plus command, date, machine and each judge's full
+report under "details", and <results-dir>/judges.md. Judges come from $MOCAE_CACHE/judges/<kind>/;
+a kind never trained is reported as missing, not guessed.
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ from mocae.evaluation.judges import KINDS, judge_dir, train_judge  # noqa: E402
 from mocae.paths import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-SCHEMA = {
-    "helpful": ("agreement", "length_baseline_agreement", "agreement_length_matched",
-                "length_baseline_length_matched", "n_pairs", "n_length_matched"),
-    "harmless": ("auc_heldout_model", "auc_pyrit", "hh_pairwise_accuracy", "strmatch_auc_heldout_model"),
-    "honest": ("auc_heldout_questions", "info_auc_heldout_questions"),
+SCHEMA = {  # (judge kind, key in its validation report)
+    "helpful": [("helpful", k) for k in (
+        "side", "agreement", "length_baseline_agreement", "agreement_length_matched",
+        "length_baseline_length_matched", "length_matched_gain", "length_matched_gain_ci95", "target_met",
+        "n_pairs", "n_length_matched")],
+    "harmless": [("harmless", k) for k in (
+        "auc_heldout_model", "strmatch_auc_heldout_model", "n_heldout", "auc_heldout_model_all_prompts",
+        "refusal_auc_heldout_model_all_prompts", "n_heldout_all_prompts", "auc_pyrit", "hh_pairwise_accuracy")],
+    "honest": [("truthful", "auc_heldout_questions"), ("informative", "info_auc_heldout_questions")],
 }
-SOURCE = {"helpful": ("helpful",), "harmless": ("harmless",), "honest": ("truthful", "informative")}
+# Each judge's validation n: how many held-out items its figures rest on.
+N_KEYS = {"helpful": ("n_pairs", "n_length_matched"), "harmless": ("n_heldout", "n_heldout_all_prompts", "n_pyrit",
+                                                                 "n_hh_pairs"),
+          "truthful": ("n_eval_questions", "n_eval_rows"), "informative": ("n_eval_questions", "n_eval_rows")}
 TARGETS = {
-    "helpful": "agreement >= length baseline overall, and >= 5 points above it on length-matched pairs",
+    "helpful": "agreement on length-matched eval-side pairs >= 5 points above 'longer wins', with the paired "
+               "95% interval of the gain above 0 (target_met)",
     "harmless": "auc_heldout_model >= 0.95",
     "honest": "auc_heldout_questions >= 0.85",
 }
@@ -48,6 +59,12 @@ TARGETS = {
 # reader knows what the figures are and what did not work.
 NOTES = """\
 ## What was tried (measured, in order)
+
+All figures in this section were measured BEFORE issue 12, on the old splits (TruthfulQA's first
+half; AlpacaEval instructions split 60/20/20 by the judge itself; harmless trained on all 450 XSTest
+prompts). The tables above come from the current judges: TruthfulQA stratified by Type x Category,
+helpful trained on THE AlpacaEval split's judge_train side and validated on its eval side, harmless
+trained on XSTest's unsafe prompts only (its safe prompts are the over-refusal set).
 
 **honest / truthful** (finetune_truth, 11,341 train-half rows / 11,093 eval-half rows, 408 / 409 questions).
 Frozen reference similarity (max cosine to a correct minus max cosine to an incorrect reference):
@@ -117,19 +134,16 @@ def _machine() -> dict:
 def build_results(command: str, timings: dict) -> dict:
     """The issue's schema filled from the saved judges' reports (None where a judge is missing)."""
     reports = {k: _report(k) for k in KINDS}
-    out = {}
-    for axis, keys in SCHEMA.items():
-        merged = {}
-        for kind in SOURCE[axis]:
-            merged.update(reports[kind] or {})
-        out[axis] = {k: merged.get(k) for k in keys}
+    out = {axis: {key: (reports[kind] or {}).get(key) for kind, key in keys} for axis, keys in SCHEMA.items()}
+    out["n"] = {kind: {key: (reports[kind] or {}).get(key) for key in keys} for kind, keys in N_KEYS.items()}
     out["command"] = command
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out["machine"] = _machine()
     out["train_seconds"] = timings
     out["details"] = reports
-    out["notes"] = ("honest and harmless were trained by this script; helpful by helpful.train() with the "
-                    "configuration now its default (the same as `mocae judges train --kind helpful`)")
+    out["notes"] = ("every judge trained by this script with its defaults (the same as `mocae judges train "
+                    "--kind K`); helpful figures are eval-side AlpacaEval instructions only, honest ones eval-side "
+                    "TruthfulQA questions only")
     return out
 
 
@@ -148,6 +162,9 @@ def render_markdown(res: dict) -> str:
         lines += [f"## {axis}", "", f"Target: {TARGETS[axis]}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in res[axis].items()]
         lines.append("")
+    lines += ["## n per judge (held-out items behind each figure)", "", "| judge | n |", "|---|---|"]
+    lines += [f"| {kind} | {', '.join(f'{k} {_fmt(v)}' for k, v in ns.items())} |" for kind, ns in res["n"].items()]
+    lines.append("")
     lines += [NOTES, "## Full reports (what each number is, n, method, training run)", ""]
     for kind, rep in res["details"].items():
         lines += [f"### {kind}", "", "```json", json.dumps(rep, indent=2) if rep else "not trained", "```", ""]
@@ -158,23 +175,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", action="append", choices=list(KINDS), help="train this judge (repeatable)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the cache")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="data directory (default $MOCAE_DATA_DIR)")
+    parser.add_argument("--encoder", default=None, help="BERT folder the judges start from (default "
+                                                        "all-MiniLM-L6-v2; a tiny one for smoke runs)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help=f"where judges.json and judges.md go (default {RESULTS})")
     args = parser.parse_args(argv)
     timings = {}
+    limits = {"encoder": args.encoder} if args.encoder else {}
     if not args.report_only:
         for kind in args.kind or KINDS:
             start = time.monotonic()
             print(f"== training the {kind} judge", flush=True)
-            folder = train_judge(kind, data_dir=args.data_dir)
+            folder = train_judge(kind, data_dir=args.data_dir, **limits)
             timings[kind] = round(time.monotonic() - start, 1)
             print(f"== {kind}: saved to {folder} in {timings[kind]}s", flush=True)
-    previous = RESULTS / "judges.json"
+    previous = args.results_dir / "judges.json"
     if previous.is_file():  # keep the training times of judges not retrained now
         timings = {**json.loads(previous.read_text()).get("train_seconds", {}), **timings}
     res = build_results("python benchmarks/train_judges.py " + " ".join(sys.argv[1:] if argv is None else argv),
                         timings)
-    atomic_write_json(RESULTS / "judges.json", res)
-    atomic_write_text(RESULTS / "judges.md", render_markdown(res))
+    atomic_write_json(args.results_dir / "judges.json", res)
+    atomic_write_text(args.results_dir / "judges.md", render_markdown(res))
     print(json.dumps({k: res[k] for k in SCHEMA}, indent=2))
     return 0
 
