@@ -81,6 +81,10 @@ def test_helpful_trains_saves_and_loads(setup, tmp_path):
     assert v["side"] == "eval" and v["n_instructions"] == {"judge_train": 10, "judge_dev": 2, "eval": 8}
     assert v["n_pairs"] == 20 and v["n_length_matched"] == v["n_decisive_pairs_available"]["eval"] == 24
     assert v["dev"]["n_pairs"] == 6 and v["training"]["n_train_pairs"] == 30
+    # Early stopping on judge-dev: checked before training and at 3 steps, one of them kept.
+    checks = v["training"]["checks"]
+    assert checks[0]["step"] == 0 and len(checks) == 4
+    assert v["training"]["selected_step"] in {c["step"] for c in checks}
     lo, hi = v["length_matched_gain_ci95"]
     assert lo <= v["length_matched_gain"] <= hi
     assert v["target_met"] == (v["length_matched_gain"] >= 0.05 and lo > 0)

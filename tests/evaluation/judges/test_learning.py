@@ -7,7 +7,6 @@ XSTest model's answers to unsafe prompts, eval-side AlpacaEval instructions.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mocae.data import alpaca_eval_split_map
@@ -68,4 +67,3 @@ def test_helpful_judge_learns(fixtures):
         aucs[which] = metrics.auc([x["b_better"] for x in pairs], p)
         assert judge.validation["agreement"] == pytest.approx(metrics.agreement(p, [x["b_better"] for x in pairs]))
     _check(aucs["learnable"], aucs["shuffled"])
-    assert np.isfinite(list(aucs.values())).all()

@@ -184,7 +184,8 @@ def evaluate(judge: HarmlessJudge, heldout: list[dict], pyrit: list[dict], hh: l
                                                  [float(is_refusal(x["response"])) for x in pyrit])
         out["n_pyrit"] = len(pyrit)
     if hh:
-        sc = np.array(judge.score([x["prompt"] for x in hh] * 2, [x["chosen"] for x in hh] + [x["rejected"] for x in hh]))
+        sc = np.array(judge.score([x["prompt"] for x in hh] * 2,
+                                  [x["chosen"] for x in hh] + [x["rejected"] for x in hh]))
         chosen, rejected = sc[: len(hh)], sc[len(hh):]
         out["hh_pairwise_accuracy"] = float(np.mean(np.where(chosen == rejected, 0.5, chosen > rejected)))
         out["n_hh_pairs"] = len(hh)

@@ -36,6 +36,10 @@ class FitConfig:
         seed: shuffling and head initialisation.
         freeze_layers: keep the embeddings and the first k transformer layers fixed (cheaper
             backward pass, so more training pairs fit in the time budget).
+        select_checks: early stopping on held-out data (0 = off): with a ``select`` score given
+            to the fit, the scorer is scored before training and at this many evenly spaced
+            steps (the last one included), and the best-scoring state is kept. Scoring time does
+            not count against ``time_budget``.
     """
 
     epochs: int = 2
@@ -47,6 +51,7 @@ class FitConfig:
     seed: int = 0
     weight_decay: float = 0.01
     freeze_layers: int = 0
+    select_checks: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,15 +108,18 @@ def freeze(scorer: Scorer, k: int) -> None:
             p.requires_grad_(False)
 
 
-def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dict:
+def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log, select=None) -> dict:
     """The optimisation loop: AdamW, linear warm-up (10%) then decay, stop at the time budget.
 
     Args:
         batches_per_epoch: callable(epoch) -> list of batches (whatever loss_fn takes).
         loss_fn: callable(batch) -> scalar loss tensor.
+        select: callable() -> held-out score of the scorer as it stands (higher is better), for
+            early stopping at ``cfg.select_checks`` steps; None: keep the last state.
 
     Returns:
-        {"steps", "seconds", "stopped_early", "last_loss"} for the judge's report.
+        {"steps", "seconds", "stopped_early", "last_loss"} for the judge's report, plus
+        {"selected_step", "checks"} with ``select``.
     """
     torch.manual_seed(cfg.seed)
     plan = [batches_per_epoch(e) for e in range(cfg.epochs)]
@@ -124,19 +132,40 @@ def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dic
                             weight_decay=cfg.weight_decay)
     warm = max(1, total // 10)
     start = time.monotonic()
+    paused = 0.0  # seconds spent in ``select``: not training time
+    n_checks = cfg.select_checks if select is not None else 0
+    check_at = {math.ceil(total * k / n_checks) for k in range(1, n_checks + 1)} if n_checks else set()
+    checks, best = [], None  # best: (score, step, state)
+
+    def elapsed() -> float:
+        return time.monotonic() - start - paused
+
+    def check(at: int) -> None:
+        nonlocal best, paused
+        t = time.monotonic()
+        scorer.eval()
+        score = float(select())
+        scorer.train()
+        checks.append({"step": at, "score": round(score, 4)})
+        log(f"  check at step {at}: held-out score {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, at, {k: v.detach().clone() for k, v in scorer.state_dict().items()})
+        paused += time.monotonic() - t
 
     def factor(s: int) -> float:
         # Warm up, then decay linearly to 0 by the last step or by the time budget, whichever
         # comes first: a run cut by the budget still ends at a small learning rate.
-        done = max((s - warm) / max(1, total - warm), (time.monotonic() - start) / cfg.time_budget)
+        done = max((s - warm) / max(1, total - warm), elapsed() / cfg.time_budget)
         return min((s + 1) / warm, max(0.0, 1.0 - done))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     scorer.train()
     step, ema, stopped = 0, None, False
+    if n_checks:
+        check(0)  # the starting point competes too: training must beat it on held-out data
     for epoch, batches in enumerate(plan):
         for batch in batches:
-            if time.monotonic() - start > cfg.time_budget:
+            if elapsed() > cfg.time_budget:
                 stopped = True
                 break
             loss = loss_fn(batch)
@@ -148,14 +177,22 @@ def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log) -> dic
             step += 1
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             if step % 25 == 0 or step == total:
-                log(f"  epoch {epoch + 1} step {step}/{total} loss {ema:.4f} "
-                    f"({time.monotonic() - start:.0f}s)")
+                log(f"  epoch {epoch + 1} step {step}/{total} loss {ema:.4f} ({elapsed():.0f}s)")
+            if step in check_at:
+                check(step)
         if stopped:
             log(f"  time budget {cfg.time_budget:.0f}s reached after {step}/{total} steps")
             break
+    out = {"steps": step, "planned_steps": total, "seconds": round(elapsed(), 1),
+           "stopped_early": stopped, "last_loss": None if ema is None else round(ema, 4)}
+    if n_checks:
+        if checks[-1]["step"] != step:  # cut by the time budget before the last planned check
+            check(step)
+        scorer.load_state_dict(best[2])
+        out.update(selected_step=best[1], checks=checks, select_seconds=round(paused, 1))
+        log(f"  kept the state of step {best[1]} (held-out score {best[0]:.4f})")
     scorer.eval()
-    return {"steps": step, "planned_steps": total, "seconds": round(time.monotonic() - start, 1),
-            "stopped_early": stopped, "last_loss": None if ema is None else round(ema, 4)}
+    return out
 
 
 def fit_pointwise(scorer: Scorer, tokenizer, encs: list[dict], targets: np.ndarray, cfg: FitConfig,
@@ -185,7 +222,8 @@ def fit_pointwise(scorer: Scorer, tokenizer, encs: list[dict], targets: np.ndarr
 
 
 def fit_pairwise(scorer: Scorer, tokenizer, encs: list[dict], pairs: list[tuple[int, int, float]],
-                 groups: list[int], cfg: FitConfig, extra: np.ndarray | None = None, log=print) -> dict:
+                 groups: list[int], cfg: FitConfig, extra: np.ndarray | None = None, log=print,
+                 select=None) -> dict:
     """Bradley-Terry loss: P(b beats a) = sigmoid(s_b - s_a) against the label.
 
     Pairs that share a sequence (e.g. the same reference output) share its forward pass: a
@@ -195,6 +233,7 @@ def fit_pairwise(scorer: Scorer, tokenizer, encs: list[dict], pairs: list[tuple[
         encs: the distinct tokenized sequences.
         pairs: (index of a, index of b, 1.0 if b is better else 0.0).
         groups: a group id per pair (pairs of one group go in one batch).
+        select: held-out score for early stopping (``_run``).
 
     Returns:
         the training summary of ``_run``.
@@ -228,7 +267,7 @@ def fit_pairwise(scorer: Scorer, tokenizer, encs: list[dict], pairs: list[tuple[
         y = torch.tensor([float(pairs[k][2]) for k in batch])
         return nn.functional.binary_cross_entropy_with_logits(s[b] - s[a], y)
 
-    return _run(scorer, plan, loss_fn, cfg, log)
+    return _run(scorer, plan, loss_fn, cfg, log, select)
 
 
 @torch.no_grad()
