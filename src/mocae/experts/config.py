@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Preference pairs each axis can train on with trainer "dpo" (``mocae.experts.preference``). The
+# first listed are the defaults. On-policy helpful pairs (the base model's samples ranked by a
+# scorer that is not the evaluation judge) are the planned extension: add "on_policy" here and a
+# builder in preference.py.
+PREFERENCE_SOURCES: dict[str, tuple[str, ...]] = {
+    "helpful": ("alpaca_eval_gpt4",),
+    "harmless": ("refusal_over_compliance", "answer_over_refusal"),
+    "honest": ("truthfulqa",),
+}
+# Fields that only matter when trainer == "dpo". They are left out of an SFT config's dump, so an
+# SFT expert's config hash (its cache key) is what it was before DPO existed.
+DPO_FIELDS = ("trainer", "beta", "rpo_alpha", "preference_sources", "max_pairs", "pairs_per_question",
+              "base_answer_tokens")
 
 
 class ExpertConfig(BaseModel):
@@ -66,11 +80,72 @@ class ExpertConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="trade ~25% speed for activation memory")
     save_steps: int = Field(20, gt=0, description="checkpoint every N optimiser steps (resume point)")
 
+    # preference training (trainer "dpo"; DESIGN.md section 4). learning_rate, epochs, batch_size,
+    # max_length and the LoRA shape above apply to it too; max_examples and packing do not.
+    trainer: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="'sft': trl SFTTrainer on prompt/completion rows; 'dpo': trl DPOTrainer on preference "
+                    "pairs (mocae.experts.preference) with the base model (adapter off) as reference",
+    )
+    beta: float = Field(0.1, gt=0, le=10, description="dpo only: DPO beta (higher = stay closer to the base)")
+    rpo_alpha: float | None = Field(
+        None, gt=0, le=100,
+        description="dpo only: weight of an SFT (NLL) term on the chosen answer (RPO; trl 1.16's 'sft' loss "
+                    "term). None = plain DPO, the measured honest recipe. DESIGN.md: harmless DPO without it "
+                    "degenerated (off-policy chosen answers); set e.g. 1.0 there",
+    )
+    preference_sources: list[str] | None = Field(
+        None,
+        description="dpo only: which pairs to build, per axis (None = all of the axis): helpful "
+                    "'alpaca_eval_gpt4' (GPT-4's AlpacaEval judgements on judge-train instructions, winner over "
+                    "loser); honest 'truthfulqa' (training-half correct over incorrect answers); harmless "
+                    "'refusal_over_compliance' (a refusal over the base model's compliant answer on harmful "
+                    "training prompts) and 'answer_over_refusal' (the base model's answer over a refusal on "
+                    "benign_sources prompts; benign_fraction sets their share)",
+    )
+    max_pairs: int | None = Field(2000, gt=0, description="dpo only: cap on preference pairs (None = all)")
+    pairs_per_question: int = Field(
+        3, gt=0, le=50, description="dpo, honest only: correct/incorrect pairs per TruthfulQA question at most")
+    base_answer_tokens: int = Field(
+        128, gt=0, le=2048,
+        description="dpo, harmless only: max new tokens of the base model's own (greedy, cached) answers")
+
     @model_validator(mode="after")
     def _check_layers(self):
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError("layers must be non-negative indices")
         return self
+
+    @model_validator(mode="after")
+    def _check_dpo(self):
+        if self.trainer != "dpo":
+            defaults = type(self).model_fields
+            set_knobs = [k for k in DPO_FIELDS[1:] if getattr(self, k) != defaults[k].get_default(call_default_factory=True)]
+            if set_knobs:
+                raise ValueError(f"{', '.join(set_knobs)} only apply when trainer is 'dpo' (trainer is {self.trainer!r})")
+            return self
+        if self.packing:
+            raise ValueError("packing is SFT only: DPO batches chosen/rejected pairs (set packing: false)")
+        if self.preference_sources is not None:
+            allowed = PREFERENCE_SOURCES.get(self.axis, ())
+            unknown = [s for s in self.preference_sources if s not in allowed]
+            if unknown or not self.preference_sources or len(set(self.preference_sources)) != len(self.preference_sources):
+                raise ValueError(f"preference_sources for axis {self.axis!r} must be a non-empty list of distinct "
+                                 f"names from {list(allowed)}, got {self.preference_sources}")
+        return self
+
+    def pair_sources(self) -> list[str]:
+        """The preference sources this (dpo) expert trains on: ``preference_sources`` or all of its axis."""
+        return list(self.preference_sources) if self.preference_sources is not None \
+            else list(PREFERENCE_SOURCES.get(self.axis, ()))
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.trainer == "sft" and isinstance(data, dict):  # SFT cache keys stay as before DPO existed
+            for key in DPO_FIELDS:
+                data.pop(key, None)
+        return data
 
 
 class MultitaskConfig(ExpertConfig):
@@ -89,6 +164,8 @@ class MultitaskConfig(ExpertConfig):
         unknown = set(self.union_caps) - {"helpful", "harmless", "honest"}
         if unknown or not self.union_caps:
             raise ValueError(f"union_caps keys must be helpful/harmless/honest, got {sorted(self.union_caps)}")
+        if self.trainer != "sft":
+            raise ValueError("the multi-task baseline is SFT only: set trainer 'dpo' per axis, not for multitask")
         return self
 
     def axis_config(self, axis: str) -> ExpertConfig:
