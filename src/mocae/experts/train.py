@@ -148,6 +148,11 @@ def train_expert(
     Returns:
         The expert's adapter folder.
     """
+    if getattr(cfg, "trainer", "sft") == "dpo":  # preference-trained expert (issue 14): mocae.experts.dpo
+        from mocae.experts.dpo import train_dpo_expert
+
+        return train_dpo_expert(cfg, root=root, data_dir=data_dir, progress=progress,
+                                model_and_tokenizer=model_and_tokenizer, callbacks=callbacks)
     from datasets import Dataset
 
     from mocae.backbones import load_backbone

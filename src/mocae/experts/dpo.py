@@ -1,0 +1,179 @@
+"""Train one per-axis LoRA expert on preference pairs with trl's DPOTrainer, resumably.
+
+Same folder, cache and resume rules as the SFT experts (``mocae.experts.train``): the expert is
+a plain peft adapter folder in ``expert_dir(cfg)`` plus ``training.json`` (written last: its
+presence means "finished"); checkpoints go to ``checkpoints/`` every ``save_steps`` and an
+interrupted run resumes from the newest complete one.
+
+The reference model is the base model itself: the LoRA is created by the trainer from
+``peft_config``, so trl computes reference log-probabilities with the adapter disabled (no second
+model in memory). trl names the trained adapter "default" (and a "ref" copy when handed a model
+that already has one); only "default" is saved, as a root-level adapter, so
+``PeftModel.from_pretrained(base, path, adapter_name=<axis>)`` loads it under the expert's name.
+
+``rpo_alpha`` adds trl's "sft" loss term (mean NLL of the chosen answer) with that weight: trl
+1.16 has no ``rpo_alpha`` argument; ``loss_type=["sigmoid", "sft"]`` with
+``loss_weights=[1, rpo_alpha]`` is the same objective.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mocae.config import config_hash
+from mocae.data import inject_axis_prompt
+from mocae.experts.config import ExpertConfig
+from mocae.experts.preference import pair_counts, preference_rows
+from mocae.experts.train import TRAINING_FILE, expert_dir, is_trained, latest_checkpoint, lora_config
+from mocae.paths import atomic_write_json
+
+TRAINER = "dpo"
+
+
+def dpo_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
+    """trl DPOConfig for ``cfg``: CPU and bf16 autocast as the SFT experts, frequent checkpoints."""
+    from trl import DPOConfig
+
+    loss_type, loss_weights = (["sigmoid"], None) if cfg.rpo_alpha is None else \
+        (["sigmoid", "sft"], [1.0, float(cfg.rpo_alpha)])
+    return DPOConfig(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # trl defaults it to True
+        max_length=cfg.max_length,
+        beta=cfg.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,  # trl's default is 1e-6
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+
+
+def to_dpo_rows(rows: list[dict], inject_prompt: bool) -> list[dict]:
+    """Conversational prompt/chosen/rejected rows; trl applies the chat template as SFT does.
+
+    The injected instruction (AlignX) goes in the user turn, as in ``experts.dataset.to_sft_rows``.
+    """
+    out = []
+    for r in rows:
+        prompt = inject_axis_prompt(r["prompt"], r["axis"]) if inject_prompt else r["prompt"]
+        out.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        })
+    return out
+
+
+def _right_padded(tokenizer):
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.padding_side = "right"
+    return tok
+
+
+def train_dpo_expert(
+    cfg: ExpertConfig,
+    root: Path | None = None,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    model_and_tokenizer=None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train (or reuse) the DPO expert described by ``cfg`` (``cfg.trainer == "dpo"``).
+
+    Args: as ``mocae.experts.train.train_expert``.
+
+    Returns:
+        The expert's adapter folder.
+
+    Raises:
+        ValueError: ``cfg.trainer`` is not "dpo", no pairs, or an eval-side prompt reached a builder.
+    """
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from mocae.backbones import load_backbone
+
+    if cfg.trainer != TRAINER:
+        raise ValueError(f"train_dpo_expert needs trainer 'dpo', got {cfg.trainer!r}")
+    out = expert_dir(cfg, root)
+    if is_trained(out):
+        return out
+    model, tokenizer = model_and_tokenizer or load_backbone(cfg.backbone)
+    # Before the LoRA exists: the harmless pairs need the base model's own answers (cached).
+    rows = preference_rows(cfg, data_dir, root=root, model_and_tokenizer=(model, tokenizer), progress=progress)
+    tokenizer = _right_padded(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expert_config.json").write_text(cfg.model_dump_json(indent=2))
+    checkpoints = out / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints)
+
+    torch.manual_seed(cfg.seed)
+    trainer = DPOTrainer(
+        model=model, args=dpo_config(cfg, checkpoints, progress), processing_class=tokenizer,
+        train_dataset=Dataset.from_list(to_dpo_rows(rows, cfg.inject_prompt)), peft_config=lora_config(cfg),
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - start
+
+    trainer.model.save_pretrained(out, selected_adapters=["default"])
+    history = trainer.state.log_history
+    steps = [h for h in history if "loss" in h and "step" in h]
+    record = {
+        "axis": cfg.axis,
+        "backbone": cfg.backbone,
+        "trainer": TRAINER,
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),
+        "beta": cfg.beta,
+        "rpo_alpha": cfg.rpo_alpha,
+        "data": {"pairs": len(rows), "by_source": pair_counts(rows), "preference_sources": cfg.pair_sources(),
+                 "pairs_trained": len(trainer.train_dataset)},
+        "steps": trainer.state.global_step,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in steps],
+        "reward_accuracy_curve": [{"step": h["step"], "accuracy": h["rewards/accuracies"]}
+                                  for h in steps if "rewards/accuracies" in h],
+        "reward_margin_curve": [{"step": h["step"], "margin": h["rewards/margins"]}
+                                for h in steps if "rewards/margins" in h],
+        "final_reward_accuracy": _tail_mean([h["rewards/accuracies"] for h in steps if "rewards/accuracies" in h]),
+        "wall_time_s": round(wall, 1),
+        "resumed_from": resume_from.name if resume_from else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out / TRAINING_FILE, record)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return out
+
+
+def _tail_mean(values: list[float], n: int = 10) -> float | None:
+    """Mean of the last ``n`` logged values (a single step's batch accuracy is noisy)."""
+    tail = values[-n:]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
