@@ -1,0 +1,179 @@
+"""DPO experts on tiny-random and the fixture data: training, resume, the saved adapter, config checks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import TrainerCallback
+
+from mocae.backbones import load_backbone
+from mocae.config import ConfigError, config_hash, validate_config
+from mocae.experts.config import DPO_FIELDS, ExpertConfig, MultitaskConfig
+from mocae.experts.dpo import dpo_config, to_dpo_rows, train_dpo_expert
+from mocae.experts.preference import preference_rows
+from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert
+
+FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def tiny_dpo(**overrides) -> ExpertConfig:
+    base = dict(axis="honest", backbone="tiny-random", trainer="dpo", rank=4, alpha=8, max_length=64,
+                batch_size=1, epochs=1, save_steps=2, bf16=False, learning_rate=1e-2, max_pairs=6,
+                pairs_per_question=2, warmup_ratio=0.0)
+    return ExpertConfig(**{**base, **overrides})
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a crash right after a checkpoint was written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def preference_data(tmp_path: Path) -> Path:
+    """The fixtures plus AlpacaEval annotations covering every side of the split (as in test_preference)."""
+    import shutil
+
+    from mocae.evaluation.judges.tiny import write_fixture_data
+
+    root = tmp_path / "data"
+    shutil.copytree(FIXTURE_DATA, root)
+    judges = write_fixture_data(tmp_path / "judges", n_instructions=20)
+    (root / "alpaca_eval" / "reference_gpt4_1106_preview.json").unlink()
+    for name in ("reference_text_davinci_003.json", "annotations_alpaca_eval_gpt4_vs_davinci003.jsonl.gz"):
+        shutil.copy(judges / "alpaca_eval" / name, root / "alpaca_eval" / name)
+    return root
+
+
+def adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def test_dpo_expert_trains_saves_a_peft_adapter_and_its_record(tmp_path):
+    cfg = tiny_dpo(rpo_alpha=0.5)
+    out = train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False)  # dispatches on trainer
+    assert out == expert_dir(cfg, tmp_path) and is_trained(out)
+    assert not (out / "checkpoints").exists()
+    record = json.loads((out / "training.json").read_text())
+    rows = preference_rows(cfg, FIXTURE_DATA)
+    assert record["trainer"] == "dpo" and record["axis"] == "honest"
+    assert record["data"]["pairs"] == len(rows) == 6 and record["data"]["by_source"] == {"truthfulqa": 6}
+    assert record["data"]["preference_sources"] == ["truthfulqa"]
+    assert record["beta"] == 0.1 and record["rpo_alpha"] == 0.5
+    assert record["steps"] == 6 and len(record["loss_curve"]) == 6
+    assert all(0 <= p["accuracy"] <= 1 for p in record["reward_accuracy_curve"])
+    assert record["wall_time_s"] >= 0 and record["config"]["trainer"] == "dpo"
+    # A plain peft adapter, loadable under the expert's own name, that moved away from init
+    # (LoRA B starts at zero) and from the base model.
+    weights = adapter_weights(out)
+    assert weights and not any(".ref." in k or ".default." in k for k in weights)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    base, _ = load_backbone("tiny-random")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(out), adapter_name="honest")
+    assert list(model.peft_config) == ["honest"]
+    assert not torch.allclose(model(ids).logits, before)
+    # reused, not retrained
+    stamp = (out / "training.json").stat().st_mtime_ns
+    assert train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False) == out
+    assert (out / "training.json").stat().st_mtime_ns == stamp
+
+
+def test_dpo_resume_after_interruption_matches_uninterrupted(tmp_path):
+    cfg = tiny_dpo()
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False, callbacks=[StopAfter(4)])
+    partial = expert_dir(cfg, tmp_path / "a")
+    assert not is_trained(partial)
+    assert latest_checkpoint(partial / "checkpoints").name == "checkpoint-4"
+    resumed = train_dpo_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False)
+    record = json.loads((resumed / "training.json").read_text())
+    assert record["resumed_from"] == "checkpoint-4"
+
+    straight = train_dpo_expert(cfg, root=tmp_path / "b", data_dir=FIXTURE_DATA, progress=False)
+    assert record["steps"] == json.loads((straight / "training.json").read_text())["steps"] == 6
+    a, b = adapter_weights(resumed), adapter_weights(straight)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_config_follows_the_expert_config(tmp_path):
+    plain = dpo_config(tiny_dpo(), tmp_path)
+    assert plain.loss_type == ["sigmoid"] and plain.beta == 0.1 and plain.learning_rate == 1e-2
+    assert not plain.gradient_checkpointing and plain.use_cpu and plain.save_steps == 2
+    rpo = dpo_config(tiny_dpo(rpo_alpha=1.0, beta=0.3, bf16=True), tmp_path)
+    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 1.0]
+    assert rpo.beta == 0.3 and rpo.bf16
+
+
+def test_dpo_rows_are_conversational_with_optional_injection():
+    rows = [{"prompt": "q?", "chosen": "yes", "rejected": "no", "source": "truthfulqa", "axis": "honest"}]
+    out = to_dpo_rows(rows, inject_prompt=True)[0]
+    assert out["prompt"][0]["role"] == "user" and out["prompt"][0]["content"].endswith("q?")
+    assert out["prompt"][0]["content"] != "q?"
+    assert out["chosen"] == [{"role": "assistant", "content": "yes"}]
+    assert to_dpo_rows(rows, inject_prompt=False)[0]["prompt"][0]["content"] == "q?"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("beta", 0), ("beta", -0.1), ("rpo_alpha", -1.0), ("rpo_alpha", 0), ("pairs_per_question", 0),
+    ("max_pairs", 0), ("base_answer_tokens", 0), ("trainer", "ppo")])
+def test_dpo_knobs_reject_nonsense(field, value):
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        validate_config(ExpertConfig, {"axis": "honest", "trainer": "dpo", field: value}, source="cfg.yaml")
+
+
+def test_dpo_only_knobs_and_sources_are_checked():
+    with pytest.raises(ConfigError, match="beta only apply when trainer is 'dpo'"):
+        validate_config(ExpertConfig, {"axis": "honest", "beta": 0.2}, source="cfg.yaml")
+    with pytest.raises(ConfigError, match="preference_sources for axis 'honest'"):
+        validate_config(ExpertConfig, {"axis": "honest", "trainer": "dpo",
+                                       "preference_sources": ["alpaca_eval_gpt4"]}, source="cfg.yaml")
+    with pytest.raises(ConfigError, match="preference_sources"):
+        validate_config(ExpertConfig, {"axis": "harmless", "trainer": "dpo", "preference_sources": []}, source="c")
+    with pytest.raises(ConfigError, match="packing is SFT only"):
+        validate_config(ExpertConfig, {"axis": "helpful", "trainer": "dpo", "packing": True}, source="c")
+    with pytest.raises(ConfigError, match="multi-task baseline is SFT only"):
+        validate_config(MultitaskConfig, {"trainer": "dpo"}, source="c")
+    ok = ExpertConfig(axis="harmless", trainer="dpo", preference_sources=["answer_over_refusal"])
+    assert ok.pair_sources() == ["answer_over_refusal"]
+    assert ExpertConfig(axis="harmless", trainer="dpo").pair_sources() == [
+        "refusal_over_compliance", "answer_over_refusal"]
+
+
+def test_sft_configs_keep_their_cache_key():
+    sft = ExpertConfig(axis="helpful")
+    assert not set(DPO_FIELDS) & set(sft.model_dump())  # dumped (and hashed) as before DPO existed
+    assert config_hash(sft) == config_hash(ExpertConfig(axis="helpful", trainer="sft"))
+    dpo = ExpertConfig(axis="helpful", trainer="dpo")
+    assert config_hash(dpo) != config_hash(sft)
+    assert config_hash(ExpertConfig(axis="helpful", trainer="dpo", beta=0.2)) != config_hash(dpo)
+    assert ExpertConfig.model_validate_json(dpo.model_dump_json()) == dpo
+
+
+def test_helpful_and_harmless_dpo_experts_train_end_to_end(tmp_path, monkeypatch):
+    root = preference_data(tmp_path)
+    # tiny-random answers with nothing (no pair could be made): stand in compliant base answers
+    monkeypatch.setattr("mocae.generation.generate_batch",
+                        lambda model, tok, prompts, max_new_tokens, **kw: [f"Sure: {p[:16]}" for p in prompts])
+    for axis, extra in (("helpful", {}), ("harmless", {"rpo_alpha": 1.0, "benign_fraction": 0.5,
+                                                       "benign_sources": ["truthfulqa"]})):
+        cfg = tiny_dpo(axis=axis, max_pairs=4, **extra)
+        out = train_dpo_expert(cfg, root=tmp_path / "experts", data_dir=root, progress=False)
+        record = json.loads((out / "training.json").read_text())
+        assert record["trainer"] == "dpo" and record["data"]["pairs"] == 4
+        # trl drops a pair whose prompt alone fills max_length (one fixture refusal prompt does)
+        assert 0 < record["data"]["pairs_trained"] <= 4 and record["steps"] == record["data"]["pairs_trained"]
+        assert sum(record["data"]["by_source"].values()) == 4
+    assert set(record["data"]["by_source"]) == {"safety_refusals", "truthfulqa"}
+    assert list((tmp_path / "experts" / "tiny-random" / "base_answers").glob("*.json"))
