@@ -177,3 +177,15 @@ def test_helpful_and_harmless_dpo_experts_train_end_to_end(tmp_path, monkeypatch
         assert sum(record["data"]["by_source"].values()) == 4
     assert set(record["data"]["by_source"]) == {"safety_refusals", "truthfulqa"}
     assert list((tmp_path / "experts" / "tiny-random" / "base_answers").glob("*.json"))
+
+
+def test_dpo_preset_trains_every_expert_with_dpo_honest_on_the_measured_recipe():
+    from mocae.pipeline import load_run_config
+
+    experts = load_run_config("dpo").expert_configs()
+    assert {c.trainer for c in experts.values()} == {"dpo"}
+    honest = experts["honest"]
+    assert (honest.learning_rate, honest.batch_size, honest.epochs, honest.beta, honest.pairs_per_question,
+            honest.rpo_alpha) == (2e-4, 8, 1, 0.1, 3, None)
+    assert experts["harmless"].rpo_alpha == 1.0 and experts["harmless"].pair_sources() == [
+        "refusal_over_compliance", "answer_over_refusal"]
