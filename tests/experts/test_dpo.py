@@ -71,6 +71,9 @@ def test_dpo_expert_trains_saves_a_peft_adapter_and_its_record(tmp_path):
     assert record["steps"] == 6 and len(record["loss_curve"]) == 6
     assert all(0 <= p["accuracy"] <= 1 for p in record["reward_accuracy_curve"])
     assert record["wall_time_s"] >= 0 and record["config"]["trainer"] == "dpo"
+    # the keys the pipeline copies into experts.json from every expert's record
+    assert {"data", "steps", "tokens_per_s", "wall_time_s", "peak_rss_mb"} <= set(record)
+    assert record["tokens_trained"] > 0 and record["tokens_per_s"] > 0 and record["peak_rss_mb"] > 0
     # A plain peft adapter, loadable under the expert's own name, that moved away from init
     # (LoRA B starts at zero) and from the base model.
     weights = adapter_weights(out)
@@ -189,3 +192,39 @@ def test_dpo_preset_trains_every_expert_with_dpo_honest_on_the_measured_recipe()
             honest.rpo_alpha) == (2e-4, 8, 1, 0.1, 3, None)
     assert experts["harmless"].rpo_alpha == 1.0 and experts["harmless"].pair_sources() == [
         "refusal_over_compliance", "answer_over_refusal"]
+
+
+def test_a_dpo_expert_goes_through_the_pipeline_into_mocae(tmp_path, monkeypatch):
+    """experts.json and the MoCaE build read a DPO expert's folder and record as they read SFT ones."""
+    from mocae.pipeline import run_pipeline
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    preset = tmp_path / "tiny_dpo.yaml"
+    preset.write_text("""\
+name: tiny-dpo
+backbone: tiny-random
+experts:
+  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false}
+  honest: {trainer: dpo, max_pairs: 4, learning_rate: 1.0e-2}
+router: {n_per_axis: 4, n_test_per_axis: 2, epochs: 5, calibrators: [temperature]}
+systems: [base, expert_honest, mocae]
+eval:
+  n_helpful: 2
+  n_harmful: 2
+  n_xstest_safe: 2
+  n_truthfulqa: 2
+  max_new_tokens: 2
+  max_new_tokens_short: 2
+  batch_size: 2
+  judges: {helpful: false, harmless: false, honest: false}
+  efficiency: false
+  n_boot: 10
+efficiency: {enabled: false}
+""")
+    run_dir = run_pipeline(preset, run_dir=tmp_path / "run", progress=False)
+    experts = json.loads((run_dir / "experts.json").read_text())
+    assert experts["honest"]["data"]["pairs"] == 4 and "examples" in experts["helpful"]["data"]
+    honest = json.loads((Path(experts["honest"]["path"]) / "training.json").read_text())
+    assert honest["trainer"] == "dpo"
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["systems"]) == {"base", "expert_honest", "mocae"}

@@ -18,6 +18,7 @@ that already has one); only "default" is saved, as a root-level adapter, so
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import time
@@ -65,6 +66,7 @@ def dpo_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
         save_total_limit=2,
         report_to=[],
         disable_tqdm=not progress,
+        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
@@ -137,9 +139,11 @@ def train_dpo_expert(
         train_dataset=Dataset.from_list(to_dpo_rows(rows, cfg.inject_prompt)), peft_config=lora_config(cfg),
         callbacks=callbacks,
     )
+    tokens_before = _tokens_seen(resume_from)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
 
     trainer.model.save_pretrained(out, selected_adapters=["default"])
     history = trainer.state.log_history
@@ -161,6 +165,9 @@ def train_dpo_expert(
         "reward_margin_curve": [{"step": h["step"], "margin": h["rewards/margins"]}
                                 for h in steps if "rewards/margins" in h],
         "final_reward_accuracy": _tail_mean([h["rewards/accuracies"] for h in steps if "rewards/accuracies" in h]),
+        # the keys the pipeline's experts.json copies from every expert's record (as SFT writes them)
+        "tokens_trained": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "wall_time_s": round(wall, 1),
         "resumed_from": resume_from.name if resume_from else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -170,6 +177,13 @@ def train_dpo_expert(
     atomic_write_json(out / TRAINING_FILE, record)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return out
+
+
+def _tokens_seen(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen", 0))
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float | None:
