@@ -300,3 +300,23 @@ def test_truthfulqa_mc_and_judged_sets_can_differ_in_size(data):
     prompts = eval_prompts(small_config(n_truthfulqa=3, n_truthfulqa_judged=1))
     assert len(prompts["truthfulqa_mc"]) == 3 and len(prompts["truthfulqa"]) == 1
     assert len(eval_prompts(small_config(n_truthfulqa=2))["truthfulqa"]) == 2  # default: the same n
+
+
+def test_full_preset_meets_the_protocol_sizes(real_data_dir, monkeypatch):
+    """Issue 12's sizes: >= 300 helpful eval-side, >= 300 harmful, 250 XSTest safe, ~409 MC, >= 200 judged."""
+    from collections import Counter
+
+    from mocae.pipeline import load_run_config
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(real_data_dir))
+    cfg = load_run_config("full").eval
+    sets = eval_prompts(cfg)
+    assert len(sets["alpaca_eval"]) >= 300 and {e.split for e in sets["alpaca_eval"]} == {"eval"}
+    assert len(sets["harmful"]) >= 300 and {e.meta.get("functional_category") for e in sets["harmful"]
+                                            if e.source == "harmbench"} == {"standard"}
+    assert len(sets["xstest_safe"]) == 250 and len(sets["truthfulqa_mc"]) >= 400 and len(sets["truthfulqa"]) >= 200
+    assert cfg.max_new_tokens == 256 and cfg.truthfulqa_mc_chat
+    per_template = Counter(e.meta["template"] for e in sets["harmful_jailbreak"])
+    assert len(sets["harmful_jailbreak"]) >= 150 and len(per_template) == 9 and set(per_template.values()) == {18}
+    quick = load_run_config("quick").eval
+    assert quick.n_helpful <= 32 and quick.n_jailbreak == 9
