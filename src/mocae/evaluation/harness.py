@@ -22,8 +22,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.evaluation import metrics as M
+from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
 from mocae.evaluation.refusal import is_refusal
 from mocae.evaluation.runner import (GenerationConfig, Generations, generate_records, model_fingerprint, prompts_hash,
                                      write_alpaca_eval_outputs)
@@ -42,7 +41,6 @@ from mocae.paths import atomic_write_json
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
 SET_AXIS = {"alpaca_eval": "helpful", "harmful": "harmless", "xstest_safe": None, "truthfulqa": "honest"}
-GPT4 = "gpt4_1106_preview"
 JUDGE_AXIS = {"helpful": "helpful", "harmless": "harmless", "truthful": "honest", "informative": "honest"}
 
 
@@ -96,85 +94,6 @@ class EvalConfig(BaseModel):
     draw_margin: float = Field(0.0, ge=0, lt=0.5, description="|P - 0.5| <= margin is a draw (discrete win rate)")
     n_boot: int = Field(1000, gt=0, description="bootstrap resamples for 95% intervals")
     seed: int = Field(0, description="seed of prompt subsets and bootstraps")
-
-
-def _subset(items: list, n: int | None, seed: int) -> list:
-    """A seeded random subset in file order (first-N would skew HarmBench's categories)."""
-    if n is None or n >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
-
-
-def eval_prompts(cfg: EvalConfig, data_dir: Path | None = None) -> dict:
-    """The prompt sets (lists of ``Example``) for ``cfg``; the same for every system.
-
-    AlpacaEval comes from its eval side only. ``harmful_jailbreak`` wraps harmful prompts in the
-    jailbreak templates, template ``k % 9`` for the k-th; each keeps ``meta["plain_index"]``, its
-    prompt's index in ``harmful``, for the paired jailbreak-minus-plain difference.
-
-    Raises:
-        FileNotFoundError: a data or reference file is missing (named).
-        ValueError: a prompt set ends up empty.
-    """
-    from mocae.data import (load_alpaca_eval, load_harmbench, load_strongreject, load_truthfulqa,
-                            load_truthfulqa_mc, load_xstest, normalise_text)
-    from mocae.data.loaders import ALPACA_EVAL_GPT4, load_jailbreak_templates
-    from mocae.paths import data_dir as default_data_dir
-
-    alpaca = load_alpaca_eval(data_dir, split="eval")
-    needed = {cfg.reference} | ({GPT4} if cfg.reference_nll else set())
-    if alpaca and not needed <= set(alpaca[0].references):
-        root = data_dir or default_data_dir()
-        raise FileNotFoundError(f"reference file not found: {Path(root or '.') / ALPACA_EVAL_GPT4} "
-                                f"(needed for reference={cfg.reference!r} and the GPT-4 reference NLL)")
-    harmbench = [e for e in load_harmbench(data_dir) if e.meta["functional_category"] in cfg.harmbench_functional]
-    strongreject = load_strongreject(data_dir)
-    n_hb = None if cfg.n_harmful is None else min(len(harmbench), math.ceil(cfg.n_harmful / 2))
-    n_sr = None if cfg.n_harmful is None else cfg.n_harmful - n_hb
-    harmful = _subset(harmbench, n_hb, cfg.seed) + _subset(strongreject, n_sr, cfg.seed)
-    tq_eval = load_truthfulqa(data_dir, split="eval")
-    mc_keys = {normalise_text(e.prompt) for e in _subset(tq_eval, cfg.n_truthfulqa, cfg.seed)}
-    n_judged = cfg.n_truthfulqa if cfg.n_truthfulqa_judged is None else cfg.n_truthfulqa_judged
-    sets = {
-        "alpaca_eval": _subset(alpaca, cfg.n_helpful, cfg.seed),
-        "harmful": harmful,
-        "harmful_jailbreak": jailbreak_set(harmful, load_jailbreak_templates(data_dir), cfg.n_jailbreak, cfg.seed),
-        "xstest_safe": _subset(load_xstest(data_dir, label="safe"), cfg.n_xstest_safe, cfg.seed),
-        "truthfulqa": _subset(tq_eval, n_judged, cfg.seed),
-        "truthfulqa_mc": [e for e in load_truthfulqa_mc(data_dir, split="eval") if normalise_text(e.prompt) in mc_keys],
-    }
-    for name, examples in sets.items():
-        if not examples:
-            raise ValueError(f"prompt set {name!r} is empty (check the data files and the eval config)")
-    return sets
-
-
-def jailbreak_set(harmful: list, templates: list, n: int, seed: int = 0) -> list:
-    """``n`` harmful prompts (a seeded subset, at most all) wrapped in the templates round robin.
-
-    Args:
-        harmful: the plain harmful set (Examples).
-        templates: :func:`mocae.data.loaders.load_jailbreak_templates` Examples.
-        n: wrapped prompts wanted.
-
-    Returns:
-        Examples (source "jailbreak") whose meta holds the plain prompt's ``plain_index``, its
-        ``request`` and ``source``, and the ``template`` name.
-    """
-    from mocae.data import Example
-    from mocae.data.loaders import wrap_jailbreak
-
-    if not templates:
-        raise ValueError("no jailbreak templates loaded")
-    picked = _subset(list(range(len(harmful))), n, seed)
-    out = []
-    for k, i in enumerate(picked):
-        template, plain = templates[k % len(templates)], harmful[i]
-        meta = {"plain_index": i, "request": plain.prompt, "source": plain.source,
-                "category": plain.meta.get("category", "?"), "template": template.meta["name"]}
-        out.append(Example(wrap_jailbreak(template, plain.prompt), None, "harmless", "jailbreak", "test", meta=meta))
-    return out
 
 
 def load_judges(cfg: EvalConfig, loader: Callable | None = None) -> dict:
@@ -297,41 +216,40 @@ def _safety(judge, examples, outputs, requests, cfg, suffix: str, per_prompt: di
     return {"metrics": out, "safe": safe, "refused": refused, "p_safe": p_safe}
 
 
+def _breakdown(scored: dict, labels: list[str]) -> dict:
+    """{label: {"n", "strmatch", "judge"}}: % answered safely per category or per template."""
+    strmatch = M.per_category([100.0 * r for r in scored["refused"]], labels)
+    judged = M.per_category([100.0 * s for s in scored["safe"]], labels) if scored["safe"] is not None else {}
+    return {c: {"n": n, "strmatch": v, "judge": judged.get(c, (None,))[0]} for c, (v, n) in strmatch.items()}
+
+
 def _harmless(judge, sets, outputs, cfg, per_prompt: dict | None = None) -> tuple[dict, dict]:
     per_prompt = {} if per_prompt is None else per_prompt
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     harmful = sets["harmful"]
     plain = _safety(judge, harmful, outputs["harmful"], [e.prompt for e in harmful], cfg, "safety_score",
                     per_prompt, "harmful")
-    out, tables = dict(plain["metrics"]), {}
-    categories = [f"{e.source}/{e.meta.get('category', '?')}" for e in harmful]
-    strmatch = M.per_category([100.0 * r for r in plain["refused"]], categories)
-    judged = M.per_category([100.0 * s for s in plain["safe"]], categories) if plain["safe"] is not None else {}
-    tables["harmful_per_category"] = {c: {"n": n, "strmatch": v, "judge": judged.get(c, (None,))[0]}
-                                      for c, (v, n) in strmatch.items()}
+    out = dict(plain["metrics"])
+    tables = {"harmful_per_category": _breakdown(plain, [f"{e.source}/{e.meta.get('category', '?')}"
+                                                         for e in harmful])}
     jb_set = sets.get("harmful_jailbreak")
     if jb_set:
         # The judge reads the request, not the multi-KB template: its encoder window would hold template only.
         jb = _safety(judge, jb_set, outputs["harmful_jailbreak"], [e.meta["request"] for e in jb_set], cfg,
                      "safety_jailbreak", per_prompt, "harmful_jailbreak")
-        out.update({k: v for k, v in jb["metrics"].items() if k in ("safety_jailbreak", "safety_jailbreak_strmatch")})
+        n_templates = len({e.meta["template"] for e in jb_set})
+        for key in ("safety_jailbreak", "safety_jailbreak_strmatch"):  # not the per-source breakdown
+            if key in jb["metrics"]:
+                out[key] = {**jb["metrics"][key], "templates": n_templates}
         plain_index = [e.meta["plain_index"] for e in jb_set]
         for kind, tail in (("safe", ""), ("refused", "_strmatch")):
-            if jb[kind] is None:
+            if jb[kind] is None:  # no judge: string match only
                 continue
             diff = M.paired_difference(jb[kind], [plain[kind][i] for i in plain_index], scale=100.0, **boot)
-            out[f"safety_jailbreak_minus_plain{tail}"] = {
-                **diff, "verdict": M.verdict(diff), "paired": True,
-                "method": "jailbreak minus plain safety on the same underlying prompts (paired bootstrap)"}
-            if judge is not None and not tail:
-                out["safety_jailbreak_minus_plain"] = _judged(out["safety_jailbreak_minus_plain"], judge)
-            if not tail:
-                out["safety_jailbreak"]["templates"] = len({e.meta["template"] for e in jb_set})
-        templates = [e.meta["template"] for e in jb_set]
-        per_template = M.per_category([100.0 * r for r in jb["refused"]], templates)
-        judged_t = M.per_category([100.0 * s for s in jb["safe"]], templates) if jb["safe"] is not None else {}
-        tables["jailbreak_per_template"] = {t: {"n": n, "strmatch": v, "judge": judged_t.get(t, (None,))[0]}
-                                            for t, (v, n) in per_template.items()}
+            metric = {**diff, "verdict": M.verdict(diff), "paired": True,
+                      "method": "jailbreak minus plain safety on the same underlying prompts (paired bootstrap)"}
+            out[f"safety_jailbreak_minus_plain{tail}"] = _judged(metric, judge) if kind == "safe" else metric
+        tables["jailbreak_per_template"] = _breakdown(jb, [e.meta["template"] for e in jb_set])
     refused_safe = [float(is_refusal(o)) for o in outputs["xstest_safe"]]
     out["over_refusal_xstest"] = M.over_refusal(refused_safe, **boot)
     out["over_refusal_xstest"]["method"] = "string-match refusal on XSTest safe prompts"
@@ -519,7 +437,9 @@ def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, ju
         cache_dir: generation cache (default: ``$MOCAE_CACHE/generations``).
 
     Returns:
-        The results dict written to results.json.
+        The results dict written to results.json: "config", "systems", "judges", "torch_threads" and
+        "comparisons" (every system minus base and MoCaE minus every other system, paired over the
+        same prompts: :func:`mocae.evaluation.compare.compare_systems`).
     """
     from mocae.config import config_hash
     from mocae.evaluation.report import write_results
