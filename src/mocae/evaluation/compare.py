@@ -78,7 +78,10 @@ def compare_pair(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         other = pb.get(key)
         if other is None and b.get("name") == "base" and "_vs_base" in key:
             other = _base_self(entry)
-        if other is None or sets_a.get(entry["set"]) != sets_b.get(other["set"]):
+        if other is None:
+            continue
+        digest = sets_a.get(entry["set"])
+        if digest is None or digest != sets_b.get(other["set"]):  # other or unverifiable prompts: never paired
             continue
         if len(entry.get("values", entry.get("pref", []))) != len(other.get("values", other.get("pref", []))):
             continue
