@@ -12,7 +12,7 @@ Runs (or continues) the pipeline of a preset with the given overrides, then writ
 
 Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
 finished over several sittings: re-run the same command with the same --run-dir):
-  MOCAE_DATA_DIR=../shared/data OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench.py --preset full \
+  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full --threads 2 \
       --run-dir runs/bench-smollm2
 Nothing here is hard-coded: every number comes from that run's results.json.
 """
@@ -258,9 +258,17 @@ def main() -> int:
                         help="systems of the run measured for speed and memory only (e.g. one too slow to "
                              "generate every eval set here); reported apart, with the reason")
     parser.add_argument("--cost-only-reason", default="", help="why those systems were not evaluated")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
+                             "and 2 threads: systems compared side by side should share one count; recorded)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
 
     from mocae.paths import atomic_write_json, atomic_write_text
     from mocae.pipeline import load_run_config, run_pipeline
