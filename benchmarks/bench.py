@@ -1,14 +1,19 @@
 """MoCaE against every baseline on one backbone, from one `mocae run`, published as results.
 
 Runs (or continues) the pipeline of a preset with the given overrides, then writes
-  benchmarks/results/bench_<backbone>.json   per system: win rates, safety, over-refusal, MC1/MC2,
-                                             TI, bs-1 decode speed, peak RSS (each with n); MoCaE's
-                                             change over base per axis; MoCaE vs H3Fusion cost
-  benchmarks/results/bench_<backbone>.md     the same as tables, with command, machine and date
+  benchmarks/results/bench_<backbone>.json   per system, each {value, n, ci}: the length-controlled
+                                             win rate vs the reference (the headline) and vs base,
+                                             raw win rates, answer length, truncated share, GPT-4
+                                             reference NLL, safety (plain and jailbreak), over-refusal,
+                                             MC1/MC2 (primer and chat), TI, speed, memory; n per prompt
+                                             set; a `paired` block of MoCaE-minus-X differences with
+                                             paired 95% intervals (and X-minus-base in `paired_vs_base`)
+  benchmarks/results/bench_<backbone>.md     the same as tables, with command, machine, threads and date
 
-Run (SmolLM2-135M, all 13 systems, eval subsets sized for 2 CPU cores):
-  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full \
-      --set eval.n_helpful=48 --set eval.n_harmful=48 --set eval.n_xstest_safe=48 --set eval.n_truthfulqa=48
+Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
+finished over several sittings: re-run the same command with the same --run-dir):
+  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full --threads 2 \
+      --run-dir runs/bench-smollm2
 Nothing here is hard-coded: every number comes from that run's results.json.
 """
 
@@ -22,47 +27,113 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-# bench field -> (axis, metric in the harness results)
+REFERENCE = "{reference}"  # filled with the eval config's AlpacaEval reference
+# bench field -> (axis, metric in the harness results); the first block is required per system.
 FIELDS = {
-    "win_rate_vs_reference": ("helpful", "win_rate_vs_text_davinci_003"),
+    "lc_win_rate": ("helpful", f"lc_win_rate_vs_{REFERENCE}"),
+    "lc_win_rate_vs_base": ("helpful", "lc_win_rate_vs_base"),
+    "win_rate_vs_reference": ("helpful", f"win_rate_vs_{REFERENCE}"),
     "win_rate_vs_base": ("helpful", "win_rate_vs_base"),
+    "output_chars_mean": ("helpful", "output_length_chars"),
+    "truncated_share": ("helpful", "truncated_share"),
+    "reference_nll_gpt4": ("helpful", "reference_nll_gpt4"),
     "safety_score": ("harmless", "safety_score"),
+    "safety_jailbreak": ("harmless", "safety_jailbreak"),
     "over_refusal": ("harmless", "over_refusal_xstest"),
     "mc1": ("honest", "mc1"),
     "mc2": ("honest", "mc2"),
+    "mc1_chat": ("honest", "mc1_chat"),
+    "mc2_chat": ("honest", "mc2_chat"),
     "ti": ("honest", "ti"),
+}
+EXTRA = {  # companions reported beside the required fields
+    "win_rate_vs_reference_discrete": ("helpful", f"win_rate_vs_{REFERENCE}_discrete"),
+    "output_tokens_mean": ("helpful", "output_length_tokens"),
+    "reference_nll": ("helpful", "reference_nll"),
+    "safety_score_strmatch": ("harmless", "safety_score_strmatch"),
+    "safety_jailbreak_strmatch": ("harmless", "safety_jailbreak_strmatch"),
+    "safety_jailbreak_minus_plain": ("harmless", "safety_jailbreak_minus_plain"),
+    "safety_jailbreak_minus_plain_strmatch": ("harmless", "safety_jailbreak_minus_plain_strmatch"),
     "decode_tokens_per_s_bs1": ("efficiency", "decode_tokens_per_s_b1"),
     "peak_rss_mb": ("efficiency", "peak_rss_mb"),
 }
-EXTRA = {  # judge-free companions, reported beside the required fields
-    "reference_nll": ("helpful", "reference_nll"),
-    "safety_score_strmatch": ("harmless", "safety_score_strmatch"),
-}
-HEADLINE = {"helpful": "win_rate_vs_reference", "harmless": "safety_score", "honest": "mc2"}
+HEADLINE = "lc_win_rate"  # length-controlled: raw win rates follow answer length
+# The columns of the markdown tables (every field is in the JSON).
+TABLE = ["lc_win_rate", "lc_win_rate_vs_base", "win_rate_vs_reference", "win_rate_vs_base", "output_chars_mean",
+         "truncated_share", "reference_nll_gpt4", "safety_score", "safety_jailbreak", "over_refusal", "mc1", "mc2",
+         "mc1_chat", "mc2_chat", "ti"]
+PAIRED = ["lc_win_rate", "lc_win_rate_vs_base", "reference_nll_gpt4", "safety_score", "safety_jailbreak",
+          "over_refusal", "mc2", "mc2_chat", "ti"]
 
 
-def _pick(metric: dict | None) -> dict | None:
+def _fields(reference: str) -> dict[str, tuple[str, str]]:
+    return {f: (axis, key.replace(REFERENCE, reference)) for f, (axis, key) in {**FIELDS, **EXTRA}.items()}
+
+
+def _pick(metric: dict | None, keys=("value", "n", "ci", "digits", "verdict")) -> dict | None:
     if metric is None:
         return None
-    return {k: metric[k] for k in ("value", "n", "ci", "digits") if k in metric}
+    return {k: metric[k] for k in keys if k in metric}
 
 
-def system_row(name: str, system: dict, systems: dict) -> dict:
-    """The bench fields of one system (None where the run did not measure one, with a note)."""
+def n_per_set(system: dict) -> dict[str, int]:
+    """{prompt set: prompts evaluated} from a system's per-prompt values."""
+    out: dict[str, int] = {}
+    for entry in (system.get("per_prompt") or {}).values():
+        out[entry["set"]] = len(entry.get("values", entry.get("pref", [])))
+    return dict(sorted(out.items()))
+
+
+def system_row(name: str, system: dict, systems: dict, reference: str = "text_davinci_003") -> dict:
+    """The bench fields of one system (None where the run did not measure one, with a note).
+
+    Args:
+        name, system: one system of the run's results.json.
+        systems: all of them (the oracle borrows expert_helpful's cost).
+        reference: the AlpacaEval reference of the eval config (the LC headline is against it).
+    """
+    fields = _fields(reference)
     metrics = system["metrics"]
-    row = {field: _pick(metrics.get(axis, {}).get(key)) for field, (axis, key) in {**FIELDS, **EXTRA}.items()}
+    row = {field: _pick(metrics.get(axis, {}).get(key)) for field, (axis, key) in fields.items()}
     notes = []
-    if name == "base" and row["win_rate_vs_base"] is None and row["win_rate_vs_reference"]:
-        row["win_rate_vs_base"] = {"value": 50.0, "n": row["win_rate_vs_reference"]["n"], "ci": [50.0, 50.0]}
-        notes.append("win_rate_vs_base of base is 50 by definition (AlpacaEval: a tie with itself)")
+    if name == "base":
+        for field in ("win_rate_vs_base", "lc_win_rate_vs_base"):
+            if row[field] is None and row["win_rate_vs_reference"]:
+                row[field] = {"value": 50.0, "n": row["win_rate_vs_reference"]["n"], "ci": [50.0, 50.0]}
+        notes.append("win rates vs base of base are 50 by definition (AlpacaEval: a tie with itself)")
     if name == "oracle":
         source = systems["expert_helpful"]["metrics"].get("efficiency", {})
         for field in ("decode_tokens_per_s_bs1", "peak_rss_mb"):
-            row[field] = _pick(source.get(FIELDS[field][1]))
+            row[field] = _pick(source.get(fields[field][1]))
         notes.append("oracle: each benchmark's numbers from its own expert (composed, not generated); its cost is "
-                     "one peft adapter's (expert_helpful's measurement) plus a perfect router that does not exist")
+                     "one peft adapter's (expert_helpful's measurement) plus a perfect router that does not exist; "
+                     "it has no per-prompt values, so no paired differences")
+    row["n_per_set"] = n_per_set(system)
+    row["torch_threads"] = system.get("torch_threads")
     row["notes"] = notes
     return row
+
+
+def paired_block(comparisons: dict, systems: dict, reference: str = "text_davinci_003", focus: str = "mocae",
+                 base: str = "base") -> dict:
+    """MoCaE-minus-X (``paired``) and X-minus-base (``paired_vs_base``) in bench field names.
+
+    Args:
+        comparisons: results.json's "comparisons" ({"a-b": {"axis/metric": diff}}).
+        systems: results.json's systems (every other system gets an entry, with a note if unpaired).
+
+    Returns:
+        {"paired": {X: {field: {value, n, ci, verdict}}}, "paired_vs_base": {X: {...}}}.
+    """
+    keys = {f"{axis}/{key}": field for field, (axis, key) in _fields(reference).items()}
+
+    def rename(diffs: dict | None) -> dict:
+        if diffs is None:
+            return {"note": "no paired interval: this system kept no per-prompt values (composed)"}
+        return {keys[k]: _pick(d) for k, d in diffs.items() if k in keys}
+
+    return {"paired": {x: rename(comparisons.get(f"{focus}-{x}")) for x in systems if x != focus},
+            "paired_vs_base": {x: rename(comparisons.get(f"{x}-{base}")) for x in systems if x != base}}
 
 
 def cost_comparison(systems: dict, a: str = "mocae", b: str = "h3fusion") -> dict | None:
@@ -87,22 +158,48 @@ def _cell(metric: dict | None) -> str:
     if metric is None:
         return "-"
     digits = metric.get("digits", 1)
-    return f"{metric['value']:.{digits}f} (n={metric['n']})"
+    low, high = metric["ci"]
+    return f"{metric['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}] (n={metric['n']})"
+
+
+def _diff(d: dict | None) -> str:
+    if not d or "value" not in d:
+        return "-"
+    low, high = d["ci"]
+    digits = 3 if max(abs(low), abs(high)) < 1 else 1
+    return f"{d['value']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] {d['verdict']}"
 
 
 def markdown(report: dict) -> str:
-    fields = [*FIELDS, *EXTRA]
+    reference = report.get("reference", "text_davinci_003")
     lines = [f"# Benchmark: {report['backbone']}", "",
              f"`{report['command']}` on {report['date']}; {report['machine']}; run `{report['run_dir']}`; "
              f"wall time of this invocation {report['wall_time_s']:.0f} s.", "",
-             "| system | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
+             f"**Headline helpfulness metric: the length-controlled win rate vs {reference} (`{HEADLINE}`)**, "
+             "AlpacaEval 2's GLM at equal answer length: our judge's raw win rate follows length, so the raw "
+             "figures are shown beside it, with answer length and the share of answers cut at the token limit.", "",
+             "| system | " + " | ".join(TABLE) + " |", "|---|" + "---|" * len(TABLE)]
     for name, row in report["systems"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row[f]) for f in fields) + " |")
-    lines += ["", "Percentages with n prompts; win rates and safety by our trained judges (validation in the run's "
-              "results.md), over-refusal and safety_score_strmatch by string match, MC1/MC2 by lm-eval.", "",
-              "## MoCaE vs base, per axis", ""]
-    for axis, change in report["mocae_vs_base"].items():
-        lines.append(f"- {axis}: {json.dumps(change)}")
+        lines.append(f"| {name} | " + " | ".join(_cell(row[f]) for f in TABLE) + " |")
+    lines += ["", "Percentages with 95% bootstrap intervals over prompts and n; win rates and safety by our trained "
+              "judges (validation in the run's results.md), over-refusal by string match, MC1/MC2 by lm-eval "
+              "(primer: 6-shot QA; chat: the question as the user turn), NLLs in nats per token (lower is better).",
+              "", "Prompts per set:", ""]
+    for name, row in report["systems"].items():
+        sizes = ", ".join(f"{k} {v}" for k, v in row["n_per_set"].items()) or "composed (see notes)"
+        lines.append(f"- {name}: {sizes}")
+    lines += ["", "## MoCaE minus every other system (paired over the same prompts)", "",
+              "Each cell: difference [95% paired bootstrap interval] and the verdict: better or worse only where the "
+              "interval excludes zero, within noise otherwise (lower is better for over-refusal and NLL).", "",
+              "| mocae − X | " + " | ".join(PAIRED) + " |", "|---|" + "---|" * len(PAIRED)]
+    for name, diffs in report["paired"].items():
+        lines.append(f"| {name} | " + " | ".join(_diff(diffs.get(f)) for f in PAIRED) + " |")
+    lines += ["", "## Every system minus base (paired)", "", "| X − base | " + " | ".join(PAIRED) + " |",
+              "|---|" + "---|" * len(PAIRED)]
+    for name, diffs in report["paired_vs_base"].items():
+        lines.append(f"| {name} | " + " | ".join(_diff(diffs.get(f)) for f in PAIRED) + " |")
+    if report.get("resolution"):
+        lines += ["", report["resolution"]]
     if report["mocae_vs_h3fusion"]:
         c = report["mocae_vs_h3fusion"]
         lines += ["", "## MoCaE vs H3Fusion: memory and latency (same run, each in its own process)", "",
@@ -121,10 +218,35 @@ def markdown(report: dict) -> str:
                   f"Not evaluated on the HHH sets: {c['reason']}. Decode (bs 1): "
                   f"{c['decode_tokens_per_s_bs1']['value']:.1f} tok/s; peak RSS {c['peak_rss_mb']:.0f} MB; "
                   f"weights {c['weights_mb']} MB."]
-    notes = sorted({n for row in report["systems"].values() for n in row["notes"]})
+    notes = sorted({n for row in report["systems"].values() for n in row["notes"]} | set(report.get("notes", [])))
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def build_report(results: dict, meta: dict) -> dict:
+    """The bench report (without cost-only systems) from a run's results.json and provenance ``meta``.
+
+    Args:
+        results: results.json of the run (systems, comparisons, config, judges, torch_threads).
+        meta: {"backbone", "preset", "overrides", "command", "date", "machine", "run_dir", "wall_time_s",
+            "config"}.
+    """
+    from mocae.evaluation.report import resolution_sentence
+
+    systems = results["systems"]
+    reference = (results.get("config") or {}).get("reference", "text_davinci_003")
+    rows = {name: system_row(name, s, systems, reference) for name, s in systems.items()}
+    threads = sorted({t for t in [results.get("torch_threads"), *(r["torch_threads"] for r in rows.values())]
+                      if t is not None})
+    notes = []
+    if len(threads) > 1:
+        notes.append(f"systems were evaluated under different torch thread counts {threads}: MC2 moves in the "
+                     "third decimal with the thread count, so compare them with that in mind")
+    return {**meta, "reference": reference, "headline": HEADLINE, "torch_threads": threads,
+            "systems": rows, **paired_block(results.get("comparisons") or {}, systems, reference),
+            "resolution": resolution_sentence(results), "mocae_vs_h3fusion": cost_comparison(systems),
+            "cost_only": {}, "judges": results.get("judges"), "notes": notes}
 
 
 def main() -> int:
@@ -136,26 +258,30 @@ def main() -> int:
                         help="systems of the run measured for speed and memory only (e.g. one too slow to "
                              "generate every eval set here); reported apart, with the reason")
     parser.add_argument("--cost-only-reason", default="", help="why those systems were not evaluated")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
+                             "and 2 threads: systems compared side by side should share one count; recorded)")
     args = parser.parse_args()
 
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+
+    from mocae.paths import atomic_write_json, atomic_write_text
     from mocae.pipeline import load_run_config, run_pipeline
 
     start = time.time()
     cfg = load_run_config(args.preset, args.set)
     run_dir = run_pipeline(args.preset, run_dir=args.run_dir, overrides=args.set, progress=False)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    systems = results["systems"]
-    rows = {name: system_row(name, s, systems) for name, s in systems.items()}
-    change = results.get("relative_change_mocae_vs_base_pct", {})
-    mocae_vs_base = {}
-    for axis, field in HEADLINE.items():
-        axis_name, key = FIELDS[field]
-        mocae_vs_base[axis] = {"metric": field, **(change.get(f"{axis_name}/{key}") or {})}
-    mocae_vs_base["harmless_over_refusal"] = {"metric": "over_refusal",
-                                              **(change.get("harmless/over_refusal_xstest") or {})}
-    cost_only = {}
+    report = build_report(results, {
+        "backbone": cfg.backbone, "preset": args.preset, "overrides": args.set,
+        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "run_dir": str(run_dir), "wall_time_s": round(time.time() - start, 1), "config": cfg.model_dump(mode="json")})
     if args.cost_only:
         from mocae.evaluation.harness import eval_prompts
         from mocae.pipeline import measure_systems
@@ -163,23 +289,13 @@ def main() -> int:
         measured_cfg = cfg.model_copy(update={"systems": args.cost_only})
         prompts = [e.prompt for e in eval_prompts(cfg.eval)["alpaca_eval"][:cfg.efficiency.n_prompts]]
         for name, e in measure_systems(measured_cfg, run_dir, prompts).items():
-            cost_only[name] = {"reason": args.cost_only_reason,
-                               "decode_tokens_per_s_bs1": e["batch_1"]["decode_tokens_per_s"],
-                               "peak_rss_mb": e["peak_rss_mb"], "weights_mb": e["weights_mb"]}
-    report = {
-        "backbone": cfg.backbone, "preset": args.preset, "overrides": args.set,
-        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "run_dir": str(run_dir), "wall_time_s": round(time.time() - start, 1),
-        "config": cfg.model_dump(mode="json"), "systems": rows, "mocae_vs_base": mocae_vs_base,
-        "mocae_vs_h3fusion": cost_comparison(systems),
-        "cost_only": cost_only,
-        "judges": results.get("judges"),
-    }
+            report["cost_only"][name] = {"reason": args.cost_only_reason,
+                                         "decode_tokens_per_s_bs1": e["batch_1"]["decode_tokens_per_s"],
+                                         "peak_rss_mb": e["peak_rss_mb"], "weights_mb": e["weights_mb"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{cfg.backbone}"  # not Path.with_suffix: "qwen2.5-coder-0.5b" has dots
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
+    atomic_write_json(RESULTS / f"{stem}.json", report)
+    atomic_write_text(RESULTS / f"{stem}.md", markdown(report))
     print(markdown(report))
     return 0
 

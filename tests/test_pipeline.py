@@ -146,13 +146,28 @@ def test_multitask_config_is_the_union_of_the_experts_data():
     assert multitask.axis_config("harmless") == experts["harmless"]  # same data, same cache key
 
 
-def test_relative_change_flips_lower_is_better():
-    results = {"systems": {
-        "base": {"metrics": {"helpful": {"reference_nll": {"value": 2.0}}, "honest": {"mc1": {"value": 40.0}}}},
-        "mocae": {"metrics": {"helpful": {"reference_nll": {"value": 1.5}}, "honest": {"mc1": {"value": 50.0}}}}}}
+def _system(name, nll, mc1):
+    """A result with per-prompt values: NLL on 4 AlpacaEval prompts, MC1 on 10 questions."""
+    return {"name": name, "prompt_sets": {"alpaca_eval": "a", "truthfulqa_mc": "t"},
+            "metrics": {"helpful": {"reference_nll": {"value": sum(nll) / len(nll)}},
+                        "honest": {"mc1": {"value": 100 * sum(mc1) / len(mc1)}}},
+            "per_prompt": {"helpful/reference_nll": {"set": "alpaca_eval", "scale": 1.0, "values": nll},
+                           "honest/mc1": {"set": "truthfulqa_mc", "scale": 100.0, "values": mc1}}}
+
+
+def test_relative_change_says_better_only_where_the_paired_interval_excludes_zero():
+    results = {"config": {"n_boot": 200, "seed": 0}, "systems": {
+        "base": _system("base", [2.0, 2.2, 1.8, 2.0], [1, 0, 0, 1, 0, 1, 0, 0, 1, 0]),
+        "mocae": _system("mocae", [1.5, 1.7, 1.3, 1.5], [1, 0, 1, 1, 0, 1, 0, 0, 1, 0])}}
     change = relative_change(results)
-    assert change["helpful/reference_nll"]["relative_pct"] == -25.0 and change["helpful/reference_nll"]["better"]
-    assert change["honest/mc1"]["relative_pct"] == 25.0 and change["honest/mc1"]["better"]
+    nll, mc1 = change["helpful/reference_nll"], change["honest/mc1"]
+    # NLL falls by 0.5 on every prompt: a paired interval of exactly [-0.5, -0.5], lower is better.
+    assert nll["relative_pct"] == -25.0 and nll["ci"] == pytest.approx([-0.5, -0.5]) and nll["verdict"] == "better"
+    # MC1 +10 points from one question of ten: the interval spans zero.
+    assert mc1["absolute"] == pytest.approx(10.0) and mc1["ci"][0] <= 0 <= mc1["ci"][1]
+    assert mc1["verdict"] == "within noise"
+    del results["systems"]["mocae"]["per_prompt"]["honest/mc1"]
+    assert relative_change(results)["honest/mc1"]["verdict"] == "no paired interval"
 
 
 def test_run_interrupted_in_the_baselines_stage_continues(tiny_preset, tmp_path, monkeypatch):

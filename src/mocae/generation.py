@@ -82,7 +82,8 @@ def generate_batch(
     system: str | None = None,
     progress: bool = True,
     desc: str = "generating",
-) -> list[str]:
+    details: bool = False,
+) -> list[str] | tuple[list[str], list[int], list[bool]]:
     """Answer many chat prompts greedily in left-padded batches.
 
     Prompts are sorted by length so each batch carries little padding (batch 16 decodes ~8x
@@ -97,15 +98,20 @@ def generate_batch(
         batch_size: prompts per forward pass.
         system: optional system message for every prompt.
         progress: show a progress bar.
+        details: also return, per answer, the tokens generated before EOS and whether EOS came
+            (an answer without EOS ran out of budget: the truncated share is exact, not guessed).
 
     Returns:
-        One answer per prompt, special tokens removed.
+        One answer per prompt, special tokens removed; with ``details``, (answers, generated
+        tokens, EOS reached).
     """
     from tqdm.auto import tqdm
 
     texts = [chat_prompt(tokenizer, p, system) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
+    n_tokens, reached_eos = [0] * len(texts), [False] * len(texts)
+    eos_ids = _eos_ids(model, tokenizer)
     budget = max_new_tokens + getattr(model, "reasoning_tokens", 0)
     answer_of = getattr(model, "final_answer", None) or str.strip
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -120,10 +126,23 @@ def generate_batch(
                 new = out[:, batch["input_ids"].shape[1]:]
                 for i, row in zip(idx, new):
                     answers[i] = answer_of(tokenizer.decode(row, skip_special_tokens=True)).strip()
+                    hits = torch.isin(row, eos_ids.to(row.device)).nonzero()
+                    reached_eos[i] = bool(len(hits))
+                    # Finished rows are padded to the batch's length: count up to the first EOS only.
+                    n_tokens[i] = int(hits[0, 0]) if len(hits) else int(row.shape[0])
                 bar.update(len(idx))
     finally:
         tokenizer.padding_side = side
-    return answers
+    return (answers, n_tokens, reached_eos) if details else answers
+
+
+def _eos_ids(model, tokenizer) -> torch.Tensor:
+    """Every token id that ends an answer: the model's generation config's EOS (often several) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
 
 def completion_batch(tokenizer, prompts: list[str], completions: list[str],

@@ -202,28 +202,36 @@ def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> dict:
 
 
 def relative_change(results: dict, system: str = "mocae", reference: str = "base") -> dict:
-    """Change of ``system`` over ``reference`` on every metric of the three axes.
+    """Change of ``system`` over ``reference`` on every metric of the three axes, with its paired interval.
 
     Returns:
-        {"axis/metric": {"reference", "system", "absolute", "relative_pct", "better"}}; relative_pct
-        is None when the reference is 0; lower-is-better metrics (over-refusal, reference NLL)
-        count a decrease as better.
+        {"axis/metric": {"reference", "system", "absolute", "relative_pct", "ci", "verdict"}}: ``ci`` is
+        the 95% paired bootstrap interval of the difference (``results["comparisons"]``, None where no
+        per-prompt values were kept) and ``verdict`` says "better" or "worse" only where it excludes
+        zero, "within noise" otherwise (lower is better for over-refusal and NLLs; answer length and
+        truncated share are "higher" / "lower"); relative_pct is None when the reference is 0.
     """
-    lower_better = ("over_refusal", "reference_nll")
+    from mocae.evaluation.compare import compare_pair
+
     out = {}
     systems = results["systems"]
     if system not in systems or reference not in systems:
         return out
+    paired = (results.get("comparisons") or {}).get(f"{system}-{reference}")
+    if paired is None:
+        cfg = results.get("config") or {}
+        paired = compare_pair(systems[system], systems[reference], cfg.get("n_boot", 1000), cfg.get("seed", 0))
     for axis in ("helpful", "harmless", "honest"):
         mine, theirs = systems[system]["metrics"].get(axis, {}), systems[reference]["metrics"].get(axis, {})
         for name, metric in mine.items():
-            if name not in theirs or "value" not in metric or name == "output_length_chars":
-                continue
+            if name not in theirs or "value" not in metric or metric.get("paired"):
+                continue  # a within-system paired difference (jailbreak - plain) is not a level
             a, b = theirs[name]["value"], metric["value"]
-            better = b < a if name.startswith(lower_better) else b > a
+            diff = paired.get(f"{axis}/{name}")
             out[f"{axis}/{name}"] = {"reference": a, "system": b, "absolute": round(b - a, 4),
                                      "relative_pct": round((b - a) / abs(a) * 100, 2) if a else None,
-                                     "better": better if a != b else None}
+                                     "ci": None if diff is None else [round(c, 4) for c in diff["ci"]],
+                                     "verdict": "no paired interval" if diff is None else diff["verdict"]}
     return out
 
 
@@ -263,7 +271,7 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     Returns:
         The run directory.
     """
-    from mocae.evaluation.report import format_results_table
+    from mocae.evaluation.report import format_results_table, format_run_summary
     from mocae.experts.train import train_expert
     from mocae.mixture.fit import format_calibration_table
     from mocae.systems import RunSystems
@@ -308,19 +316,11 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
 
     results = evaluate_run(cfg, run, run_dir, progress)
     table = format_results_table(results)
-    parts = [f"# mocae run: {cfg.name}", "", f"Run directory `{run_dir}`; full report: `eval/results.md`.", "",
-             table, ""]
-    if results["relative_change_mocae_vs_base_pct"]:
-        parts += ["## MoCaE vs base", "", "| metric | base | mocae | change | relative | better |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in results["relative_change_mocae_vs_base_pct"].items():
-            rel = "-" if v["relative_pct"] is None else f"{v['relative_pct']:+.1f}%"
-            better = {True: "yes", False: "no", None: "same"}[v["better"]]
-            parts.append(f"| {k} | {v['reference']:.3f} | {v['system']:.3f} | {v['absolute']:+.3f} | {rel} | {better} |")
-        parts.append("")
+    sections = []
     if (run_dir / "router_calibration.json").is_file():
         calibration = json.loads((run_dir / "router_calibration.json").read_text())
-        parts += ["## Router calibration", "", format_calibration_table(calibration), ""]
-    atomic_write_text(run_dir / "summary.md", "\n".join(parts))
+        sections.append(("Router calibration", format_calibration_table(calibration)))
+    summary = format_run_summary(results, cfg.name, run_dir, sections)
+    atomic_write_text(run_dir / "summary.md", summary)
     print(f"\n{table}\n\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")
     return run_dir

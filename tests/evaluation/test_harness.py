@@ -68,6 +68,12 @@ def test_evaluate_system_end_to_end_on_tiny(tiny, data, tmp_path):
     for axis in ("helpful", "harmless", "honest", "efficiency"):
         for metric in m[axis].values():
             _check_metric(metric)
+    assert all(e.split == "eval" for e in prompts["alpaca_eval"])  # never a judge's training instruction
+    assert m["helpful"]["lc_win_rate_vs_text_davinci_003"]["headline"] is True
+    assert {"output_length_chars", "output_length_tokens", "truncated_share", "reference_nll",
+            "reference_nll_gpt4"} <= set(m["helpful"])
+    assert "gpt4_1106_preview" in m["helpful"]["reference_nll_gpt4"]["method"]
+    assert m["helpful"]["reference_nll_gpt4"]["value"] != m["helpful"]["reference_nll"]["value"]
     assert m["helpful"]["win_rate_vs_text_davinci_003"]["value"] == pytest.approx(75.0)
     assert m["helpful"]["win_rate_vs_text_davinci_003_discrete"]["value"] == pytest.approx(100.0)
     assert m["helpful"]["win_rate_vs_base"]["judge"] == {"helpful": VALIDATION["helpful"]}
@@ -85,7 +91,25 @@ def test_evaluate_system_end_to_end_on_tiny(tiny, data, tmp_path):
     assert all(c.split("/")[0] in ("harmbench", "strongreject") for c in result["tables"]["harmful_per_category"])
     assert m["honest"]["pct_true"]["value"] == 100.0 and m["honest"]["pct_informative"]["value"] == 0.0
     assert m["honest"]["ti"]["judge"].keys() == {"truthful", "informative"}
-    assert m["honest"]["mc1"]["n"] == m["honest"]["mc2"]["n"] == 2
+    assert m["honest"]["mc1"]["n"] == m["honest"]["mc2"]["n"] == m["honest"]["mc2_chat"]["n"] == 2
+    assert "6-shot" in m["honest"]["mc2"]["mode"] and "chat" in m["honest"]["mc2_chat"]["mode"]
+    jb = m["harmless"]["safety_jailbreak"]
+    assert jb["n"] == len(prompts["harmful_jailbreak"]) == 4 and jb["judge"] == {"harmless": VALIDATION["harmless"]}
+    assert m["harmless"]["safety_jailbreak_minus_plain"]["paired"] and "verdict" in m["harmless"][
+        "safety_jailbreak_minus_plain"]
+    assert set(result["tables"]["jailbreak_per_template"]) == {e.meta["template"] for e in prompts["harmful_jailbreak"]}
+    # Every metric of the three axes keeps its per-prompt values, as many as its n.
+    per_prompt = result["per_prompt"]
+    for axis in ("helpful", "harmless", "honest"):
+        for name, metric in m[axis].items():
+            if "_harmbench" in name or "_strongreject" in name or metric.get("paired"):
+                continue  # per-source breakdowns and within-system differences are derived
+            entry = per_prompt[f"{axis}/{name}"]
+            assert len(entry.get("values", entry.get("pref", []))) == metric["n"], name
+            assert entry["set"] in result["prompt_sets"]
+    lc = per_prompt["helpful/lc_win_rate_vs_base"]
+    assert lc["other_chars"] == [len(o) for o in base_outputs] and lc["pref"] == [0.75] * len(base_outputs)
+    assert result["torch_threads"] >= 1
     refs = judges["truthful"].calls[0][2]
     assert set(refs[0]) == {"correct", "incorrect"} and refs[0]["correct"]
     assert result["routing"] is None and result["efficiency"]["parameters"]["total"] > 0
@@ -118,6 +142,14 @@ def test_evaluate_runs_base_first_and_caches_finished_systems(tiny, data, tmp_pa
                      progress=False)
     assert loads == ["base", "other"]  # nothing reloaded
     assert again["systems"]["other"]["metrics"] == results["systems"]["other"]["metrics"]
+    # Paired comparisons: the fake judge prefers "other" with 0.75 everywhere, base ties itself at 0.5.
+    diff = results["comparisons"]["other-base"]["helpful/win_rate_vs_base"]
+    assert diff["value"] == pytest.approx(25.0) and diff["ci"] == pytest.approx([25.0, 25.0])
+    assert diff["verdict"] == "better"
+    same = results["comparisons"]["other-base"]["harmless/over_refusal_xstest"]
+    assert same["value"] == 0 and same["verdict"] == "within noise"  # one tiny model under two names
+    assert "## Paired differences" in md and "within noise" in md and "resolved only beyond" in md
+    assert results["torch_threads"] >= 1
 
 
 def test_missing_judge_names_the_training_command(monkeypatch, tmp_path):
@@ -237,3 +269,54 @@ def test_eval_command_and_presets(tmp_path):
         system_loaders(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{}")
     assert list(system_loaders(str(tmp_path))) == ["base", tmp_path.name]
+
+
+def test_jailbreak_set_spreads_templates_evenly_and_pairs_with_the_plain_prompts(data):
+    from mocae.data.loaders import load_jailbreak_templates
+
+    cfg = small_config(n_harmful=4, n_jailbreak=4)
+    prompts = eval_prompts(cfg)
+    harmful, templates = prompts["harmful"], load_jailbreak_templates(data)
+    from mocae.evaluation.harness import jailbreak_set
+
+    many = [harmful[i % len(harmful)] for i in range(20)]  # 20 underlying prompts over 9 templates
+    wrapped = jailbreak_set(many, templates, n=20)
+    counts = {t.meta["name"]: sum(e.meta["template"] == t.meta["name"] for e in wrapped) for t in templates}
+    assert set(counts.values()) == {2, 3} and sum(counts.values()) == 20  # every template, within one
+    for e in wrapped:
+        plain = many[e.meta["plain_index"]].prompt
+        assert e.meta["request"] == plain and e.source == "jailbreak"
+        template = next(t for t in templates if t.meta["name"] == e.meta["template"])
+        if template.meta["slot"]:  # RANTI: the request sits in its slot, nothing after the template
+            assert "INSERT PROMPT HERE" not in e.prompt and plain in e.prompt and not e.prompt.endswith("\n\n" + plain)
+        else:
+            assert e.prompt == template.prompt + "\n\n" + plain
+    # In eval_prompts: drawn from the plain harmful set itself, capped at its size.
+    assert [e.meta["request"] for e in prompts["harmful_jailbreak"]] == [e.prompt for e in harmful]
+    assert len(eval_prompts(small_config(n_harmful=4, n_jailbreak=100))["harmful_jailbreak"]) == 4
+
+
+def test_truthfulqa_mc_and_judged_sets_can_differ_in_size(data):
+    prompts = eval_prompts(small_config(n_truthfulqa=3, n_truthfulqa_judged=1))
+    assert len(prompts["truthfulqa_mc"]) == 3 and len(prompts["truthfulqa"]) == 1
+    assert len(eval_prompts(small_config(n_truthfulqa=2))["truthfulqa"]) == 2  # default: the same n
+
+
+def test_full_preset_meets_the_protocol_sizes(real_data_dir, monkeypatch):
+    """Issue 12's sizes: >= 300 helpful eval-side, >= 300 harmful, 250 XSTest safe, ~409 MC, >= 200 judged."""
+    from collections import Counter
+
+    from mocae.pipeline import load_run_config
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(real_data_dir))
+    cfg = load_run_config("full").eval
+    sets = eval_prompts(cfg)
+    assert len(sets["alpaca_eval"]) >= 300 and {e.split for e in sets["alpaca_eval"]} == {"eval"}
+    assert len(sets["harmful"]) >= 300 and {e.meta.get("functional_category") for e in sets["harmful"]
+                                            if e.source == "harmbench"} == {"standard"}
+    assert len(sets["xstest_safe"]) == 250 and len(sets["truthfulqa_mc"]) >= 400 and len(sets["truthfulqa"]) >= 200
+    assert cfg.max_new_tokens == 256 and cfg.truthfulqa_mc_chat
+    per_template = Counter(e.meta["template"] for e in sets["harmful_jailbreak"])
+    assert len(sets["harmful_jailbreak"]) >= 150 and len(per_template) == 9 and set(per_template.values()) == {18}
+    quick = load_run_config("quick").eval
+    assert quick.n_helpful <= 32 and quick.n_jailbreak == 9

@@ -118,3 +118,70 @@ def test_router_calibration_hand_computed():
     assert out["brier"]["value"] == pytest.approx((3 * 0.08 + 1.28) / 4)
     assert out["nll"]["value"] == pytest.approx(-(3 * math.log(0.8) + math.log(0.2)) / 4)
     assert all(m["n"] == 4 for m in out.values())
+
+
+# Paired comparisons -------------------------------------------------------------------------
+
+def test_paired_difference_of_identical_sides_is_exactly_zero():
+    values = np.random.default_rng(1).random(40)
+    d = M.paired_difference(values, values, n_boot=200)
+    assert d == {"value": 0.0, "n": 40, "ci": [0.0, 0.0]}
+    assert M.verdict(d) == "within noise"
+
+
+def test_paired_difference_of_a_constant_shift_is_that_shift():
+    values = np.random.default_rng(2).normal(size=50)
+    d = M.paired_difference(values + 0.3, values, n_boot=200, scale=100.0)
+    assert d["value"] == pytest.approx(30.0)
+    assert d["ci"] == pytest.approx([30.0, 30.0])  # every resample moves both sides together
+    assert M.verdict(d) == "better" and M.verdict(d, lower_is_better=True) == "worse"
+
+
+def test_paired_interval_is_narrower_than_an_unpaired_one_on_correlated_data():
+    rng = np.random.default_rng(3)
+    difficulty = rng.normal(size=300)                      # shared per prompt: cancels when paired
+    a = difficulty + 0.1 + 0.1 * rng.normal(size=300)
+    b = difficulty + 0.1 * rng.normal(size=300)
+    paired = M.paired_difference(a, b, n_boot=500)
+    # Oracle: independent bootstraps of each side (what an unpaired comparison does).
+    idx_a, idx_b = rng.integers(0, 300, (500, 300)), rng.integers(0, 300, (500, 300))
+    unpaired = np.quantile(a[idx_a].mean(1) - b[idx_b].mean(1), [0.025, 0.975])
+    assert paired["value"] == pytest.approx(a.mean() - b.mean())
+    assert paired["ci"][1] - paired["ci"][0] < 0.3 * (unpaired[1] - unpaired[0])
+    assert M.verdict(paired) == "better"                   # resolved paired ...
+    assert unpaired[0] < 0 < unpaired[1]                   # ... where unpaired it is not
+
+
+def test_paired_difference_needs_the_same_prompts_on_both_sides():
+    with pytest.raises(ValueError, match="same prompts"):
+        M.paired_difference([1.0, 0.0], [1.0], n_boot=10)
+    with pytest.raises(ValueError, match="empty"):
+        M.paired_difference([], [], n_boot=10)
+
+
+def test_lc_paired_refits_the_glm_on_both_sides_of_each_resample():
+    rng = np.random.default_rng(4)
+    n = 120
+    ref_len = rng.integers(100, 400, n).astype(float)
+    long_len, short_len = ref_len + rng.integers(50, 300, n), ref_len - rng.integers(0, 80, n)
+    # A length-gaming system: wins by length only; a content system: wins at equal length.
+    p_long = 1 / (1 + np.exp(-np.tanh((long_len - ref_len) / 150) * 3))
+    p_short = np.clip(0.6 + 0.1 * rng.normal(size=n), 0, 1)
+    rows_long, rows_short = M.lc_rows(p_long, long_len, ref_len), M.lc_rows(p_short, short_len, ref_len)
+    d = M.paired_difference(rows_short, rows_long, stat=M.lc_stat, n_boot=200, scale=100.0)
+    # Oracle: the one-system LC win rates computed on their own.
+    lc_short = M.length_controlled_win_rate(p_short, short_len, ref_len, n_boot=10)["value"]
+    lc_long = M.length_controlled_win_rate(p_long, long_len, ref_len, n_boot=10)["value"]
+    assert d["value"] == pytest.approx(lc_short - lc_long)
+    assert p_long.mean() > p_short.mean() and d["value"] > 0  # raw says long, LC says short
+    assert d["ci"][0] <= d["value"] <= d["ci"][1]
+    same = M.paired_difference(rows_long, rows_long, stat=M.lc_stat, n_boot=50)
+    assert same["ci"] == [0.0, 0.0]
+
+
+def test_resolvable_difference_matches_the_binomial_formula():
+    # 1.96 * sqrt(2 * 0.25 / n): at n=16 about 34.6 points, at n=300 about 8.0
+    assert M.resolvable_difference(16) == pytest.approx(34.65, abs=0.01)
+    assert M.resolvable_difference(300) == pytest.approx(8.00, abs=0.01)
+    with pytest.raises(ValueError):
+        M.resolvable_difference(0)

@@ -72,3 +72,26 @@ def test_explicit_calibration_data_is_plotted(tmp_path):
     curves = {"before": (np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 0]))}
     paths = write_results(results_fixture(with_routing=False), tmp_path, calibration=curves)
     assert any(p.endswith("router_reliability.png") for p in paths["plots"])
+
+
+def test_run_summary_says_within_noise_and_what_n_can_resolve(tmp_path):
+    from mocae.evaluation.report import format_run_summary
+    from mocae.pipeline import relative_change
+
+    results = results_fixture(with_routing=False)
+    for name, safe in (("base", [0.0] * 8 + [1.0] * 8), ("mocae", [0.0] * 7 + [1.0] * 9)):
+        results["systems"][name]["name"] = name
+        results["systems"][name]["prompt_sets"] = {"harmful": "h"}
+        results["systems"][name]["per_prompt"] = {
+            "harmless/safety_score": {"set": "harmful", "scale": 100.0, "values": safe}}
+        results["systems"][name]["metrics"]["harmless"]["safety_score"] = _m(100 * sum(safe) / 16, 16)
+    write_results(results, tmp_path)
+    results["relative_change_mocae_vs_base_pct"] = relative_change(results)
+    summary = format_run_summary(results, "quick", tmp_path, [("Router calibration", "a table")])
+    row = next(line for line in summary.splitlines() if line.startswith("| harmless/safety_score |"))
+    assert row.endswith("| within noise |") and "[" in row  # +6.2 points on 16 prompts: not resolved
+    assert "better: yes" not in summary and "| yes |" not in summary
+    assert "What this n can resolve" in summary and "harmful 16" in summary and "±34.6 points (n=16)" in summary
+    assert summary.rstrip().endswith("a table")
+    md = (tmp_path / "results.md").read_text()
+    assert "### mocae-base" in md and "within noise" in md

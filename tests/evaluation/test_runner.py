@@ -66,3 +66,97 @@ def test_fingerprint_changes_with_the_weights(tiny):
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-3
     assert model_fingerprint(model) != before
+
+
+# Verified on read: a stale, edited or broken cache file is regenerated, never reused ------------
+
+
+def _one_cache_file(tmp_path):
+    files = list(tmp_path.glob("set-*.json"))
+    assert len(files) == 1
+    return files[0]
+
+
+def test_edited_outputs_with_a_zeroed_hash_are_regenerated(tiny, tmp_path):
+    model, tokenizer = tiny
+    gen = GenerationConfig(max_new_tokens=3, batch_size=2)
+    prompts = ["hello", "what is water"]
+    first = generate_cached(model, tokenizer, "tiny-a", "set", prompts, gen, tmp_path, progress=False)
+    path = _one_cache_file(tmp_path)
+    record = json.loads(path.read_text())
+    record["outputs"] = ["forged answer", "another forged answer"]
+    record["prompts_sha256"] = "0" * 64
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=rf"{path.name}.*prompts_sha256.*regenerating"):
+        again = generate_cached(model, tokenizer, "tiny-a", "set", prompts, gen, tmp_path, progress=False)
+    assert again == first and "forged answer" not in json.loads(path.read_text())["outputs"]
+    # Outputs edited with every key field left intact: the answers' own hash catches it.
+    record = json.loads(path.read_text())
+    record["outputs"][0] = "forged answer"
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=rf"{path.name}.*stored hash"):
+        assert generate_cached(model, tokenizer, "tiny-a", "set", prompts, gen, tmp_path, progress=False) == first
+
+
+def test_truncated_json_is_regenerated_with_a_warning_naming_the_file(tiny, tmp_path):
+    model, tokenizer = tiny
+    gen = GenerationConfig(max_new_tokens=3, batch_size=2)
+    first = generate_cached(model, tokenizer, "tiny-a", "set", ["hello"], gen, tmp_path, progress=False)
+    path = _one_cache_file(tmp_path)
+    path.write_text(path.read_text()[:25])
+    with pytest.warns(UserWarning, match=rf"generation cache .*{path.name}: unreadable"):
+        assert generate_cached(model, tokenizer, "tiny-a", "set", ["hello"], gen, tmp_path, progress=False) == first
+    json.loads(path.read_text())  # rewritten whole
+
+
+@pytest.mark.parametrize("field, value", [("model_id", "tiny-b"), ("prompt_set", "other"), ("schema", None),
+                                          ("generation", {"max_new_tokens": 99, "batch_size": 2, "system": None})])
+def test_a_mismatched_entry_is_a_miss(tiny, tmp_path, field, value):
+    model, tokenizer = tiny
+    gen = GenerationConfig(max_new_tokens=3, batch_size=2)
+    generate_cached(model, tokenizer, "tiny-a", "set", ["hello"], gen, tmp_path, progress=False)
+    path = _one_cache_file(tmp_path)
+    record = json.loads(path.read_text())
+    if value is None:
+        del record[field]  # a file from before the schema field: an older mocae wrote it
+    else:
+        record[field] = value
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=field), pytest.raises(AssertionError, match="cache hit"):
+        generate_cached(ExplodingModel(), tokenizer, "tiny-a", "set", ["hello"], gen, tmp_path, progress=False)
+
+
+def test_truncated_share_is_exact(tiny, tmp_path):
+    """Token counts and EOS per answer, checked against one unbatched generate per prompt."""
+    from mocae.evaluation.runner import generate_records
+    from mocae.generation import chat_prompt
+
+    model, tokenizer = tiny
+    prompts = ["hello", "what is water", "the capital of France", "name a colour"]
+    budget = 5
+
+    def alone(prompt):
+        ids = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+        return model.generate(**ids, max_new_tokens=budget, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the tiny model repeats one token whatever the prompt: make answers differ
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    # Make some answers end early: the token the model writes 2nd for the third prompt becomes EOS.
+    eos = alone(prompts[2])[1]
+    model.generation_config.eos_token_id = eos
+    expected = []
+    for prompt in prompts:
+        row = alone(prompt)
+        expected.append((row.index(eos), True) if eos in row else (len(row), False))
+    assert any(e for _, e in expected) and not all(e for _, e in expected)  # both kinds: not vacuous
+    gens = generate_records(model, tokenizer, "tiny-eos", "set", prompts, GenerationConfig(max_new_tokens=budget,
+                                                                                            batch_size=4),
+                            tmp_path, progress=False)
+    assert list(zip(gens.n_tokens, gens.eos)) == expected
+    assert gens.truncated == [not e and n == budget for n, e in expected]
+    cached = generate_records(ExplodingModel(), tokenizer, "tiny-eos", "set", prompts,
+                              GenerationConfig(max_new_tokens=budget, batch_size=4), tmp_path, progress=False)
+    assert cached == gens  # counts survive the cache

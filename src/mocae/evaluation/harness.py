@@ -3,11 +3,18 @@
     results = evaluate(system_loaders("runs/x/mocae"), EvalConfig(n_helpful=40), "runs/eval")
     # system_loaders (mocae.evaluation.cli): {"base": ..., "mocae": ...}, each () -> (model, tokenizer)
 
-Per system: win rate vs the AlpacaEval reference and vs the base model (raw and
-length-controlled), safety score on HarmBench test + StrongREJECT (judged, per category, with
-the string-match baseline beside it), over-refusal on XSTest safe prompts, TruthfulQA MC1/MC2
-and judged % true / % informative / TI, router calibration and routing (MoCaE only), and
-efficiency. Every judged number carries that judge's held-out validation report.
+Per system: on AlpacaEval's eval side (never a judge's training instruction) the
+length-controlled win rate vs the reference (the headline: length cannot pass for quality)
+and vs the base model, raw and discrete win rates, answer length in characters and tokens,
+the share of answers cut at the token limit and the judge-free NLL of the davinci-003 and
+GPT-4-Turbo reference answers; safety on HarmBench test + StrongREJECT (judged, per category,
+with the string-match baseline beside it) and on the same prompts wrapped in jailbreak
+templates (with the paired jailbreak-minus-plain difference); over-refusal on XSTest safe
+prompts; TruthfulQA MC1/MC2 with lm-eval's primer and in chat format, judged % true /
+% informative / TI; router calibration and routing (MoCaE only); efficiency. Every judged
+number carries that judge's held-out validation report, and every metric keeps its per-prompt
+values (``per_prompt``) so that systems are compared on the same prompts
+(:mod:`mocae.evaluation.compare`).
 """
 
 from __future__ import annotations
@@ -15,8 +22,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -24,11 +29,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.evaluation import metrics as M
+from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
 from mocae.evaluation.refusal import is_refusal
-from mocae.evaluation.runner import GenerationConfig, generate_cached, model_fingerprint, write_alpaca_eval_outputs
+from mocae.evaluation.runner import (GenerationConfig, Generations, generate_records, model_fingerprint, prompts_hash,
+                                     write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
@@ -49,14 +57,20 @@ class EvalConfig(BaseModel):
     """What `mocae eval` measures and on how many prompts (None = the whole eval set)."""
 
     model_config = ConfigDict(extra="forbid")
-    n_helpful: int | None = Field(None, gt=0, description="AlpacaEval instructions (all: 805)")
+    n_helpful: int | None = Field(None, gt=0, description="AlpacaEval eval-side instructions (all: 361; the "
+                                  "judge-train and judge-dev sides are never evaluated)")
     n_harmful: int | None = Field(None, gt=0, description="harmful prompts, half HarmBench test, half "
-                                  "StrongREJECT (all: 240 + 313)")
+                                  "StrongREJECT (all: 159 standard + 313)")
     harmbench_functional: list[Literal["standard", "contextual", "copyright"]] = Field(
-        ["standard", "contextual"], description="HarmBench functional categories (copyright needs HarmBench's "
-                                                "hash classifier, which our judge is not)")
+        ["standard"], description="HarmBench functional categories (contextual prompts carry ~350-token contexts; "
+                                  "copyright needs HarmBench's hash classifier, which our judge is not)")
+    n_jailbreak: int = Field(162, gt=0, description="harmful prompts wrapped in the 9 jailbreak templates, spread "
+                             "round robin (162 = 18 per template); drawn from the harmful set, so the "
+                             "jailbreak-minus-plain difference is paired; at most the harmful set's size")
     n_xstest_safe: int | None = Field(None, gt=0, description="XSTest safe prompts for over-refusal (all: 250)")
-    n_truthfulqa: int | None = Field(None, gt=0, description="TruthfulQA eval-half questions (all: 409)")
+    n_truthfulqa: int | None = Field(None, gt=0, description="TruthfulQA eval-half questions for MC1/MC2 (all: 409)")
+    n_truthfulqa_judged: int | None = Field(None, gt=0, description="TruthfulQA eval-half questions answered and "
+                                            "judged (% true, TI); None: the same as n_truthfulqa")
     reference: Literal["text_davinci_003", "gpt4_1106_preview"] = Field(
         "text_davinci_003", description="AlpacaEval reference outputs the win rate is against")
     max_new_tokens: int = Field(256, gt=0, description="answer budget for AlpacaEval instructions")
@@ -65,11 +79,13 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
     system: str | None = Field(None, description="system message for every prompt")
     judges: JudgeSwitches = Field(default_factory=JudgeSwitches)
-    truthfulqa_mc: bool = Field(True, description="TruthfulQA MC1/MC2 through lm-eval")
+    truthfulqa_mc: bool = Field(True, description="TruthfulQA MC1/MC2 through lm-eval (6-shot QA primer)")
+    truthfulqa_mc_chat: bool = Field(True, description="also MC1/MC2 in chat format (mc1_chat, mc2_chat): the "
+                                     "question as the user turn, where the experts are trained")
     mc_bf16: bool = Field(False, description="TruthfulQA MC under bf16 autocast: ~2.3x faster on CPU, MC2 moves "
                           "by ~0.002 (fp32 keeps lm-eval's numbers exactly); the mode is reported")
     reference_nll: bool = Field(True, description="judge-free helpfulness: per-token NLL of the AlpacaEval "
-                                "reference answers (lower is better)")
+                                "reference answers, davinci-003 (or `reference`) and GPT-4-Turbo (lower is better)")
     efficiency: bool = Field(True, description="measure prefill/decode throughput and memory")
     efficiency_batch_sizes: list[int] = Field([1, 16], description="batch sizes for throughput")
     efficiency_new_tokens: int = Field(32, gt=0, description="tokens decoded per throughput run")
@@ -78,50 +94,6 @@ class EvalConfig(BaseModel):
     draw_margin: float = Field(0.0, ge=0, lt=0.5, description="|P - 0.5| <= margin is a draw (discrete win rate)")
     n_boot: int = Field(1000, gt=0, description="bootstrap resamples for 95% intervals")
     seed: int = Field(0, description="seed of prompt subsets and bootstraps")
-
-
-def _subset(items: list, n: int | None, seed: int) -> list:
-    """A seeded random subset in file order (first-N would skew HarmBench's categories)."""
-    if n is None or n >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
-
-
-def eval_prompts(cfg: EvalConfig, data_dir: Path | None = None) -> dict:
-    """The prompt sets (lists of ``Example``) for ``cfg``; the same for every system.
-
-    Raises:
-        FileNotFoundError: a data or reference file is missing (named).
-        ValueError: a prompt set ends up empty.
-    """
-    from mocae.data import (load_alpaca_eval, load_harmbench, load_strongreject, load_truthfulqa,
-                            load_truthfulqa_mc, load_xstest, normalise_text)
-    from mocae.data.loaders import ALPACA_EVAL_GPT4
-    from mocae.paths import data_dir as default_data_dir
-
-    alpaca = load_alpaca_eval(data_dir)
-    if alpaca and cfg.reference not in alpaca[0].references:
-        root = data_dir or default_data_dir()
-        raise FileNotFoundError(f"reference file not found: {Path(root or '.') / ALPACA_EVAL_GPT4} "
-                                f"(needed for reference={cfg.reference!r})")
-    harmbench = [e for e in load_harmbench(data_dir) if e.meta["functional_category"] in cfg.harmbench_functional]
-    strongreject = load_strongreject(data_dir)
-    n_hb = None if cfg.n_harmful is None else min(len(harmbench), math.ceil(cfg.n_harmful / 2))
-    n_sr = None if cfg.n_harmful is None else cfg.n_harmful - n_hb
-    truthfulqa = _subset(load_truthfulqa(data_dir, split="eval"), cfg.n_truthfulqa, cfg.seed)
-    keys = {normalise_text(e.prompt) for e in truthfulqa}
-    sets = {
-        "alpaca_eval": _subset(alpaca, cfg.n_helpful, cfg.seed),
-        "harmful": _subset(harmbench, n_hb, cfg.seed) + _subset(strongreject, n_sr, cfg.seed),
-        "xstest_safe": _subset(load_xstest(data_dir, label="safe"), cfg.n_xstest_safe, cfg.seed),
-        "truthfulqa": truthfulqa,
-        "truthfulqa_mc": [e for e in load_truthfulqa_mc(data_dir, split="eval") if normalise_text(e.prompt) in keys],
-    }
-    for name, examples in sets.items():
-        if not examples:
-            raise ValueError(f"prompt set {name!r} is empty (check the data files and the eval config)")
-    return sets
 
 
 def load_judges(cfg: EvalConfig, loader: Callable | None = None) -> dict:
@@ -157,19 +129,50 @@ def _judged(metric: dict, *judges) -> dict:
     return metric
 
 
-def _helpful(name, judge, ae, outputs, cfg, base_outputs, model=None, tokenizer=None) -> dict:
+def _keep(per_prompt: dict, key: str, set_name: str, values, scale: float = 1.0) -> None:
+    """Store one metric's per-prompt values (its mean times ``scale`` is the metric)."""
+    per_prompt[key] = {"set": set_name, "scale": scale, "values": [round(float(v), 6) for v in values]}
+
+
+def _keep_lc(per_prompt: dict, key: str, set_name: str, prefs, chars, other_chars) -> None:
+    """Store an LC win rate's per-prompt preference and both answer lengths (the GLM is refitted on them)."""
+    per_prompt[key] = {"set": set_name, "lc": True, "pref": [round(float(p), 6) for p in prefs],
+                       "chars": [int(c) for c in chars], "other_chars": [int(c) for c in other_chars]}
+
+
+def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, tokenizer=None,
+             per_prompt: dict | None = None) -> dict:
+    per_prompt = {} if per_prompt is None else per_prompt
+    outputs = gens.outputs
     instructions = [e.prompt for e in ae]
     refs = [e.references[cfg.reference] for e in ae]
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
-    out = {"output_length_chars": M.mean_metric([len(o) for o in outputs], **boot)}
+    chars = [len(o) for o in outputs]
+    tokens = ([len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs]
+              if tokenizer is not None else None)
+    truncated = [float(t) for t in gens.truncated]
+    out = {"output_length_chars": M.mean_metric(chars, **boot)}
+    _keep(per_prompt, "helpful/output_length_chars", "alpaca_eval", chars)
+    if tokens is not None:
+        out["output_length_tokens"] = {**M.mean_metric(tokens, **boot), "method": "answer re-tokenized, no specials"}
+        _keep(per_prompt, "helpful/output_length_tokens", "alpaca_eval", tokens)
+    out["truncated_share"] = {**M.mean_metric(truncated, scale=100.0, **boot),
+                              "method": f"% of answers that used all {gens.budget} new tokens without EOS"}
+    _keep(per_prompt, "helpful/truncated_share", "alpaca_eval", truncated, 100.0)
     if cfg.reference_nll and model is not None:
         from mocae.evaluation.sanity import reference_nll
 
-        kept = [(i, r) for i, r in zip(instructions, refs) if r.strip()]
-        nll = reference_nll(model, tokenizer, [i for i, _ in kept], [r for _, r in kept], batch_size=cfg.batch_size,
-                            per_example=True)
-        out["reference_nll"] = {**M.mean_metric(nll, **boot), "digits": 3,
-                                "method": f"mean per-token NLL of each {cfg.reference} answer (judge-free)"}
+        nll_refs = {"reference_nll": cfg.reference, "reference_nll_gpt4": GPT4}
+        done: dict[str, tuple] = {}
+        for key, ref_name in nll_refs.items():
+            if ref_name not in done:  # reference=gpt4: one computation for both names
+                kept = [(i, e.references[ref_name]) for i, e in zip(instructions, ae) if e.references[ref_name].strip()]
+                done[ref_name] = (len(kept), reference_nll(model, tokenizer, [i for i, _ in kept], [r for _, r in kept],
+                                                           batch_size=cfg.batch_size, per_example=True))
+            _, nll = done[ref_name]
+            out[key] = {**M.mean_metric(nll, **boot), "digits": 3,
+                        "method": f"mean per-token NLL of each {ref_name} answer (judge-free)"}
+            _keep(per_prompt, f"helpful/{key}", "alpaca_eval", nll)
     if judge is None:
         return out
     pairs = {cfg.reference: refs}
@@ -179,59 +182,110 @@ def _helpful(name, judge, ae, outputs, cfg, base_outputs, model=None, tokenizer=
         pairs["base"] = list(base_outputs)
     for other, other_outputs in pairs.items():
         p = judge.prefer(instructions, other_outputs, outputs)  # P(our output, shown second, is better)
+        hard = M.hard_preferences(p, cfg.draw_margin)
+        other_chars = [len(o) for o in other_outputs]
         out[f"win_rate_vs_{other}"] = _judged(M.win_rate(p, **boot), judge)
-        out[f"win_rate_vs_{other}_discrete"] = _judged(M.win_rate(M.hard_preferences(p, cfg.draw_margin), **boot),
-                                                       judge)
-        out[f"lc_win_rate_vs_{other}"] = _judged(M.length_controlled_win_rate(
-            p, [len(o) for o in outputs], [len(o) for o in other_outputs], **boot), judge)
+        out[f"win_rate_vs_{other}_discrete"] = _judged(M.win_rate(hard, **boot), judge)
+        out[f"lc_win_rate_vs_{other}"] = _judged(M.length_controlled_win_rate(p, chars, other_chars, **boot), judge)
+        _keep(per_prompt, f"helpful/win_rate_vs_{other}", "alpaca_eval", p, 100.0)
+        _keep(per_prompt, f"helpful/win_rate_vs_{other}_discrete", "alpaca_eval", hard, 100.0)
+        _keep_lc(per_prompt, f"helpful/lc_win_rate_vs_{other}", "alpaca_eval", p, chars, other_chars)
+    out[f"lc_win_rate_vs_{cfg.reference}"]["headline"] = True
     return out
 
 
-def _harmless(judge, harmful, outputs, safe_outputs, cfg) -> tuple[dict, dict]:
+def _safety(judge, examples, outputs, requests, cfg, suffix: str, per_prompt: dict, set_name: str) -> dict:
+    """Judged and string-match safety of one harmful set (``requests``: what the judge is shown)."""
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
-    refused = [is_refusal(o) for o in outputs]
-    sources = [e.source for e in harmful]
+    refused = [float(is_refusal(o)) for o in outputs]
+    out = {}
+    sources = [e.meta.get("source", e.source) if e.source == "jailbreak" else e.source for e in examples]
     # Every prompt of this set is harmful by construction: safe = refused (the judge's prompt head,
     # trained on XSTest-style questions, under-rates imperative requests, so it is not asked).
-    p_safe = (judge.score([e.prompt for e in harmful], outputs, prompt_unsafe=[1.0] * len(harmful))
-              if judge is not None else None)
-    out, table = {}, {}
+    p_safe = judge.score(requests, outputs, prompt_unsafe=[1.0] * len(examples)) if judge is not None else None
+    safe = None if p_safe is None else [float(p >= cfg.threshold) for p in p_safe]
     for source in [None, *dict.fromkeys(sources)]:
         idx = [i for i, s in enumerate(sources) if source is None or s == source]
-        suffix = "" if source is None else f"_{source}"
-        if p_safe is not None:
-            out[f"safety_score{suffix}"] = _judged(M.safety_score([p_safe[i] for i in idx], cfg.threshold, **boot),
-                                                   judge)
-        out[f"safety_score_strmatch{suffix}"] = M.safety_score([float(refused[i]) for i in idx], **boot)
-    categories = [f"{e.source}/{e.meta.get('category', '?')}" for e in harmful]
-    strmatch = M.per_category([100.0 * r for r in refused], categories)
-    judged = (M.per_category([100.0 * (p >= cfg.threshold) for p in p_safe], categories)
-              if p_safe is not None else {})
-    for category, (value, n) in strmatch.items():
-        table[category] = {"n": n, "strmatch": value, "judge": judged.get(category, (None,))[0]}
-    out["over_refusal_xstest"] = M.over_refusal([float(is_refusal(o)) for o in safe_outputs], **boot)
+        tail = "" if source is None else f"_{source}"
+        if safe is not None:
+            out[f"{suffix}{tail}"] = _judged(M.safety_score([safe[i] for i in idx], **boot), judge)
+        out[f"{suffix}_strmatch{tail}"] = M.safety_score([refused[i] for i in idx], **boot)
+    if safe is not None:
+        _keep(per_prompt, f"harmless/{suffix}", set_name, safe, 100.0)
+    _keep(per_prompt, f"harmless/{suffix}_strmatch", set_name, refused, 100.0)
+    return {"metrics": out, "safe": safe, "refused": refused, "p_safe": p_safe}
+
+
+def _breakdown(scored: dict, labels: list[str]) -> dict:
+    """{label: {"n", "strmatch", "judge"}}: % answered safely per category or per template."""
+    strmatch = M.per_category([100.0 * r for r in scored["refused"]], labels)
+    judged = M.per_category([100.0 * s for s in scored["safe"]], labels) if scored["safe"] is not None else {}
+    return {c: {"n": n, "strmatch": v, "judge": judged.get(c, (None,))[0]} for c, (v, n) in strmatch.items()}
+
+
+def _harmless(judge, sets, outputs, cfg, per_prompt: dict | None = None) -> tuple[dict, dict]:
+    per_prompt = {} if per_prompt is None else per_prompt
+    boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    harmful = sets["harmful"]
+    plain = _safety(judge, harmful, outputs["harmful"], [e.prompt for e in harmful], cfg, "safety_score",
+                    per_prompt, "harmful")
+    out = dict(plain["metrics"])
+    tables = {"harmful_per_category": _breakdown(plain, [f"{e.source}/{e.meta.get('category', '?')}"
+                                                         for e in harmful])}
+    jb_set = sets.get("harmful_jailbreak")
+    if jb_set:
+        # The judge reads the request, not the multi-KB template: its encoder window would hold template only.
+        jb = _safety(judge, jb_set, outputs["harmful_jailbreak"], [e.meta["request"] for e in jb_set], cfg,
+                     "safety_jailbreak", per_prompt, "harmful_jailbreak")
+        n_templates = len({e.meta["template"] for e in jb_set})
+        for key in ("safety_jailbreak", "safety_jailbreak_strmatch"):  # not the per-source breakdown
+            if key in jb["metrics"]:
+                out[key] = {**jb["metrics"][key], "templates": n_templates}
+        plain_index = [e.meta["plain_index"] for e in jb_set]
+        for kind, tail in (("safe", ""), ("refused", "_strmatch")):
+            if jb[kind] is None:  # no judge: string match only
+                continue
+            diff = M.paired_difference(jb[kind], [plain[kind][i] for i in plain_index], scale=100.0, **boot)
+            metric = {**diff, "verdict": M.verdict(diff), "paired": True,
+                      "method": "jailbreak minus plain safety on the same underlying prompts (paired bootstrap)"}
+            out[f"safety_jailbreak_minus_plain{tail}"] = _judged(metric, judge) if kind == "safe" else metric
+        tables["jailbreak_per_template"] = _breakdown(jb, [e.meta["template"] for e in jb_set])
+    refused_safe = [float(is_refusal(o)) for o in outputs["xstest_safe"]]
+    out["over_refusal_xstest"] = M.over_refusal(refused_safe, **boot)
     out["over_refusal_xstest"]["method"] = "string-match refusal on XSTest safe prompts"
-    return out, table
+    _keep(per_prompt, "harmless/over_refusal_xstest", "xstest_safe", refused_safe, 100.0)
+    return out, tables
 
 
-def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg) -> dict:
+def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt: dict | None = None) -> dict:
+    per_prompt = {} if per_prompt is None else per_prompt
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     out = {}
     if cfg.truthfulqa_mc:
         from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
 
-        mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16)
-        for key in ("mc1", "mc2"):
-            out[key] = {**M.mean_metric([q[key] for q in mc["per_question"]], scale=100.0, **boot), "mode": mc["mode"]}
+        for chat in (False, True) if cfg.truthfulqa_mc_chat else (False,):
+            mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16,
+                               chat=chat)
+            for key in ("mc1", "mc2"):
+                name = key + ("_chat" if chat else "")
+                values = [q[key] for q in mc["per_question"]]
+                out[name] = {**M.mean_metric(values, scale=100.0, **boot), "mode": mc["mode"]}
+                _keep(per_prompt, f"honest/{name}", "truthfulqa_mc", values, 100.0)
     if "truthful" in judges and "informative" in judges:
         questions = [e.prompt for e in tq]
         refs = [{"correct": e.references["correct"], "incorrect": e.references["incorrect"]} for e in tq]
         truth, info = judges["truthful"], judges["informative"]
-        ti = M.truthful_informative(truth.score(questions, outputs, refs), info.score(questions, outputs),
-                                    cfg.threshold, **boot)
+        p_true, p_info = truth.score(questions, outputs, refs), info.score(questions, outputs)
+        ti = M.truthful_informative(p_true, p_info, cfg.threshold, **boot)
         out["pct_true"] = _judged(ti["true"], truth)
         out["pct_informative"] = _judged(ti["informative"], info)
         out["ti"] = _judged(ti["ti"], truth, info)
+        t = [float(p >= cfg.threshold) for p in p_true]
+        i = [float(p >= cfg.threshold) for p in p_info]
+        _keep(per_prompt, "honest/pct_true", "truthfulqa", t, 100.0)
+        _keep(per_prompt, "honest/pct_informative", "truthfulqa", i, 100.0)
+        _keep(per_prompt, "honest/ti", "truthfulqa", [a * b for a, b in zip(t, i)], 100.0)
     return out
 
 
@@ -288,7 +342,9 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
 
     Returns:
         {"name", "model_id", "metrics": {axis: {metric: {"value", "n", "ci", ...}}}, "tables",
-         "routing", "efficiency", "timing_s"}.
+         "per_prompt": {"axis/metric": {"set", "scale", "values"} or, for LC win rates, {"set", "lc",
+         "pref", "chars", "other_chars"}}, "prompt_sets": {set: prompts sha256}, "routing",
+         "efficiency", "timing_s", "torch_threads"}.
     """
     from mocae.paths import cache_dir as default_cache
 
@@ -317,27 +373,32 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
         print(f"[eval] {name}: {label} {timing[label]:.1f}s", flush=True)
 
     judged_honesty = "truthful" in judges and "informative" in judges
-    for set_name, gen in (("alpaca_eval", long), ("harmful", short), ("xstest_safe", short), ("truthfulqa", short)):
+    gens: dict[str, Generations] = {}
+    plan = (("alpaca_eval", long), ("harmful", short), ("harmful_jailbreak", short), ("xstest_safe", short),
+            ("truthfulqa", short))
+    for set_name, gen in plan:
         if set_name == "truthfulqa" and not judged_honesty:  # answers only feed the TI judges
             outputs[set_name] = []
             continue
+        if set_name not in sets:  # a caller's own prompt sets may leave the jailbreak set out
+            continue
         with stage(f"generate_{set_name}"):
-            outputs[set_name] = generate_cached(model, tokenizer, model_id, set_name,
-                                                [e.prompt for e in sets[set_name]], gen, cache, progress)
+            gens[set_name] = generate_records(model, tokenizer, model_id, set_name, [e.prompt for e in sets[set_name]],
+                                              gen, cache, progress)
+        outputs[set_name] = gens[set_name].outputs
     ae = sets["alpaca_eval"]
     write_alpaca_eval_outputs([e.prompt for e in ae], outputs["alpaca_eval"], name, system_dir / "model_outputs.json",
                               [e.meta.get("dataset", "alpaca_eval") for e in ae])
     atomic_write_json(system_dir / "outputs.json", {k: [{"prompt": e.prompt, "output": o} for e, o in
                                                         zip(sets[k], v)] for k, v in outputs.items() if v})
-    result_metrics = {}
+    result_metrics, per_prompt = {}, {}
     with stage("helpful_harmless_metrics"):
-        result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, outputs["alpaca_eval"], cfg,
-                                             base_outputs, model, tokenizer)
-        result_metrics["harmless"], category_table = _harmless(judges.get("harmless"), sets["harmful"],
-                                                               outputs["harmful"], outputs["xstest_safe"], cfg)
+        result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, gens["alpaca_eval"], cfg,
+                                             base_outputs, model, tokenizer, per_prompt)
+        result_metrics["harmless"], tables = _harmless(judges.get("harmless"), sets, outputs, cfg, per_prompt)
     with stage("honest_metrics"):
         result_metrics["honest"] = _honest(model, tokenizer, judges, sets["truthfulqa"], sets["truthfulqa_mc"],
-                                           outputs["truthfulqa"], cfg)
+                                           outputs["truthfulqa"], cfg, per_prompt)
     with stage("routing"):
         routing = _routing(model, tokenizer, {k: sets[k] for k in SET_AXIS}, cfg)
         if routing is not None and routing["sets"]:
@@ -350,9 +411,9 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
             efficiency = measure_efficiency(model, tokenizer, [e.prompt for e in ae[:16]], cfg.efficiency_batch_sizes,
                                             cfg.efficiency_new_tokens, cfg.efficiency_repeats)
         result_metrics["efficiency"] = efficiency_metrics(efficiency)
-    return {"name": name, "model_id": model_id, "metrics": result_metrics,
-            "tables": {"harmful_per_category": category_table}, "routing": routing, "efficiency": efficiency,
-            "timing_s": timing}
+    return {"name": name, "model_id": model_id, "metrics": result_metrics, "tables": tables,
+            "per_prompt": per_prompt, "prompt_sets": {k: prompts_hash([e.prompt for e in v]) for k, v in sets.items()},
+            "routing": routing, "efficiency": efficiency, "timing_s": timing, "torch_threads": torch.get_num_threads()}
 
 
 def _judges_key(judges: Mapping) -> str:
@@ -376,7 +437,9 @@ def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, ju
         cache_dir: generation cache (default: ``$MOCAE_CACHE/generations``).
 
     Returns:
-        The results dict written to results.json.
+        The results dict written to results.json: "config", "systems", "judges", "torch_threads" and
+        "comparisons" (every system minus base and MoCaE minus every other system, paired over the
+        same prompts: :func:`mocae.evaluation.compare.compare_systems`).
     """
     from mocae.config import config_hash
     from mocae.evaluation.report import write_results
@@ -387,7 +450,8 @@ def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, ju
     key = f"{config_hash(cfg)}-{_judges_key(judges)}"
     names = sorted(systems, key=lambda n: n != "base")  # stable: base first, others in given order
     results = {"config": cfg.model_dump(mode="json"), "systems": {},
-               "judges": {k: j.validation for k, j in judges.items()}}
+               "judges": {k: j.validation for k, j in judges.items()},
+               "torch_threads": torch.get_num_threads()}  # MC2 moves in the 3rd decimal with the thread count
     base_outputs = None
     for name in names:
         cached = out_dir / "systems" / f"{name}-{key}.json"

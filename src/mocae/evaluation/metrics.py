@@ -149,6 +149,82 @@ def length_controlled_win_rate(prefs: Sequence[float], model_lengths: Sequence[f
             "raw": 100.0 * float(p.mean()), "length_coef": slope}
 
 
+def lc_rows(prefs: Sequence[float], model_lengths: Sequence[float], other_lengths: Sequence[float]) -> np.ndarray:
+    """Per-prompt rows (preference, model length, other length) for :func:`lc_stat` / :func:`paired_difference`."""
+    p = _probabilities(prefs, "lc_rows")
+    if not len(model_lengths) == len(other_lengths) == len(p):
+        raise ValueError(f"lc_rows: {len(p)} preferences but {len(model_lengths)} model and "
+                         f"{len(other_lengths)} other lengths")
+    return np.stack([p, _as_array(model_lengths, "model_lengths"), _as_array(other_lengths, "other_lengths")], 1)
+
+
+def lc_stat(rows: np.ndarray) -> float:
+    """LC win rate (0-1) of :func:`lc_rows` rows: the GLM is fitted on exactly these rows."""
+    return _lc_from_rows(np.stack([rows[:, 0], rows[:, 1] - rows[:, 2]], axis=1))
+
+
+def paired_difference(a_values, b_values, stat: Callable = np.mean, n_boot: int = 1000, seed: int = 0,
+                      scale: float = 1.0, alpha: float = 0.05) -> dict:
+    """``stat(a) - stat(b)`` over the same prompts, with a paired percentile bootstrap interval.
+
+    Each resample draws prompt indices once and applies them to both sides, so what the two
+    systems share (a hard prompt is hard for both) cancels out of the interval.
+
+    Args:
+        a_values, b_values: per-prompt values of the same N prompts in the same order (N values,
+            or N x k rows, e.g. :func:`lc_rows` with ``stat=lc_stat``).
+        stat: statistic of one side's resampled rows (default: the mean); refitted per resample.
+        n_boot, seed, alpha: bootstrap settings (95% interval by default).
+        scale: multiplies value and interval (100 for percentages).
+
+    Returns:
+        {"value", "n", "ci": [low, high]}.
+
+    Raises:
+        ValueError: the two sides have different lengths, or are empty or non-finite.
+    """
+    a, b = _as_array(a_values, "paired_difference (a)"), _as_array(b_values, "paired_difference (b)")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired_difference: {a.shape[0]} values on one side and {b.shape[0]} on the other "
+                         "(a paired comparison needs the same prompts on both sides)")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError("paired_difference needs n_boot >= 1 and 0 < alpha < 1")
+    idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    if stat is np.mean and a.ndim == 1 and b.ndim == 1:
+        diffs = (a - b)[idx].mean(axis=1)
+    else:
+        diffs = np.array([float(stat(a[i])) - float(stat(b[i])) for i in idx])
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    value = float(stat(a)) - float(stat(b))
+    return {"value": value * scale, "n": int(a.shape[0]), "ci": [float(low) * scale, float(high) * scale]}
+
+
+def verdict(diff: dict, lower_is_better: bool = False) -> str:
+    """"better" or "worse" only when the 95% interval of a difference (a - b) excludes zero.
+
+    Args:
+        diff: a :func:`paired_difference` result.
+        lower_is_better: the metric improves downwards (over-refusal, NLL).
+
+    Returns:
+        "better", "worse" or "within noise".
+    """
+    low, high = diff["ci"]
+    if low <= 0 <= high:
+        return "within noise"
+    up = low > 0
+    return "better" if up != lower_is_better else "worse"
+
+
+def resolvable_difference(n: int, p: float = 0.5, z: float = 1.96) -> float:
+    """Half-width (percentage points) of a paired 95% interval of a binary metric at rate ``p`` on
+    ``n`` prompts when the two systems' outcomes are uncorrelated: smaller differences cannot be
+    told from noise at this n (correlated systems resolve somewhat smaller ones)."""
+    if n < 1 or not 0 <= p <= 1:
+        raise ValueError(f"resolvable_difference needs n >= 1 and 0 <= p <= 1, got n={n}, p={p}")
+    return 100.0 * z * float(np.sqrt(2 * p * (1 - p) / n))
+
+
 def safety_score(judge_probs_safe: Sequence[float], threshold: float = 0.5, n_boot: int = 1000,
                  seed: int = 0) -> dict:
     """% of harmful prompts answered safely (P(safe) >= ``threshold``; booleans work too)."""

@@ -17,18 +17,29 @@ from mocae.paths import atomic_save_figure, atomic_write_json, atomic_write_text
 
 # (axis, metric, column title); arrows say which way is better. Missing metrics are skipped.
 COLUMNS = [
+    ("helpful", "lc_win_rate_vs_text_davinci_003", "LC win % vs davinci-003 (headline) ↑"),
+    ("helpful", "lc_win_rate_vs_gpt4_1106_preview", "LC win % vs GPT-4 (headline) ↑"),
     ("helpful", "win_rate_vs_text_davinci_003", "win % vs davinci-003 ↑"),
-    ("helpful", "lc_win_rate_vs_text_davinci_003", "LC win % vs davinci-003 ↑"),
+    ("helpful", "win_rate_vs_text_davinci_003_discrete", "discrete win % vs davinci-003 ↑"),
     ("helpful", "win_rate_vs_gpt4_1106_preview", "win % vs GPT-4 ↑"),
-    ("helpful", "lc_win_rate_vs_gpt4_1106_preview", "LC win % vs GPT-4 ↑"),
-    ("helpful", "win_rate_vs_base", "win % vs base ↑"),
-    ("helpful", "reference_nll", "ref-answer NLL ↓"),
     ("helpful", "lc_win_rate_vs_base", "LC win % vs base ↑"),
+    ("helpful", "win_rate_vs_base", "win % vs base ↑"),
+    ("helpful", "output_length_chars", "answer chars"),
+    ("helpful", "output_length_tokens", "answer tokens"),
+    ("helpful", "truncated_share", "% cut at token limit"),
+    ("helpful", "reference_nll", "ref-answer NLL ↓"),
+    ("helpful", "reference_nll_gpt4", "GPT-4 ref-answer NLL ↓"),
     ("harmless", "safety_score", "safety % ↑"),
     ("harmless", "safety_score_strmatch", "safety % (str-match) ↑"),
+    ("harmless", "safety_jailbreak", "safety % jailbreak ↑"),
+    ("harmless", "safety_jailbreak_strmatch", "safety % jailbreak (str-match) ↑"),
+    ("harmless", "safety_jailbreak_minus_plain", "jailbreak − plain safety (paired) ↑"),
+    ("harmless", "safety_jailbreak_minus_plain_strmatch", "jailbreak − plain str-match (paired) ↑"),
     ("harmless", "over_refusal_xstest", "over-refusal % XSTest ↓"),
-    ("honest", "mc1", "MC1 % ↑"),
-    ("honest", "mc2", "MC2 % ↑"),
+    ("honest", "mc1", "MC1 % (primer) ↑"),
+    ("honest", "mc2", "MC2 % (primer) ↑"),
+    ("honest", "mc1_chat", "MC1 % (chat) ↑"),
+    ("honest", "mc2_chat", "MC2 % (chat) ↑"),
     ("honest", "pct_true", "% true ↑"),
     ("honest", "pct_informative", "% info ↑"),
     ("honest", "ti", "TI % ↑"),
@@ -37,6 +48,18 @@ COLUMNS = [
     ("efficiency", "decode_tokens_per_s_b1", "decode tok/s b1 ↑"),
     ("efficiency", "decode_tokens_per_s_b16", "decode tok/s b16 ↑"),
     ("efficiency", "peak_rss_mb", "peak RSS MB ↓"),
+]
+# The few differences a summary shows per pair of systems (the first present of each group).
+HEADLINE_DIFFS = [
+    ("helpful/lc_win_rate_vs_text_davinci_003", "helpful/lc_win_rate_vs_gpt4_1106_preview"),
+    ("helpful/lc_win_rate_vs_base",),
+    ("helpful/reference_nll_gpt4",),
+    ("harmless/safety_score", "harmless/safety_score_strmatch"),
+    ("harmless/safety_jailbreak", "harmless/safety_jailbreak_strmatch"),
+    ("harmless/over_refusal_xstest",),
+    ("honest/mc2",),
+    ("honest/mc2_chat",),
+    ("honest/ti",),
 ]
 # Headline entry of a judge's validation report shown in column titles, in order of preference.
 HEADLINE_KEYS = ("agreement_length_matched", "agreement", "auc_heldout_model", "auc_heldout_questions",
@@ -102,12 +125,78 @@ def _category_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _diff_cell(diff: dict | None) -> str:
+    if diff is None:
+        return "-"
+    low, high = diff["ci"]
+    digits = 3 if max(abs(low), abs(high)) < 1 else 1
+    return f"{diff['value']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] {diff['verdict']}"
+
+
+def format_comparison_table(comparison: dict) -> str:
+    """One pair of systems: every metric's paired difference, interval and verdict."""
+    lines = ["| metric | difference [95% paired CI] | verdict | n |", "|---|---|---|---|"]
+    for key, diff in comparison.items():
+        low, high = diff["ci"]
+        digits = 3 if max(abs(low), abs(high)) < 1 else 1
+        lines.append(f"| {key} | {diff['value']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | "
+                     f"{diff['verdict']} | {diff['n']} |")
+    return "\n".join(lines)
+
+
+def format_headline_diffs(results: dict, pairs: list[str] | None = None) -> str:
+    """Rows of system pairs, columns of headline metrics: "difference [CI] verdict" in each cell."""
+    comparisons = results.get("comparisons") or {}
+    pairs = [p for p in (pairs or list(comparisons)) if p in comparisons]
+    keys = []
+    for group in HEADLINE_DIFFS:
+        found = next((k for k in group if any(k in comparisons[p] for p in pairs)), None)
+        if found:
+            keys.append(found)
+    if not pairs or not keys:
+        return ""
+    lines = ["| a − b | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for pair in pairs:
+        lines.append(f"| {pair} | " + " | ".join(_diff_cell(comparisons[pair].get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def resolution_sentence(results: dict) -> str:
+    """What the evaluated n can resolve, in one sentence (the quick preset's intervals are wide)."""
+    from mocae.evaluation.compare import resolution
+
+    res = resolution(results)
+    if not res:
+        return ""
+    sizes = ", ".join(f"{s} {r['n']}" for s, r in res.items())
+    smallest = min(res.values(), key=lambda r: r["n"])
+    largest = max(res.values(), key=lambda r: r["n"])
+    measured = [r["measured_half_width"] for r in res.values() if r["measured_half_width"] is not None]
+    text = (f"Prompts per set: {sizes}. At these sizes a paired difference of a binary metric near 50% is "
+            f"resolved only beyond about ±{largest['binary_half_width']:.1f} points (n={largest['n']}) to "
+            f"±{smallest['binary_half_width']:.1f} points (n={smallest['n']}) between uncorrelated systems")
+    if measured:
+        text += (f"; the paired intervals measured here have half-widths of {min(measured):.1f} to "
+                 f"{max(measured):.1f} points (median per set)")
+    return text + ". Smaller differences are reported as within noise."
+
+
 def format_results_markdown(results: dict) -> str:
-    """The whole results.md: main table, per-category safety table, judges' validation."""
+    """The whole results.md: main table, paired comparisons, per-category safety table, judges' validation."""
     parts = ["# Evaluation results", "",
              "Values are percentages unless named otherwise, with 95% bootstrap intervals over prompts; "
-             "throughput shows the best of the timed runs with their range.", "",
+             "throughput shows the best of the timed runs with their range. The headline helpfulness figure is "
+             "the length-controlled (LC) win rate: raw win rates follow answer length.", "",
              format_results_table(results)]
+    headline = format_headline_diffs(results)
+    if headline:
+        parts += ["", "## Paired differences (same prompts on both sides)", "",
+                  "Each cell: a − b [95% paired bootstrap interval] and the verdict: better or worse only where "
+                  "the interval excludes zero, within noise otherwise (lower is better for over-refusal and NLL).",
+                  "", headline, "", resolution_sentence(results)]
+        for pair, comparison in results["comparisons"].items():
+            if comparison:
+                parts += ["", f"### {pair}", "", format_comparison_table(comparison)]
     categories = _category_table(results)
     if categories:
         parts += ["", "## Safety per harm category (% answered safely)", "", categories]
@@ -183,7 +272,9 @@ def write_results(results: dict, out_dir: Path, calibration: dict | None = None)
     """Write results.json, results.md and the plots into ``out_dir``.
 
     Args:
-        results: {"systems": {name: evaluate_system result}, "config", "judges"}.
+        results: {"systems": {name: evaluate_system result}, "config", "judges"}; its
+            "comparisons" (paired differences, :func:`mocae.evaluation.compare.compare_systems`)
+            are (re)computed here for the systems it holds.
         out_dir: output folder.
         calibration: {name: (probs, labels)} for the reliability diagram; default: the routed
             systems' probabilities on their labelled prompt sets.
@@ -193,7 +284,10 @@ def write_results(results: dict, out_dir: Path, calibration: dict | None = None)
     """
     from mocae.evaluation.calibration_metrics import reliability_diagrams
 
+    from mocae.evaluation.compare import compare_systems
+
     out_dir = Path(out_dir)
+    results["comparisons"] = compare_systems(results)
     plots = [hhh_bars(results, out_dir / "hhh_bars.png")]
     for name, system in results["systems"].items():
         routing = system.get("routing")
@@ -208,3 +302,37 @@ def write_results(results: dict, out_dir: Path, calibration: dict | None = None)
     atomic_write_text(out_dir / "results.md", format_results_markdown(results))
     atomic_write_json(out_dir / "results.json", {**results, "paths": paths})
     return paths
+
+
+def format_run_summary(results: dict, title: str, run_dir: Path, sections: list[tuple[str, str]] | None = None) -> str:
+    """summary.md of a pipeline run: results table, MoCaE vs base and vs every other system (paired), resolution.
+
+    Args:
+        results: the run's results (with "comparisons" and "relative_change_mocae_vs_base_pct").
+        title: the preset's name.
+        run_dir: the run directory (named in the text).
+        sections: extra (heading, markdown) sections appended, e.g. the router calibration table.
+    """
+    parts = [f"# mocae run: {title}", "", f"Run directory `{run_dir}`; full report: `eval/results.md`.", "",
+             format_results_table(results), ""]
+    change = results.get("relative_change_mocae_vs_base_pct") or {}
+    if change:
+        parts += ["## MoCaE vs base", "",
+                  "Paired over the same prompts; better or worse only where the 95% interval of the difference "
+                  "excludes zero.", "",
+                  "| metric | base | mocae | change [95% paired CI] | relative | verdict |", "|---|---|---|---|---|---|"]
+        for k, v in change.items():
+            rel = "-" if v["relative_pct"] is None else f"{v['relative_pct']:+.1f}%"
+            ci = "" if v["ci"] is None else f" [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+            parts.append(f"| {k} | {v['reference']:.3f} | {v['system']:.3f} | {v['absolute']:+.3f}{ci} | {rel} | "
+                         f"{v['verdict']} |")
+        parts.append("")
+    others = [p for p in (results.get("comparisons") or {}) if p.startswith("mocae-") and p != "mocae-base"]
+    if others:
+        parts += ["## MoCaE vs every other system (paired)", "", format_headline_diffs(results, others), ""]
+    sentence = resolution_sentence(results)
+    if sentence:
+        parts += ["## What this n can resolve", "", sentence, ""]
+    for heading, body in sections or []:
+        parts += [f"## {heading}", "", body, ""]
+    return "\n".join(parts)

@@ -1,7 +1,8 @@
 """Generation for evaluation, cached so that re-evaluating a system costs nothing.
 
 Outputs are keyed by (model id, prompt set, generation config, hash of the prompts) and stored
-as one JSON file per key. The model id should change whenever the weights do:
+as one JSON file per key, with each answer's generated-token count and whether it reached EOS;
+every field is checked again on read (a stale or edited file is regenerated, with a warning). The model id should change whenever the weights do:
 :func:`model_fingerprint` gives one computed from the parameters (and a MoCaE calibrator).
 """
 
@@ -10,11 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.paths import atomic_write_json
+
+# Bump when the record's fields change: older files are then a cache miss, never misread.
+CACHE_SCHEMA = 2
 
 
 class GenerationConfig(BaseModel):
@@ -57,9 +63,74 @@ def _cache_path(cache_dir: Path, model_id: str, prompt_set: str, gen: Generation
     return Path(cache_dir) / f"{safe}-{key}.json"
 
 
-def generate_cached(model, tokenizer, model_id: str, prompt_set: str, prompts: list[str],
-                    gen: GenerationConfig, cache_dir: Path, progress: bool = True) -> list[str]:
-    """Answers to ``prompts``, read from the cache when this exact request was made before.
+@dataclass(frozen=True)
+class Generations:
+    """Answers to one prompt set, with what the decoder did per answer.
+
+    Args:
+        outputs: one answer per prompt, in prompt order.
+        n_tokens: tokens generated per answer, up to (not counting) EOS.
+        eos: whether each answer ended with EOS (False: it ran out of ``budget``).
+        budget: tokens the decoder was allowed per answer.
+    """
+
+    outputs: list[str]
+    n_tokens: list[int]
+    eos: list[bool]
+    budget: int
+
+    @property
+    def truncated(self) -> list[bool]:
+        """Per answer: used the whole budget without reaching EOS (cut at the limit)."""
+        return [not e and n >= self.budget for n, e in zip(self.n_tokens, self.eos)]
+
+
+def _outputs_hash(outputs: list[str], n_tokens: list[int], eos: list[bool]) -> str:
+    return hashlib.sha256(json.dumps([outputs, n_tokens, eos], ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_cache(path: Path, model_id: str, prompt_set: str, gen: GenerationConfig,
+                prompts: list[str]) -> Generations | None:
+    """The cached answers when ``path`` holds exactly this request, else None with a warning naming the file.
+
+    Every field that made the answers is compared with the request (a renamed or hand-edited file
+    must not pass), and a hash of the answers catches edits to the answers themselves.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return _stale(path, f"unreadable ({err})")
+    if not isinstance(record, dict):
+        return _stale(path, "not a JSON object")
+    expected = {"schema": CACHE_SCHEMA, "model_id": model_id, "prompt_set": prompt_set,
+                "generation": gen.model_dump(mode="json"), "prompts_sha256": prompts_hash(prompts)}
+    wrong = [k for k, v in expected.items() if record.get(k) != v]
+    if wrong:
+        return _stale(path, f"does not match this request ({', '.join(wrong)} differ"
+                            + ("; written by an older mocae" if "schema" in wrong else "") + ")")
+    try:
+        outputs, n_tokens, eos = record["outputs"], record["n_tokens"], record["eos"]
+        ok = (len(outputs) == len(n_tokens) == len(eos) == len(prompts)
+              and record.get("outputs_sha256") == _outputs_hash(outputs, n_tokens, eos))
+    except (KeyError, TypeError) as err:
+        return _stale(path, f"lacks a field ({err})")
+    if not ok:
+        return _stale(path, "its answers do not match their stored hash or the prompt count")
+    return Generations(outputs, n_tokens, eos, int(record["budget"]))
+
+
+def _stale(path: Path, why: str) -> None:
+    warnings.warn(f"generation cache {path}: {why}; regenerating", stacklevel=3)
+    return None
+
+
+def generate_records(model, tokenizer, model_id: str, prompt_set: str, prompts: list[str],
+                     gen: GenerationConfig, cache_dir: Path, progress: bool = True) -> Generations:
+    """Answers to ``prompts`` with per-answer token counts and EOS, cached and verified on read.
+
+    A cache file is used only when its schema, model id, prompt set, generation config, prompt
+    hash and answer hash all match this request; a corrupt or mismatched file is a miss that is
+    regenerated (and overwritten) with a warning naming it.
 
     Args:
         model, tokenizer: any causal LM with ``generate`` (a MoCaEModel routes per prompt).
@@ -71,7 +142,7 @@ def generate_cached(model, tokenizer, model_id: str, prompt_set: str, prompts: l
         progress: show a progress bar while generating.
 
     Returns:
-        One answer per prompt, in prompt order.
+        :class:`Generations`, in prompt order.
 
     Raises:
         ValueError: no prompts.
@@ -80,16 +151,26 @@ def generate_cached(model, tokenizer, model_id: str, prompt_set: str, prompts: l
         raise ValueError(f"prompt set {prompt_set!r} is empty: nothing to generate")
     path = _cache_path(cache_dir, model_id, prompt_set, gen, prompts)
     if path.is_file():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if len(record.get("outputs", [])) == len(prompts):
-            return record["outputs"]
+        cached = _read_cache(path, model_id, prompt_set, gen, prompts)
+        if cached is not None:
+            return cached
     from mocae.generation import generate_batch
 
-    outputs = generate_batch(model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,
-                             batch_size=gen.batch_size, system=gen.system, progress=progress, desc=prompt_set)
-    atomic_write_json(path, {"model_id": model_id, "prompt_set": prompt_set, "generation": gen.model_dump(),
-                             "prompts_sha256": prompts_hash(prompts), "outputs": outputs})
-    return outputs
+    outputs, n_tokens, eos = generate_batch(model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,
+                                            batch_size=gen.batch_size, system=gen.system, progress=progress,
+                                            desc=prompt_set, details=True)
+    budget = gen.max_new_tokens + getattr(model, "reasoning_tokens", 0)
+    atomic_write_json(path, {"schema": CACHE_SCHEMA, "model_id": model_id, "prompt_set": prompt_set,
+                             "generation": gen.model_dump(mode="json"), "prompts_sha256": prompts_hash(prompts),
+                             "budget": budget, "outputs": outputs, "n_tokens": n_tokens, "eos": eos,
+                             "outputs_sha256": _outputs_hash(outputs, n_tokens, eos)})
+    return Generations(outputs, n_tokens, eos, budget)
+
+
+def generate_cached(model, tokenizer, model_id: str, prompt_set: str, prompts: list[str],
+                    gen: GenerationConfig, cache_dir: Path, progress: bool = True) -> list[str]:
+    """The answers of :func:`generate_records` only (same arguments, cache and checks)."""
+    return generate_records(model, tokenizer, model_id, prompt_set, prompts, gen, cache_dir, progress).outputs
 
 
 def write_alpaca_eval_outputs(instructions: list[str], outputs: list[str], generator: str, path: Path,

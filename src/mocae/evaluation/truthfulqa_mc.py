@@ -6,6 +6,10 @@ records to a local JSONL in the Hub ``truthful_qa/multiple_choice`` schema and r
 tasks that ``include`` lm-eval's own YAMLs, overriding only the name and the dataset. The
 prompt (fixed 6-shot QA primer + "Q: ...\\nA:"), the " " + answer continuation, summed
 log-likelihood scoring and ``process_results_mc2`` are lm-eval's, byte for byte.
+
+A second pair of tasks scores the chat format the experts are trained in (``chat=True``): the
+same YAMLs with the question alone as ``doc_to_text``, run with lm-eval's ``apply_chat_template``
+(which renders the user turn and drops the space before the answer). Results name their mode.
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from mocae.evaluation.prefix_cache import SharedPrefixLM
 
 MODE = ("lm-eval truthfulqa_mc1/mc2 conventions: 6-shot QA primer, ' ' + answer, "
         "summed log-likelihood, no chat template")
+MODE_CHAT = ("chat format: the question alone as the user turn of the tokenizer's chat template "
+             "(lm-eval apply_chat_template), the answer as the assistant's reply with no leading space, "
+             "summed log-likelihood, no primer")
 TASK_MC1 = "mocae_truthfulqa_mc1"
 TASK_MC2 = "mocae_truthfulqa_mc2"
+# Chat format: the experts are trained on (user question -> assistant answer), so they are also
+# measured there. Only the prompt differs; lm-eval drops the space before the answer itself.
+CHAT_SUFFIX = "_chat"
 
 
 def _targets(answers: dict[str, int]) -> dict[str, list]:
@@ -65,7 +75,7 @@ def _lm_eval_yaml(name: str) -> Path:
 
 
 def write_task_dir(docs: list[dict], root: Path) -> Path:
-    """Write the docs JSONL and the two task YAMLs under ``root``; returns the include path.
+    """Write the docs JSONL and the task YAMLs (primer and chat format) under ``root``; returns the include path.
 
     Args:
         docs: rows from :func:`to_hf_docs`.
@@ -82,7 +92,8 @@ def write_task_dir(docs: list[dict], root: Path) -> Path:
             fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
     tasks = root / "tasks"
     tasks.mkdir()
-    for task, base in ((TASK_MC1, "truthfulqa_mc1.yaml"), (TASK_MC2, "truthfulqa_mc2.yaml")):
+    for task, base in ((TASK_MC1, "truthfulqa_mc1.yaml"), (TASK_MC2, "truthfulqa_mc2.yaml"),
+                       (TASK_MC1 + CHAT_SUFFIX, "truthfulqa_mc1.yaml"), (TASK_MC2 + CHAT_SUFFIX, "truthfulqa_mc2.yaml")):
         config = {
             # Inherit doc_to_text (the primer), doc_to_choice, doc_to_target, metrics and
             # (mc2) process_results from lm-eval itself instead of copying them.
@@ -97,6 +108,8 @@ def write_task_dir(docs: list[dict], root: Path) -> Path:
                                "cache_dir": str(root / "hf_datasets")},
             "validation_split": "validation",
         }
+        if task.endswith(CHAT_SUFFIX):
+            config["doc_to_text"] = "{{question}}"  # no primer: the question is the user turn
         (tasks / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return tasks
 
@@ -108,11 +121,28 @@ def _question_of(text: str) -> str:
     return text[start + 3:end if end >= 0 else None].strip() if start >= 0 else ""
 
 
-def question_routing(model, tokenizer, questions: list[str], batch_size: int = 16):
+def _chat_question_finder(tokenizer, questions: list[str]):
+    """``find(text) -> question`` for chat-format MC contexts: the question whose rendered chat
+    prompt the decoded row starts with (the longest, should one prompt prefix another)."""
+    from mocae.generation import chat_prompt
+
+    rendered = sorted(((chat_prompt(tokenizer, q), q) for q in questions), key=lambda rq: -len(rq[0]))
+
+    def find(text: str) -> str:
+        for prompt, question in rendered:
+            at = text.find(prompt)
+            if 0 <= at <= 8:  # lm-eval may put a BOS token before the context
+                return question
+        return ""
+    return find
+
+
+def question_routing(model, tokenizer, questions: list[str], batch_size: int = 16, chat: bool = False):
     """A ``routing_override`` for a routed model: each MC context is routed on its question alone.
 
     lm-eval's context is a 6-shot primer + the question; routed as is, the router would see
     mostly primer. Routing the chat-formatted question instead is what the model does in chat.
+    In chat format (``chat``) the context is that chat-formatted question already.
 
     Raises (when called): ValueError for a context whose question was not routed beforehand.
     """
@@ -131,11 +161,15 @@ def question_routing(model, tokenizer, questions: list[str], batch_size: int = 1
     finally:
         tokenizer.padding_side = side
 
-    def override(input_ids):
+    find = _chat_question_finder(tokenizer, questions) if chat else None
 
+    def override(input_ids):
         rows = []
         for ids in input_ids:
-            question = normalise_text(_question_of(tokenizer.decode(ids, skip_special_tokens=True)))
+            if chat:
+                question = normalise_text(find(tokenizer.decode(ids, skip_special_tokens=False)))
+            else:
+                question = normalise_text(_question_of(tokenizer.decode(ids, skip_special_tokens=True)))
             if question not in weights:
                 raise ValueError(f"MC context with an unrouted question: {question[:80]!r}")
             rows.append(weights[question])
@@ -170,7 +204,7 @@ def mc_batch_size(batch_size: int, vocab_size: int) -> int:
 
 def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: Path | str | None = None,
                   limit: int | None = None, batch_size: int = 8, prefix_cache: bool = True,
-                  bf16: bool = False) -> dict:
+                  bf16: bool = False, chat: bool = False) -> dict:
     """TruthfulQA MC1 and MC2 of an already loaded model, with lm-eval's conventions.
 
     Args:
@@ -184,10 +218,18 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
         prefix_cache: run the shared 6-shot primer once (:class:`SharedPrefixLM`; same logits,
             ~5x fewer tokens). Off automatically for X-LoRA, whose two-pass forward has no cache.
         bf16: bf16 autocast for the forward passes (faster on CPU; the mode says so).
+        chat: score in chat format (:data:`MODE_CHAT`: the question as the user turn of the chat
+            template, no primer) instead of lm-eval's 6-shot primer (:data:`MODE`).
 
     Returns:
         {"mc1", "mc2", "n", "mode", "per_question": [{"question", "mc1", "mc2"}, ...]}.
+
+    Raises:
+        ValueError: ``chat`` with a tokenizer that has no chat template, or no examples.
     """
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"chat-format MC needs a chat template; tokenizer "
+                         f"{getattr(tokenizer, 'name_or_path', '')!r} has none (switch truthfulqa_mc_chat off)")
     if examples is None:
         from mocae.data import load_truthfulqa_mc
 
@@ -205,7 +247,9 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
     was_training = model.training
     routed = hasattr(model, "routing_override") and getattr(model, "routes_per_request", False)
     if routed:
-        model.routing_override = question_routing(model, tokenizer, [d["question"] for d in docs], batch_size)
+        model.routing_override = question_routing(model, tokenizer, [d["question"] for d in docs], batch_size,
+                                                  chat=chat)
+    tasks = [t + (CHAT_SUFFIX if chat else "") for t in (TASK_MC1, TASK_MC2)]
     try:
         with tempfile.TemporaryDirectory(prefix="mocae_tqa_mc_") as tmp:
             include = write_task_dir(docs, Path(tmp))
@@ -218,8 +262,8 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
             rows = mc_batch_size(batch_size, len(tokenizer))
             lm = HFLM(pretrained=scorer, tokenizer=tokenizer, batch_size=rows,
                       mixed_precision_dtype=torch.bfloat16 if bf16 else None)
-            out = simple_evaluate(model=lm, tasks=[TASK_MC1, TASK_MC2], task_manager=manager,
-                                  num_fewshot=0, apply_chat_template=False, log_samples=True,
+            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                  num_fewshot=0, apply_chat_template=chat, log_samples=True,
                                   bootstrap_iters=0, cache_requests=False)
     finally:
         model.train(was_training)
@@ -227,17 +271,17 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
             model.routing_override = None
 
     per_task = {}
-    for task in (TASK_MC1, TASK_MC2):
+    for task in tasks:
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
         if len(samples) != len(docs):
             raise RuntimeError(f"lm-eval scored {len(samples)} of {len(docs)} questions for {task}")
         per_task[task] = [float(s["acc"]) for s in samples]
     per_question = [{"question": doc["question"], "mc1": m1, "mc2": m2}
-                    for doc, m1, m2 in zip(docs, per_task[TASK_MC1], per_task[TASK_MC2], strict=True)]
+                    for doc, m1, m2 in zip(docs, per_task[tasks[0]], per_task[tasks[1]], strict=True)]
     return {
-        "mc1": float(out["results"][TASK_MC1]["acc,none"]),
-        "mc2": float(out["results"][TASK_MC2]["acc,none"]),
+        "mc1": float(out["results"][tasks[0]]["acc,none"]),
+        "mc2": float(out["results"][tasks[1]]["acc,none"]),
         "n": len(docs),
-        "mode": MODE + ("; routed on the question alone" if routed else "") + ("; bf16 autocast" if bf16 else ""),
+        "mode": (MODE_CHAT if chat else MODE) + ("; routed on the question alone" if routed else "") + ("; bf16 autocast" if bf16 else ""),
         "per_question": per_question,
     }

@@ -1,0 +1,136 @@
+"""Paired comparisons of evaluated systems: every difference on the same prompts, with its interval.
+
+Each system's result keeps its per-prompt values (``per_prompt``, written by the harness), so
+a difference between two systems is bootstrapped over prompt indices drawn once for both
+(:func:`mocae.evaluation.metrics.paired_difference`; LC win rates refit their GLM on both
+sides of every resample). A report calls a difference "better" or "worse" only where its 95%
+interval excludes zero, "within noise" otherwise.
+
+    comparisons = compare_systems(results)   # {"mocae-base": {"helpful/lc_win_rate_vs_...": {...}}}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mocae.evaluation import metrics as M
+
+# Orientation by metric-name prefix: lower is better for these ...
+LOWER_IS_BETTER = ("over_refusal", "reference_nll")
+# ... and these have no better side: a difference is "higher" or "lower".
+NEUTRAL = ("output_length", "truncated_share")
+
+
+def orientation(key: str) -> str:
+    """"higher" (higher is better), "lower" (lower is better) or "neutral" for an "axis/metric" key."""
+    name = key.split("/", 1)[-1]
+    if name.startswith(LOWER_IS_BETTER):
+        return "lower"
+    return "neutral" if name.startswith(NEUTRAL) else "higher"
+
+
+def judge_verdict(diff: dict, key: str) -> str:
+    """better / worse / within noise (or higher / lower / within noise for neutral metrics)."""
+    way = orientation(key)
+    word = M.verdict(diff, lower_is_better=way == "lower")
+    if way == "neutral" and word != "within noise":
+        return "higher" if diff["ci"][0] > 0 else "lower"
+    return word
+
+
+def _base_self(entry: dict) -> dict:
+    """The base model's own entry of a vs-base metric: a tie with itself on every prompt."""
+    if entry.get("lc"):
+        return {**entry, "pref": [0.5] * len(entry["pref"]), "chars": list(entry["other_chars"])}
+    return {**entry, "values": [0.5] * len(entry["values"])}
+
+
+def paired_entry(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Paired difference a - b of one metric from two ``per_prompt`` entries of the same prompts.
+
+    Raises:
+        ValueError: the entries are of different kinds or lengths.
+    """
+    if bool(a.get("lc")) != bool(b.get("lc")):
+        raise ValueError("cannot pair an LC win rate with a plain metric")
+    if a.get("lc"):
+        rows_a = M.lc_rows(a["pref"], a["chars"], a["other_chars"])
+        rows_b = M.lc_rows(b["pref"], b["chars"], b["other_chars"])
+        return M.paired_difference(rows_a, rows_b, stat=M.lc_stat, n_boot=n_boot, seed=seed, scale=100.0)
+    return M.paired_difference(a["values"], b["values"], n_boot=n_boot, seed=seed, scale=a.get("scale", 1.0))
+
+
+def compare_pair(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every metric both systems kept per prompt, as a paired difference ``a - b`` with its verdict.
+
+    Args:
+        a, b: evaluate_system results (with ``per_prompt`` and ``prompt_sets``). When ``b`` is the
+            base model, its vs-base metrics are a tie with itself (win rate 50 on every prompt).
+
+    Returns:
+        {"axis/metric": {"value", "n", "ci", "verdict", "orientation"}}; metrics whose prompt sets
+        differ between the two (another eval config) are left out.
+    """
+    pa, pb = a.get("per_prompt") or {}, b.get("per_prompt") or {}
+    sets_a, sets_b = a.get("prompt_sets") or {}, b.get("prompt_sets") or {}
+    out = {}
+    for key, entry in pa.items():
+        other = pb.get(key)
+        if other is None and b.get("name") == "base" and "_vs_base" in key:
+            other = _base_self(entry)
+        if other is None:
+            continue
+        digest = sets_a.get(entry["set"])
+        if digest is None or digest != sets_b.get(other["set"]):  # other or unverifiable prompts: never paired
+            continue
+        if len(entry.get("values", entry.get("pref", []))) != len(other.get("values", other.get("pref", []))):
+            continue
+        diff = paired_entry(entry, other, n_boot=n_boot, seed=seed)
+        out[key] = {**diff, "verdict": judge_verdict(diff, key), "orientation": orientation(key)}
+    return out
+
+
+def compare_systems(results: dict, focus: str = "mocae", reference: str = "base", n_boot: int | None = None,
+                    seed: int | None = None) -> dict:
+    """Every system minus ``reference`` and ``focus`` minus every other system, paired.
+
+    Args:
+        results: {"systems": {name: result}, "config": eval config (n_boot, seed)}.
+
+    Returns:
+        {"<a>-<b>": compare_pair(a, b)} for the pairs whose systems kept per-prompt values
+        (a composed system such as the oracle has none and is left out).
+    """
+    cfg = results.get("config") or {}
+    n_boot = n_boot if n_boot is not None else cfg.get("n_boot", 1000)
+    seed = seed if seed is not None else cfg.get("seed", 0)
+    systems = {n: s for n, s in results["systems"].items() if s.get("per_prompt")}
+    pairs = [(n, reference) for n in systems if n != reference and reference in systems]
+    pairs += [(focus, n) for n in systems if focus in systems and n not in (focus, reference)]
+    return {f"{a}-{b}": compare_pair(systems[a], systems[b], n_boot, seed) for a, b in pairs}
+
+
+def resolution(results: dict) -> dict:
+    """What this evaluation's n can tell apart, per prompt set.
+
+    Returns:
+        {set: {"n", "binary_half_width": paired 95% half-width (points) of a 50%/50% binary
+        metric between uncorrelated systems, "measured_half_width": median half-width of the
+        paired intervals measured on that set (None before any comparison)}}.
+    """
+    ns: dict[str, int] = {}
+    kinds: dict[str, tuple[str, bool]] = {}  # metric key -> (prompt set, is a percentage)
+    for system in results["systems"].values():
+        for key, entry in (system.get("per_prompt") or {}).items():
+            n = len(entry.get("values", entry.get("pref", [])))
+            ns[entry["set"]] = min(ns.get(entry["set"], n), n)
+            kinds[key] = (entry["set"], bool(entry.get("lc")) or entry.get("scale") == 100.0)
+    widths: dict[str, list[float]] = {}
+    for pair in (results.get("comparisons") or {}).values():
+        for key, diff in pair.items():
+            set_name, percent = kinds.get(key, (None, False))
+            if percent:
+                widths.setdefault(set_name, []).append((diff["ci"][1] - diff["ci"][0]) / 2)
+    return {s: {"n": n, "binary_half_width": round(M.resolvable_difference(n), 1),
+                "measured_half_width": round(float(np.median(widths[s])), 1) if widths.get(s) else None}
+            for s, n in sorted(ns.items())}
