@@ -28,6 +28,7 @@ from mocae import AXES
 from mocae.config import config_hash, load_config, resolve_preset
 from mocae.evaluation.harness import EvalConfig
 from mocae.experts.config import ExpertConfig
+from mocae.mixture.decide import DecisionConfig
 from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
 from mocae.systems import SYSTEMS, BaselinesConfig, SystemName
@@ -76,6 +77,8 @@ class RunConfig(BaseModel):
     router: RouterFitConfig = Field(default_factory=RouterFitConfig)
     router_input: Literal["embedding", "hidden"] = Field("embedding", description="sequence router input")
     feature_layer: int | None = Field(None, description="hidden router input: pooled layer (None = middle)")
+    decision: DecisionConfig = Field(default_factory=DecisionConfig, description=(
+        "MoCaE routing mode: soft blend, top1, harm gate (threshold fitted on calib to gate_budget) or gate+top1"))
     systems: list[SystemName] = Field(
         ["base", "expert_helpful", "expert_harmless", "expert_honest", "task_arithmetic", "mocae"],
         description=f"systems to build and evaluate, of: {', '.join(SYSTEMS)}")
@@ -159,7 +162,7 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     print("[mocae] fitting the router and calibrators", flush=True)
     model = MoCaEModel.build(MoCaEConfig(
         backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
-        router_input=cfg.router_input, feature_layer=cfg.feature_layer))
+        router_input=cfg.router_input, feature_layer=cfg.feature_layer, decision=cfg.decision.model_copy()))
     report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)

@@ -304,7 +304,8 @@ def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
             for start in range(0, len(texts), cfg.batch_size):
                 batch = tokenizer(texts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
                                   add_special_tokens=False)
-                probs += model.route(batch["input_ids"], batch["attention_mask"]).tolist()
+                route = getattr(model, "routing_probs", model.route)  # probabilities, not the decision
+                probs += route(batch["input_ids"], batch["attention_mask"]).tolist()
             axis = SET_AXIS.get(name)
             routing["sets"][name] = {"label": model.axes.index(axis) if axis in model.axes else None,
                                      "probs": [[round(p, 5) for p in row] for row in probs]}

@@ -7,7 +7,12 @@
    mean over samples), optionally with an entropy bonus/penalty and KL to uniform (TrinityX).
 3. Calibrators: each fitted on the ``calib`` split (never seen by the router), reported with
    accuracy, ECE (15 bins), Brier and NLL on the in-distribution ``test`` and the ``shifted``
-   split, next to the uncalibrated router.
+   split, next to the uncalibrated router. The importance calibrator's prior follows
+   ``prior_mode`` (``mocae.mixture.decide.prior_weights``).
+4. Decision (``fit_decision``): the harm gate's threshold fitted on the ``calib`` split to the
+   model's over-refusal budget, and what each routing mode does there (``mocae.mixture.decide``).
+
+Optionally, between 2 and 3, ``train_router_lm``: the LM loss of completions through the mixture.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,9 +40,16 @@ class RouterFitConfig(BaseModel):
     kl_uniform_weight: float = Field(0.0, ge=0, description="+ weight * KL(p || uniform)")
     lm_loss_weight: float = Field(0.0, ge=0, description="> 0 adds the LM loss through the mixture "
                                   "on held-out prompt/completion pairs of every axis")
-    lm_steps: int = Field(20, gt=0, description="router steps with the LM loss (batch of lm_batch_size)")
+    lm_steps: int = Field(100, gt=0, description="router steps with the LM loss (batch of lm_batch_size)")
     lm_batch_size: int = Field(4, gt=0)
-    lm_examples_per_axis: int = Field(32, gt=0)
+    lm_examples_per_axis: int = Field(64, gt=0, description="completions per expert source (never eval-side)")
+    lm_learning_rate: float | None = Field(None, gt=0, description="LM-loss steps' lr (None: learning_rate / 10)")
+    lm_max_length: int = Field(256, gt=0, description="tokens per prompt + completion row")
+    prior_mode: Literal["importance", "uniform", "importance_normalised"] = Field(
+        "importance", description="gamma of the importance calibrator: TrinityX's (follows task-vector norms), "
+                                  "uniform, or importance on unit-norm task vectors (mocae.mixture.decide)")
+    fit_gate_threshold: bool = Field(True, description="fit the harm gate threshold on the calib split to the "
+                                                       "model's decision.gate_budget (False: keep the model's)")
     calibrators: list[str] = Field(default_factory=lambda: ["none", "temperature", "importance", "fractal"],
                                    description="calibrators to fit and report")
     default_calibrator: str = Field(
@@ -107,39 +120,54 @@ def lm_examples(cfg: RouterFitConfig, data_dir: Path | None = None) -> list[tupl
     """(prompt, completion, axis label) pairs for the LM loss through the mixture.
 
     Taken from the far end of each expert source's shuffled order (Alpaca, safety refusals,
-    TruthfulQA training-half answers), which the quick/full experts do not reach.
+    TruthfulQA training-half answers), which the quick/full experts do not reach. A row whose
+    prompt is on the evaluation side of any benchmark (``eval_side_prompts``) is never used.
     """
     import random
 
     from mocae.data import expand_truthfulqa_answers, load_alpaca, load_safety_refusals, load_truthfulqa
+    from mocae.experts.preference import eval_side_prompts
 
+    guard = eval_side_prompts(data_dir)
     sources = [load_alpaca(data_dir), load_safety_refusals(data_dir),
                expand_truthfulqa_answers(load_truthfulqa(data_dir, split="train"))]
     pairs = []
     for label, rows in enumerate(sources):
-        rows = [r for r in rows if r.completion]
+        rows = [r for r in rows if r.completion and guard.which(r.prompt) is None]
         random.Random(cfg.seed + 7).shuffle(rows)
         pairs += [(r.prompt, r.completion, label) for r in rows[-cfg.lm_examples_per_axis:]]
     return pairs
 
 
-def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn) -> list[float]:
-    """Router steps on gating CE + ``lm_loss_weight`` * LM loss of completions through the mixture.
+def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn, progress: bool = True) -> list[float]:
+    """``cfg.lm_steps`` router steps on gating CE + ``lm_loss_weight`` * LM loss of completions
+    through the mixture (soft weights: the decision modes are not differentiable).
 
-    Gradients reach only the router: the experts' stacked factors are detached and the
-    backbone is frozen, so this tunes how much of each expert a prompt gets.
+    The router features of every pair's prompt are computed once (``features_fn(prompts)``, the
+    mixture off); each step draws ``lm_batch_size`` pairs. Gradients reach only the router: the
+    experts' stacked factors are detached and the backbone is frozen, so this tunes how much of
+    each expert a prompt gets. Returns the LM loss per step.
     """
+    from tqdm.auto import tqdm
+
     from mocae.generation import completion_batch
 
-    optimiser = torch.optim.AdamW(model.router.parameters(), lr=cfg.learning_rate * 0.1)
+    if not pairs:
+        raise ValueError("LM-loss router fitting needs at least one prompt/completion pair")
+    features = features_fn([p for p, _, _ in pairs])
+    labels = torch.tensor([lab for _, _, lab in pairs])
+    lr = cfg.lm_learning_rate or cfg.learning_rate * 0.1
+    optimiser = torch.optim.AdamW(model.router.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     curve = []
-    for _ in range(cfg.lm_steps):
-        idx = torch.randperm(len(pairs), generator=gen)[: cfg.lm_batch_size].tolist()
-        batch = [pairs[i] for i in idx]
-        rows = completion_batch(model.tokenizer, [p for p, _, _ in batch], [c for _, c, _ in batch], max_length=256)
-        logits = model.router(features_fn([p for p, _, _ in batch]))
-        gate = torch.nn.functional.cross_entropy(logits, torch.tensor([lab for _, _, lab in batch]))
+    bar = tqdm(range(cfg.lm_steps), desc="router LM loss", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randperm(len(pairs), generator=gen)[: cfg.lm_batch_size]
+        batch = [pairs[i] for i in idx.tolist()]
+        rows = completion_batch(model.tokenizer, [p for p, _, _ in batch], [c for _, c, _ in batch],
+                                max_length=cfg.lm_max_length)
+        logits = model.router(features[idx])
+        gate = torch.nn.functional.cross_entropy(logits, labels[idx])
         with model.mixer.weights(logits.softmax(-1)):
             lm = model.peft_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                                   labels=rows["labels"]).loss
@@ -148,7 +176,43 @@ def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn) -> list[flo
         loss.backward()
         optimiser.step()
         curve.append(lm.item())
+        bar.set_postfix(lm=f"{curve[-1]:.3f}", gate=f"{gate.item():.3f}")
     return curve
+
+
+def fit_decision(model, probs: torch.Tensor, labels: torch.Tensor, refit: bool = True) -> dict:
+    """Fit the harm gate threshold on the calib split and report every routing mode there.
+
+    Harmful-or-not comes from the calib labels: the gate axis' label (harmless = HarmBench
+    validation behaviours) is harmful, every other axis' prompt is not. With ``refit`` the
+    threshold is the smallest that gates at most ``decision.gate_budget`` of the non-harmful
+    calib prompts (``decide.fit_gate_threshold``) and is written into ``model.mocae_config``.
+
+    Args:
+        probs: calibrated probabilities (N, E) of the calib split (the installed calibrator's).
+        labels: (N,) axis labels.
+
+    Returns:
+        {"gate": {threshold, budget, shares gated ...} or None, "modes": {mode: decision_report}}.
+    """
+    from mocae.mixture.decide import ROUTING_MODES, decision_report, fit_gate_threshold, gate_report
+
+    decision = model.mocae_config.decision
+    if decision.gate_axis not in model.axes:
+        return {"gate": None, "modes": {"soft": decision_report(probs, labels, decision.model_copy(
+            update={"mode": "soft"}), model.axes)}}
+    index = model.axes.index(decision.gate_axis)
+    harmful = torch.as_tensor(labels) == index
+    if refit or decision.gate_threshold is None:
+        threshold = fit_gate_threshold(probs[:, index], harmful, decision.gate_budget)
+        decision = model.mocae_config.decision = decision.model_copy(update={"gate_threshold": threshold})
+    report = {"gate": {**gate_report(probs[:, index], harmful, decision.gate_threshold),
+                       "axis": decision.gate_axis, "budget": decision.gate_budget,
+                       "fitted_on": "calib" if refit else "kept"},
+              "modes": {m: decision_report(probs, labels, decision.model_copy(update={"mode": m}), model.axes)
+                        for m in ROUTING_MODES},
+              "config": decision.model_dump()}
+    return report
 
 
 def select_calibrator(candidates: dict, logits, labels, features, folds: int = 2, seed: int = 0) -> dict:
@@ -175,19 +239,20 @@ def select_calibrator(candidates: dict, logits, labels, features, folds: int = 2
     return scores
 
 
-def importance_gamma(model) -> dict[str, float]:
-    """TrinityX importance weights from the experts' task vectors.
+def importance_gamma(model, prior_mode: str = "importance") -> dict[str, float]:
+    """Importance prior weights from the experts' task vectors (``decide.prior_weights``).
 
     The reference vector is the mean of the experts' task vectors (the multi-objective
-    direction), so gamma favours experts aligned with what all three share.
+    direction), so gamma favours experts aligned with what all three share; ``prior_mode``
+    ``uniform`` or ``importance_normalised`` keep it from following the vectors' norms.
     """
-    from mocae.experts.task_vectors import importance_weights, task_vector_from_peft
+    from mocae.experts.task_vectors import task_vector_from_peft
+    from mocae.mixture.decide import prior_weights
 
+    if prior_mode == "uniform":
+        return {axis: 1.0 / len(model.axes) for axis in model.axes}
     vectors = {axis: task_vector_from_peft(model.peft_model, adapter_name=axis) for axis in model.axes}
-    reference = vectors[model.axes[0]]
-    for axis in model.axes[1:]:
-        reference = reference + vectors[axis]
-    return importance_weights(vectors, (1.0 / len(vectors)) * reference)
+    return prior_weights(vectors, prior_mode)
 
 
 def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache: Path | None = None,
@@ -218,17 +283,20 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     lm_curve = None
     if train and cfg.lm_loss_weight > 0:
         lm_curve = train_router_lm(model, lm_examples(cfg, data_dir), cfg,
-                                   lambda prompts: extract_features(model, prompts, cfg.batch_size, False, cache))
+                                   lambda prompts: extract_features(model, prompts, cfg.batch_size, False, cache),
+                                   progress=progress)
     with torch.no_grad():
         logits = {name: model.router(f) for name, f in feats.items()}
 
-    gamma = importance_gamma(model) if any("importance" in c for c in cfg.calibrators) else None
+    gamma = importance_gamma(model, cfg.prior_mode) if any("importance" in c for c in cfg.calibrators) else None
     report = {"splits": {n: {"n": len(s), **s.counts()} for n, s in splits.items()},
               "router_loss": {"first": curve[0], "last": curve[-1], "epochs": len(curve)},
-              "lm_loss_through_mixture": None if lm_curve is None else {"first": lm_curve[0], "last": lm_curve[-1],
-                                                                       "steps": len(lm_curve)},
+              "lm_loss_through_mixture": None if lm_curve is None else {
+                  "first": lm_curve[0], "last": lm_curve[-1], "steps": len(lm_curve),
+                  "first_10_mean": sum(lm_curve[:10]) / len(lm_curve[:10]),
+                  "last_10_mean": sum(lm_curve[-10:]) / len(lm_curve[-10:])},
               "feature_layer": model.router.feature_layer,
-              "gamma": gamma, "calibrators": {}}
+              "gamma": gamma, "prior_mode": cfg.prior_mode, "calibrators": {}}
     def make(name):
         kwargs = {"gamma": [gamma[a] for a in model.axes]} if "importance" in name else {}
         return lambda: build_calibrator(name, **kwargs)
@@ -251,6 +319,9 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     model.calibrator = fitted[default]
     model.mocae_config.calibrator = default
     report["default_calibrator"] = default
+    # routing that decides: the gate threshold on the calib split, with the installed calibrator
+    report["decision"] = fit_decision(model, model.calibrator.probs(logits["calib"], feats["calib"]),
+                                      labels["calib"], refit=cfg.fit_gate_threshold)
     if plot_dir is not None:
         curves = {c: (fitted[c].probs(logits["test"], feats["test"]), labels["test"])
                   for c in dict.fromkeys(["none", default]) if c in fitted}

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from mocae.mixture.decide import DecisionConfig, decide as decide_weights
 from mocae.mixture.layer import LoraMixer, PeftBackedModel
 from mocae.paths import atomic_directory
 from mocae.mixture.router import (
@@ -54,6 +55,9 @@ class MoCaEConfig(BaseModel):
     static_weights: list[float] | None = Field(None, description="static routing weights")
     calibrator: str = Field("temperature", description="see mocae.mixture.calibration.build_calibrator")
     merge_single_request: bool = Field(True, description="fold weights into W0 for batch-1 generation")
+    decision: DecisionConfig = Field(  # routing that decides (mocae.mixture.decide)
+        default_factory=DecisionConfig, description="how calibrated probabilities become weights: soft blend, "
+                                                    "top1, harm gate (threshold fitted on calib) or gate+top1")
 
 
 def _expert_backbone(path: Path) -> str | None:
@@ -155,17 +159,28 @@ class MoCaEModel(PeftBackedModel):
         return self.router(self.router_features(input_ids, attention_mask))
 
     @torch.no_grad()
-    def route(self, input_ids, attention_mask, prior=None) -> torch.Tensor:
-        """Calibrated routing probabilities (B, E), optionally tilted by a prior over axes."""
+    def route(self, input_ids, attention_mask, prior=None, decide: bool = True) -> torch.Tensor:
+        """Routing weights (B, E): the calibrated probabilities, optionally tilted by a prior over
+        axes, then ``mocae_config.decision`` (soft / top1 / harm gate; ``decide=False`` or
+        ``routing_probs``: the probabilities themselves). The gate reads P(harmful) before the prior."""
         if isinstance(self.router, SequenceRouter):
             features = self.router_features(input_ids, attention_mask)
             probs = self.calibrator.probs(self.router(features), features)
         else:
             probs = self.router_logits(input_ids, attention_mask).softmax(-1)
+        calibrated = probs
         if prior is not None:
             probs = probs * self._axis_vector(prior)
             probs = probs / probs.sum(-1, keepdim=True)
-        return probs
+        return self.decide(probs, calibrated) if decide else probs
+
+    def routing_probs(self, input_ids, attention_mask, prior=None) -> torch.Tensor:
+        """Calibrated routing probabilities (B, E), optionally tilted by a prior (no decision)."""
+        return self.route(input_ids, attention_mask, prior, decide=False)
+
+    def decide(self, probs: torch.Tensor, gate_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixture weights from calibrated probabilities under ``mocae_config.decision``."""
+        return decide_weights(probs, self.mocae_config.decision, self.axes, gate_probs)
 
     def _axis_vector(self, weights) -> torch.Tensor:
         if isinstance(weights, dict):
