@@ -286,3 +286,16 @@ def test_save_load_keeps_the_routing_mode_and_thresholds(expert_dirs, tmp_path):
     meta["config"].pop("decision")
     (path / "mocae_config.json").write_text(json.dumps(meta))
     assert MoCaEModel.from_pretrained(path).mocae_config.decision.mode == "soft"
+
+
+def test_using_decision_switches_modes_for_an_ablation_and_restores(expert_dirs):
+    from mocae.mixture.decide import DecisionConfig, using_decision
+
+    model = decided(expert_dirs, [0.1, 0.1, 0.8])
+    with using_decision(model, mode="top1", top1_threshold=0.7):
+        assert model.route(IDS, MASK).tolist() == [[0.0, 0.0, 1.0]] * 2
+    assert model.mocae_config.decision == DecisionConfig()
+    with pytest.raises(ValueError, match="mode"), using_decision(model, mode="sometimes"):
+        pass
+    with pytest.raises(ValueError, match="token routing"):
+        MoCaEConfig(backbone="tiny-random", experts=expert_dirs, routing="token", decision={"mode": "top1"})

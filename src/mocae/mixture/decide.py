@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -144,6 +145,23 @@ def decide(probs: torch.Tensor, cfg: DecisionConfig, axes: Sequence[str],
         return rest
     p_harm = (probs if gate_probs is None else _check_probs(gate_probs))[:, gate_index]
     return harm_gate(p_harm, gate_index, cfg.gate_threshold, rest)
+
+
+@contextmanager
+def using_decision(model, **changes):
+    """Temporarily route ``model`` (a MoCaEModel) with a changed decision, e.g. for an ablation:
+
+        with using_decision(model, mode="top1", top1_threshold=0.6):
+            evaluate(...)
+
+    The fields are validated as ``DecisionConfig``; the model's own decision comes back on exit.
+    """
+    saved = model.mocae_config.decision
+    model.mocae_config.decision = DecisionConfig.model_validate({**saved.model_dump(), **changes})
+    try:
+        yield model.mocae_config.decision
+    finally:
+        model.mocae_config.decision = saved
 
 
 # fitting the gate threshold ---------------------------------------------------------------------

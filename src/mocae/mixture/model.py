@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mocae.mixture.decide import DecisionConfig, decide as decide_weights
@@ -58,6 +58,13 @@ class MoCaEConfig(BaseModel):
     decision: DecisionConfig = Field(  # routing that decides (mocae.mixture.decide)
         default_factory=DecisionConfig, description="how calibrated probabilities become weights: soft blend, "
                                                     "top1, harm gate (threshold fitted on calib) or gate+top1")
+
+    @model_validator(mode="after")
+    def _decision_needs_per_request_routing(self):
+        if self.routing == "token" and self.decision.mode != "soft":
+            raise ValueError(f"decision mode {self.decision.mode!r} decides per request; token routing has "
+                             "no per-request probabilities (use sequence routing or mode 'soft')")
+        return self
 
 
 def _expert_backbone(path: Path) -> str | None:
