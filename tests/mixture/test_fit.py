@@ -171,3 +171,36 @@ def test_fit_router_fits_the_gate_to_its_budget_and_the_prior_mode(expert_dirs, 
     uniform = fit_router(model, RouterFitConfig(**{**SMALL, "prior_mode": "uniform"}), cache=tmp_path / "f",
                          progress=False, train=False)
     assert uniform["gamma"] == pytest.approx({a: 1 / 3 for a in model.axes})
+
+
+def test_hard_negatives_count_in_the_gate_budget(expert_dirs, tmp_path, monkeypatch):
+    from mocae.experts.preference import eval_side_prompts
+    from mocae.mixture.decide import DecisionConfig
+    from mocae.mixture.fit import gate_hard_negative_prompts
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    anchors = ["how do I build a weapon", "how do I poison someone"]
+
+    def embed(texts):  # a fake sentence embedding: the anchors and two Alpaca rows share a direction
+        v = torch.tensor([[float(any(w in t for w in ("weapon", "poison", "healthy", "colour"))), 0.1]
+                          for t in texts])
+        return v / v.norm(dim=1, keepdim=True)
+
+    picked = gate_hard_negative_prompts(3, anchors, embed=embed)
+    guard = eval_side_prompts(FIXTURE_DATA)
+    assert len(picked) == 3 and all(guard.which(p) is None for p in picked)
+    assert set(picked[:2]) == {"Give three tips for staying healthy.", "Name a primary colour."}
+
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, router_input="hidden",
+                                         feature_layer=1, decision=DecisionConfig(gate_budget=0.25)))
+    monkeypatch.setattr("mocae.mixture.fit.gate_hard_negative_prompts",
+                        lambda n, anchors, data_dir=None: picked[:n])
+    report = fit_router(model, RouterFitConfig(**{**SMALL, "gate_hard_negatives": 3}), cache=tmp_path / "f",
+                        progress=False)
+    gate = report["decision"]["gate"]
+    calib = report["splits"]["calib"]
+    assert gate["n_non_harmful"] == calib["helpful"] + calib["honest"] + 3 and gate["hard_negatives"]["n"] == 3
+    assert gate["non_harmful_gated"] <= 0.25
+    sweep = report["decision"]["gate_budget_sweep"]
+    assert all(r["non_harmful_gated"] <= float(b) for b, r in sweep.items())
+    assert set(report["decision"]["top1_sweep"]) == {"0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}

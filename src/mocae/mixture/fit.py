@@ -50,6 +50,8 @@ class RouterFitConfig(BaseModel):
                                   "uniform, or importance on unit-norm task vectors (mocae.mixture.decide)")
     fit_gate_threshold: bool = Field(True, description="fit the harm gate threshold on the calib split to the "
                                                        "model's decision.gate_budget (False: keep the model's)")
+    gate_hard_negatives: int = Field(0, ge=0, description="extra non-harmful prompts that sound risky (Alpaca "
+                                     "rows nearest the calib harmful prompts) counted in the gate's budget")
     calibrators: list[str] = Field(default_factory=lambda: ["none", "temperature", "importance", "fractal"],
                                    description="calibrators to fit and report")
     default_calibrator: str = Field(
@@ -180,39 +182,87 @@ def train_router_lm(model, pairs, cfg: RouterFitConfig, features_fn, progress: b
     return curve
 
 
-def fit_decision(model, probs: torch.Tensor, labels: torch.Tensor, refit: bool = True) -> dict:
+GATE_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+TOP1_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def fit_decision(model, probs: torch.Tensor, labels: torch.Tensor, refit: bool = True,
+                 hard_negatives: torch.Tensor | None = None) -> dict:
     """Fit the harm gate threshold on the calib split and report every routing mode there.
 
     Harmful-or-not comes from the calib labels: the gate axis' label (harmless = HarmBench
-    validation behaviours) is harmful, every other axis' prompt is not. With ``refit`` the
-    threshold is the smallest that gates at most ``decision.gate_budget`` of the non-harmful
-    calib prompts (``decide.fit_gate_threshold``) and is written into ``model.mocae_config``.
+    validation behaviours) is harmful, every other axis' prompt is not. With ``refit`` (or no
+    threshold yet) the threshold is the smallest that gates at most ``decision.gate_budget`` of
+    the non-harmful prompts (``decide.fit_gate_threshold``) and is written into
+    ``model.mocae_config``. The report also sweeps budgets (threshold and harmful prompts gated)
+    and top1 thresholds (share decided, accuracy of the decided rows), all on calib, so a default
+    can be chosen by measurement without a test prompt.
 
     Args:
         probs: calibrated probabilities (N, E) of the calib split (the installed calibrator's).
         labels: (N,) axis labels.
+        hard_negatives: calibrated probabilities (M, E) of extra non-harmful prompts that sound
+            risky (``gate_hard_negative_prompts``): counted as non-harmful in the budget and
+            reported on their own.
 
     Returns:
-        {"gate": {threshold, budget, shares gated ...} or None, "modes": {mode: decision_report}}.
+        {"gate": {threshold, budget, shares gated ...} or None, "gate_budget_sweep",
+        "top1_sweep", "modes": {mode: decision_report}, "config"}.
     """
     from mocae.mixture.decide import ROUTING_MODES, decision_report, fit_gate_threshold, gate_report
 
+    labels = torch.as_tensor(labels)
     decision = model.mocae_config.decision
+    top, argmax = probs.max(-1)
+    top1_sweep = {str(t): {"decided": float((top >= t).float().mean()),
+                           "decided_accuracy": float((argmax == labels)[top >= t].float().mean())
+                           if (top >= t).any() else None} for t in TOP1_THRESHOLDS}
     if decision.gate_axis not in model.axes:
-        return {"gate": None, "modes": {"soft": decision_report(probs, labels, decision.model_copy(
-            update={"mode": "soft"}), model.axes)}}
+        return {"gate": None, "top1_sweep": top1_sweep, "modes": {
+            m: decision_report(probs, labels, decision.model_copy(update={"mode": m}), model.axes)
+            for m in ("soft", "top1")}, "config": decision.model_dump()}
     index = model.axes.index(decision.gate_axis)
-    harmful = torch.as_tensor(labels) == index
-    if refit or decision.gate_threshold is None:
-        threshold = fit_gate_threshold(probs[:, index], harmful, decision.gate_budget)
+    p_harm, harmful = probs[:, index], labels == index
+    if hard_negatives is not None and len(hard_negatives):
+        p_harm = torch.cat([p_harm, hard_negatives[:, index].to(p_harm.dtype)])
+        harmful = torch.cat([harmful, torch.zeros(len(hard_negatives), dtype=torch.bool)])
+    fitted = refit or decision.gate_threshold is None
+    if fitted:
+        threshold = fit_gate_threshold(p_harm, harmful, decision.gate_budget)
         decision = model.mocae_config.decision = decision.model_copy(update={"gate_threshold": threshold})
-    report = {"gate": {**gate_report(probs[:, index], harmful, decision.gate_threshold),
-                       "axis": decision.gate_axis, "budget": decision.gate_budget,
-                       "fitted_on": "calib" if refit else "kept"},
-              "modes": {m: decision_report(probs, labels, decision.model_copy(update={"mode": m}), model.axes)
-                        for m in ROUTING_MODES},
-              "config": decision.model_dump()}
-    return report
+    gate = {**gate_report(p_harm, harmful, decision.gate_threshold), "axis": decision.gate_axis,
+            "budget": decision.gate_budget, "fitted_on": "calib" if fitted else "kept"}
+    sweep = {}
+    for budget in GATE_BUDGETS:
+        t = fit_gate_threshold(p_harm, harmful, budget)
+        sweep[str(budget)] = gate_report(p_harm, harmful, t)
+    if hard_negatives is not None and len(hard_negatives):
+        gated = hard_negatives[:, index] > decision.gate_threshold
+        gate["hard_negatives"] = {"n": len(hard_negatives), "gated": float(gated.float().mean())}
+    return {"gate": gate, "gate_budget_sweep": sweep, "top1_sweep": top1_sweep,
+            "modes": {m: decision_report(probs, labels, decision.model_copy(update={"mode": m}), model.axes)
+                      for m in ROUTING_MODES},
+            "config": decision.model_dump()}
+
+
+def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None = None, embed=None) -> list[str]:
+    """Benign prompts that sound risky, for the harm gate's over-refusal budget.
+
+    The ``n`` Alpaca instructions (training source; an eval-side prompt is never taken) whose
+    MiniLM embedding is closest to ``anchors`` (the calib split's harmful prompts): the kind of
+    prompt a gate fitted only on plainly benign calib prompts would over-refuse.
+    """
+    from mocae.data import load_alpaca
+    from mocae.experts.dataset import nearest_examples
+    from mocae.experts.preference import eval_side_prompts
+
+    guard = eval_side_prompts(data_dir)
+    seen, candidates = set(), []
+    for e in load_alpaca(data_dir):
+        if e.prompt not in seen and guard.which(e.prompt) is None:
+            seen.add(e.prompt)
+            candidates.append(e)
+    return [e.prompt for e in nearest_examples(candidates, anchors, embed)[:n]]
 
 
 def select_calibrator(candidates: dict, logits, labels, features, folds: int = 2, seed: int = 0) -> dict:
@@ -320,8 +370,17 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     model.mocae_config.calibrator = default
     report["default_calibrator"] = default
     # routing that decides: the gate threshold on the calib split, with the installed calibrator
+    hard = None
+    gate_axis = model.mocae_config.decision.gate_axis
+    if cfg.gate_hard_negatives and gate_axis in model.axes:
+        index = model.axes.index(gate_axis)
+        anchors = [p for p, lab in zip(splits["calib"].prompts, splits["calib"].labels) if lab == index]
+        prompts = gate_hard_negative_prompts(cfg.gate_hard_negatives, anchors, data_dir)
+        hard_feats = extract_features(model, prompts, cfg.batch_size, progress, cache)
+        with torch.no_grad():
+            hard = model.calibrator.probs(model.router(hard_feats), hard_feats)
     report["decision"] = fit_decision(model, model.calibrator.probs(logits["calib"], feats["calib"]),
-                                      labels["calib"], refit=cfg.fit_gate_threshold)
+                                      labels["calib"], refit=cfg.fit_gate_threshold, hard_negatives=hard)
     if plot_dir is not None:
         curves = {c: (fitted[c].probs(logits["test"], feats["test"]), labels["test"])
                   for c in dict.fromkeys(["none", default]) if c in fitted}
