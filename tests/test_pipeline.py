@@ -352,3 +352,27 @@ def test_invalid_config_writes_nothing(tiny_preset, tmp_path):
     with pytest.raises(ConfigError, match="systems is empty"):
         run_pipeline(tiny_preset(), run_dir=tmp_path / "bad", progress=False, overrides=["systems=[]"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_efficiency_rows_are_keyed_by_the_system_and_checked_on_read(tmp_path, monkeypatch):
+    from mocae.pipeline import measure_systems
+
+    cfg = load_run_config("quick", ["systems=[base, mocae]"])
+    measured = []
+
+    def measure(name, *args, **kwargs):
+        measured.append(name)
+        return {"weights_mb": 1.0, "torch_threads": {"base": 1, "mocae": 2}[name]}
+
+    monkeypatch.setattr("mocae.systems.measure_isolated", measure)
+    with pytest.warns(UserWarning, match=r"different torch thread counts: \{'base': 1, 'mocae': 2\}"):
+        first = measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m1"})
+    assert measured == ["base", "mocae"] and first["mocae"]["torch_threads"] == 2
+    with pytest.warns(UserWarning):
+        measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m1"})
+    assert measured == ["base", "mocae"]  # cached
+    (row,) = (tmp_path / "efficiency").glob("base-*.json")
+    row.write_text("[1, 2")
+    with pytest.warns(UserWarning, match=f"efficiency cache {row} is not valid JSON"):
+        measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m2"})  # and a changed mocae
+    assert measured == ["base", "mocae", "base", "mocae"]
