@@ -47,6 +47,10 @@ def test_stage_log_says_what_changed(tmp_path):
     again = StageLog(tmp_path)  # the next invocation reads this one's log
     assert again.reason("mocae", {"experts": {"helpful": "b"}}) == "changed: experts.helpful"
     assert again.reason("eval/base", {"model": "m"}) == "output missing or unfinished"
+    again.note("mocae", "k3", {"experts": {"helpful": "b"}}, computed=True)  # interrupted before eval/base
+    third = StageLog(tmp_path)
+    assert third.reason("eval/base", {"model": "n"}) == "changed: model"  # kept from the first invocation
+    assert third.previous["mocae"]["key"] == "k3"
     (tmp_path / "stages.json").write_text("{garbage")
     with pytest.warns(UserWarning, match=f"stage log {tmp_path / 'stages.json'}"):
         assert StageLog(tmp_path).previous == {}

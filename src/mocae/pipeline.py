@@ -427,8 +427,8 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     trained = {**experts, **({"multitask": multitask} if multitask else {})}
     records = {a: json.loads((p / "training.json").read_text()) for a, p in trained.items()}
     atomic_write_json(run_dir / "experts.json", {
-        a: {"path": str(p), **{k: records[a][k] for k in ("data", "steps", "tokens_per_s", "wall_time_s",
-                                                           "peak_rss_mb", "torch_threads")}}
+        a: {"path": str(p), **{k: records[a].get(k) for k in ("key", "data", "steps", "tokens_per_s", "wall_time_s",
+                                                               "peak_rss_mb", "torch_threads")}}
         for a, p in trained.items()
     })
     run = RunSystems(backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()}, run_dir=str(run_dir),

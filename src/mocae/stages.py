@@ -201,13 +201,18 @@ def is_current(folder: str | Path, key: str) -> bool:
 class StageLog:
     """Which stages a run recomputed or reused, and why; kept in ``run_dir/stages.json``.
 
-    The previous invocation's log (same file) gives the reasons: the inputs that changed.
+    The previous invocation's log (same file) gives the reasons: the inputs that changed. Entries
+    of stages this invocation has not reached (yet) are kept under "earlier", so an interrupted
+    run still knows, next time, what its later stages were made from.
     """
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOG_FILE
-        previous = _read_json(self.path, "stage log") or {}
-        self.previous: dict = previous.get("stages", {}) if isinstance(previous.get("stages"), dict) else {}
+        stored = _read_json(self.path, "stage log") or {}
+        self.previous: dict = {}
+        for part in ("earlier", "stages"):  # this invocation's entries win over older ones
+            if isinstance(stored.get(part), dict):
+                self.previous.update(stored[part])
         self.entries: dict[str, dict] = {}
 
     def reason(self, name: str, inputs: dict, record: dict | None = None) -> str:
@@ -224,7 +229,9 @@ class StageLog:
             reason = self.reason(name, inputs)
         self.entries[name] = {"status": "computed" if computed else "reused", "reason": reason if computed else None,
                               "key": key, "inputs": inputs}
-        atomic_write_json(self.path, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": self.entries})
+        earlier = {n: e for n, e in self.previous.items() if n not in self.entries}
+        atomic_write_json(self.path, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": self.entries,
+                                      "earlier": earlier})
 
     @property
     def recomputed(self) -> dict[str, str]:

@@ -478,7 +478,7 @@ def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, ju
         results["other_thread_counts"] = other
         warnings.warn(f"cached results of {', '.join(f'{n} ({c} threads)' for n, c in other.items())} were measured "
                       f"with another torch thread count than this run's {threads}: their numbers may differ in the "
-                      f"last decimals; delete their files in {out_dir / 'systems'} (or pass force=True) to measure them "
-                      "again at this count", stacklevel=2)
+                      f"last decimals; delete their files in {out_dir / 'systems'} (or pass force=True) to measure "
+                      "them again at this count", stacklevel=2)
     results["paths"] = write_results(results, out_dir)
     return results
