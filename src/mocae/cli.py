@@ -82,7 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from mocae.pipeline import run_pipeline
 
-    run_pipeline(args.preset, run_dir=args.run_dir, progress=not args.no_progress, overrides=args.set)
+    run_pipeline(args.preset, run_dir=args.run_dir, progress=not args.no_progress, overrides=args.set, force=args.force)
     return 0
 
 
@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None,
                    help="where to write the run (default: runs/<preset>-<config hash>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="reuse a --run-dir made with another backbone (recomputes it)")
     p.set_defaults(func=_cmd_run)
 
     from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only
