@@ -138,9 +138,16 @@ def test_evaluate_runs_base_first_and_caches_finished_systems(tiny, data, tmp_pa
         assert (tmp_path / name).is_file()
     md = (tmp_path / "results.md").read_text()
     assert "| base |" in md and "| other |" in md and "agreement_length_matched 0.700" in md
+    # With fingerprints (what the pipeline passes) a cached row is found without loading its model.
+    prints = {"base": "fp-base", "other": "fp-other"}
+    first = evaluate({"other": loader("other"), "base": loader("base")}, cfg, tmp_path, judges=judges,
+                     progress=False, fingerprints=prints)
+    loads.clear()
     again = evaluate({"other": loader("other"), "base": loader("base")}, cfg, tmp_path, judges=judges,
-                     progress=False)
-    assert loads == ["base", "other"]  # nothing reloaded
+                     progress=False, fingerprints=prints)
+    assert loads == []  # nothing reloaded
+    assert all(e["reused"] for e in again["evaluated"].values())
+    assert not any(e["reused"] for e in first["evaluated"].values())
     assert again["systems"]["other"]["metrics"] == results["systems"]["other"]["metrics"]
     # Paired comparisons: the fake judge prefers "other" with 0.75 everywhere, base ties itself at 0.5.
     diff = results["comparisons"]["other-base"]["helpful/win_rate_vs_base"]
