@@ -13,7 +13,6 @@ keeps packed examples from attending to each other through ``position_ids``).
 
 from __future__ import annotations
 
-import json
 import re
 import resource
 import shutil
@@ -25,6 +24,7 @@ import torch
 from mocae.config import config_hash
 from mocae.experts.config import ExpertConfig
 from mocae.experts.dataset import data_counts, select_examples, to_sft_rows
+from mocae.errors import read_json
 from mocae.paths import atomic_write_json, cache_dir
 
 TRAINING_FILE = "training.json"
@@ -212,7 +212,7 @@ def _right_padded(tokenizer):
 def _tokens_seen(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json", f"rm -r {checkpoint} (training resumes from the one before)")
     return int(state.get("num_input_tokens_seen", 0))
 
 
@@ -221,7 +221,8 @@ def load_expert_record(path: Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` is not a finished expert folder.
+        LoadError: the record is damaged (cut off, not JSON).
     """
     if not is_trained(Path(path)):
         raise FileNotFoundError(f"{path} is not a finished expert (no {TRAINING_FILE} / adapter_config.json)")
-    return json.loads((Path(path) / TRAINING_FILE).read_text())
+    return read_json(Path(path) / TRAINING_FILE, f"rm -r {path} && mocae train-expert (same config)")
