@@ -54,7 +54,9 @@ def read_json(path: str | Path, rebuild: str | None = None, expect: type = dict)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        what = "cut off" if err.pos >= len(text.rstrip()) else "not valid JSON"
+        body = text.strip()
+        closed = not body or {"{": "}", "[": "]"}.get(body[0]) in (None, body[-1])
+        what = "not valid JSON" if closed else "cut off (its JSON does not end)"
         raise LoadError(path, f"{what} (line {err.lineno}, column {err.colno}: {err.msg})", rebuild) from None
     if not isinstance(value, expect):
         raise LoadError(path, f"expected a JSON {expect.__name__}, found {type(value).__name__}", rebuild)

@@ -184,7 +184,11 @@ class MoCaEModel(PeftBackedModel):
         """Calibrated routing probabilities (B, E), optionally tilted by a prior over axes."""
         if isinstance(self.router, SequenceRouter):
             features = self.router_features(input_ids, attention_mask)
-            probs = self.calibrator.probs(self.router(features), features)
+            logits = self.router(features)
+            if not torch.isfinite(logits).all():
+                raise ValueError("router logits are not finite (NaN/inf): the router's weights "
+                                 "(router.safetensors) or its input features are damaged")
+            probs = self.calibrator.probs(logits, features)
         else:
             probs = self.router_logits(input_ids, attention_mask).softmax(-1)
         if prior is not None:
