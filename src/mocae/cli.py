@@ -172,12 +172,11 @@ def _expert_args(items: list[str] | None) -> dict[str, str] | None:
 
 
 def _cmd_fit_router(args: argparse.Namespace) -> int:
+    from mocae.backbones import check_backbone_name
     from mocae.mixture.fit import fit_router, format_calibration_table
     from mocae.mixture.model import MoCaEConfig, MoCaEModel
     from mocae.paths import atomic_write_json
     from mocae.pipeline import load_run_config, train_experts
-
-    from mocae.backbones import check_backbone_name
 
     experts = _expert_args(args.expert)  # before anything is computed: a bad axis fails at once
     backbone = check_backbone_name(args.backbone or load_run_config(args.preset).backbone)
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as err:
-        if not _is_user_error(err) or args.debug or os.environ.get("MOCAE_DEBUG"):
+        if not _is_user_error(err) or args.debug or os.environ.get("MOCAE_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(err).split("\n")).strip() or type(err).__name__
         print(f"mocae: error: {message}", file=sys.stderr)
@@ -374,15 +373,11 @@ def _is_user_error(err: Exception) -> bool:
     ConfigError, DataError, LoadError, UnknownBackbone and pydantic's ValidationError are
     ValueErrors; JudgeNotFound is a FileNotFoundError (an OSError).
     """
+    from safetensors import SafetensorError  # a damaged file read where no reader named it yet
+
     from mocae.backbones import BackboneUnavailable
 
-    if isinstance(err, (ValueError, OSError, BackboneUnavailable)):
-        return True
-    try:  # a damaged safetensors file read where no reader named it yet
-        from safetensors import SafetensorError
-    except ImportError:
-        return False
-    return isinstance(err, SafetensorError)
+    return isinstance(err, (ValueError, OSError, BackboneUnavailable, SafetensorError))
 
 
 if __name__ == "__main__":
