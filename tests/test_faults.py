@@ -263,11 +263,21 @@ def test_unknown_backbone_in_run_overrides_fails_before_anything_is_written(tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_unknown_backbone_for_train_expert_and_fit_router(capsys):
+def test_unknown_backbone_for_train_expert_fit_router_and_eval(capsys):
     assert "unknown backbone" in cli_error(capsys, ["train-expert", "--axis", "honest", "--backbone", "nosuch"])
     assert "unknown backbone" in cli_error(capsys, ["fit-router", "--backbone", "nosuch", "--out", "x",
                                                     "--expert", "helpful=a", "--expert", "harmless=b",
                                                     "--expert", "honest=c"])
+    assert "unknown backbone" in cli_error(capsys, ["eval", "--model", "base", "--backbone", "nosuch"])
+
+
+def test_fit_router_names_a_damaged_expert_before_training(expert_dirs, tmp_path, capsys):
+    truncate(Path(expert_dirs["honest"]) / "adapter_model.safetensors")
+    argv = ["fit-router", "--backbone", "tiny-random", "--out", str(tmp_path / "m")]
+    argv += [a for axis, path in expert_dirs.items() for a in ("--expert", f"{axis}={path}")]
+    line = cli_error(capsys, argv)
+    assert "honest/adapter_model.safetensors: not a complete safetensors file" in line
+    assert "mocae train-expert --axis honest" in line
 
 
 def test_cli_prints_one_line_and_no_traceback_in_a_real_process(tmp_path):

@@ -25,6 +25,7 @@ from mocae.config import config_hash
 from mocae.experts.config import ExpertConfig
 from mocae.experts.dataset import data_counts, select_examples, to_sft_rows
 from mocae.errors import read_json
+from mocae.experts.checks import check_adapter
 from mocae.paths import atomic_write_json, cache_dir
 
 TRAINING_FILE = "training.json"
@@ -147,6 +148,9 @@ def train_expert(
 
     Returns:
         The expert's adapter folder.
+
+    Raises:
+        LoadError: a finished expert in the cache is damaged (the message says how to retrain it).
     """
     from datasets import Dataset
 
@@ -154,6 +158,8 @@ def train_expert(
 
     out = expert_dir(cfg, root)
     if is_trained(out):
+        # Reused, so checked: a damaged or foreign adapter is reported by the stage that owns it.
+        check_adapter(out, cfg.backbone, cfg.axis)
         return out
     examples = select_examples(cfg, data_dir)
     rows = to_sft_rows(examples, cfg.axis, cfg.inject_prompt)
