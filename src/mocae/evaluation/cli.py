@@ -28,12 +28,11 @@ def system_loaders(model: str, backbone: str | None = None) -> dict:
 
     Raises:
         FileNotFoundError: DIR is neither a MoCaE nor a peft adapter folder.
-        LoadError: DIR's config file is damaged (checked here, before any model loads).
+        LoadError: a file in DIR is damaged or belongs to another backbone (checked here, before
+            any model loads).
         UnknownBackbone: the backbone name is not known (see ``check_backbone_name``).
     """
     from mocae.backbones import DEFAULT_BACKBONE, check_backbone_name, load_backbone
-    from mocae.errors import LoadError, read_json
-
     if backbone is not None:
         check_backbone_name(backbone)
     if model == "base":
@@ -41,11 +40,9 @@ def system_loaders(model: str, backbone: str | None = None) -> dict:
         return {"base": lambda: load_backbone(name)}
     path = Path(model)
     if (path / "mocae_config.json").is_file():
-        config_file = path / "mocae_config.json"
-        recorded = read_json(config_file, f"mocae fit-router --out {path}").get("config", {})
-        recorded = recorded.get("backbone") if isinstance(recorded, dict) else None
-        if not isinstance(recorded, str):
-            raise LoadError(config_file, "wrong schema: no config.backbone", f"mocae fit-router --out {path}")
+        from mocae.mixture.model import check_saved
+
+        recorded = check_saved(path)[0].backbone  # every file checked now, not after the base is evaluated
 
         def load_mocae():
             from mocae.mixture.model import MoCaEModel
@@ -54,15 +51,15 @@ def system_loaders(model: str, backbone: str | None = None) -> dict:
             return mocae, mocae.tokenizer
         loader = load_mocae
     elif (path / "adapter_config.json").is_file():
+        from mocae.experts.checks import check_adapter
+
         recorded = _adapter_backbone(path)
+        check_adapter(path, backbone or recorded or DEFAULT_BACKBONE)  # now, not after the base is evaluated
 
         def load_adapter():
             from peft import PeftModel
 
-            from mocae.experts.checks import check_adapter
-
             name = backbone or recorded or DEFAULT_BACKBONE
-            check_adapter(path, name)  # before the backbone loads
             base, tokenizer = load_backbone(name)
             check_adapter(path, name, model=base)  # tensor shapes, before peft loads them
             return PeftModel.from_pretrained(base, str(path)).eval(), tokenizer

@@ -354,47 +354,17 @@ class MoCaEModel(PeftBackedModel):
     def from_pretrained(cls, path: str | Path, model_and_tokenizer=None) -> "MoCaEModel":
         """Restore a saved model exactly (same adapters, router and calibrator).
 
-        Every file is checked before the backbone loads where it can be (config schema, the
-        experts' base model, the router file's header), and after, before peft loads the adapters
-        (tensor shapes).
+        Every file is checked before the backbone loads where it can be (``check_saved``), and
+        the adapters' tensor shapes after it, before peft loads them.
 
         Raises:
             FileNotFoundError: not a MoCaE folder. LoadError: a damaged or mismatched file, named.
         """
-        from pydantic import ValidationError
-
-        from mocae.errors import safetensors_shapes
-        from mocae.experts.checks import names_backbone
-        from mocae.mixture.calibration import Calibrator
-
         path = Path(path)
-        config_file = path / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a MoCaE model folder (no {CONFIG_FILE})")
-        rebuild = f"mocae fit-router --out {path}"
-        meta = read_json(config_file, rebuild)
-        if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("experts"), dict) \
-                or "calibrator" not in meta:
-            raise LoadError(config_file, "wrong schema: expected 'config' (with 'experts') and 'calibrator'", rebuild)
-        cfg = dict(meta["config"])
-        cfg["experts"] = {a: str(path / rel) for a, rel in cfg["experts"].items()}
-        try:
-            config = MoCaEConfig.model_validate(cfg)
-            calibrator = Calibrator.from_state_dict(meta["calibrator"])
-        except (ValidationError, ValueError, KeyError, TypeError) as err:
-            problem = str(err).replace("\n", " ")
-            raise LoadError(config_file, f"wrong schema ({problem})", rebuild) from None
-        for axis, expert in config.experts.items():  # the config's backbone against the experts' records
-            record, adapter = Path(expert) / TRAINING_FILE, Path(expert) / "adapter_config.json"
-            trained_on = read_json(record, rebuild).get("backbone") if record.is_file() else None
-            if trained_on is None and adapter.is_file():
-                trained_on = read_json(adapter, rebuild).get("base_model_name_or_path")
-            if trained_on and not names_backbone(trained_on, config.backbone):
-                raise LoadError(config_file, f"backbone {config.backbone!r} is not the one expert {axis!r} was "
-                                             f"trained on ({trained_on!r})", rebuild)
-        router_file = path / ROUTER_FILE
-        safetensors_shapes(router_file, rebuild)  # a truncated router fails before the backbone loads
+        config, calibrator = check_saved(path)
+        rebuild = _rebuild_command(path)
         model = cls.build(config, model_and_tokenizer, calibrator=calibrator, rebuild=rebuild)
+        router_file = path / ROUTER_FILE
         state = load_safetensors(router_file, rebuild)
         expected = {k: tuple(v.shape) for k, v in model.router.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
@@ -403,6 +373,57 @@ class MoCaEModel(PeftBackedModel):
                                          f"{got} vs expected {expected}", rebuild)
         model.router.load_state_dict(state)
         return model
+
+
+def _rebuild_command(path: Path) -> str:
+    return f"mocae fit-router --out {path}"
+
+
+def check_saved(path: str | Path):
+    """Check a saved MoCaE folder without loading the backbone: the config's schema, its
+    backbone against the experts' records, each expert's files and the router file's header.
+
+    Returns:
+        (MoCaEConfig with absolute expert paths, the calibrator).
+
+    Raises:
+        FileNotFoundError: not a MoCaE folder. LoadError: the file at fault, what is wrong with
+            it, and the command that rebuilds it.
+    """
+    from pydantic import ValidationError
+
+    from mocae.errors import safetensors_shapes
+    from mocae.experts.checks import names_backbone
+    from mocae.mixture.calibration import Calibrator
+
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a MoCaE model folder (no {CONFIG_FILE})")
+    rebuild = _rebuild_command(path)
+    meta = read_json(config_file, rebuild)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("experts"), dict) \
+            or "calibrator" not in meta:
+        raise LoadError(config_file, "wrong schema: expected 'config' (with 'experts') and 'calibrator'", rebuild)
+    cfg = dict(meta["config"])
+    cfg["experts"] = {a: str(path / rel) for a, rel in cfg["experts"].items()}
+    try:
+        config = MoCaEConfig.model_validate(cfg)
+        calibrator = Calibrator.from_state_dict(meta["calibrator"])
+    except (ValidationError, ValueError, KeyError, TypeError) as err:
+        problem = str(err).replace("\n", " ")
+        raise LoadError(config_file, f"wrong schema ({problem})", rebuild) from None
+    for axis, expert in config.experts.items():  # the config's backbone against the experts' records
+        record, adapter = Path(expert) / TRAINING_FILE, Path(expert) / "adapter_config.json"
+        trained_on = read_json(record, rebuild).get("backbone") if record.is_file() else None
+        if trained_on is None and adapter.is_file():
+            trained_on = read_json(adapter, rebuild).get("base_model_name_or_path")
+        if trained_on and not names_backbone(trained_on, config.backbone):
+            raise LoadError(config_file, f"backbone {config.backbone!r} is not the one expert {axis!r} was "
+                                         f"trained on ({trained_on!r})", rebuild)
+    check_experts(config.backbone, config.experts, rebuild=rebuild)
+    safetensors_shapes(path / ROUTER_FILE, rebuild)  # a truncated router fails before the backbone loads
+    return config, calibrator
 
 
 _EMBEDDER = None
