@@ -12,8 +12,8 @@ from transformers import TextStreamer
 
 log = logging.getLogger("mocae")
 
-# Far beyond any answer worth waiting for on a CPU, and below every supported context window
-# minus a prompt; a typo such as 1000000000000 fails here instead of allocating a huge cache.
+# Far beyond any answer worth waiting for on a CPU; a typo such as 1000000000000 fails at once
+# instead of after the model loads. Each model's context window (minus the prompt) bounds it further.
 MAX_NEW_TOKENS = 32768
 
 
