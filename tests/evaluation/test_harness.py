@@ -260,7 +260,7 @@ def test_switched_on_judge_that_is_not_passed_raises(tiny, data, tmp_path):
         evaluate_system("sys", model, tokenizer, small_config(), tmp_path, judges=judges, progress=False)
 
 
-def test_eval_command_and_presets(tmp_path):
+def test_eval_command_and_presets(tmp_path, expert_factory):
     import argparse
 
     from mocae.evaluation.cli import add_eval_command, load_eval_config, system_loaders
@@ -274,8 +274,8 @@ def test_eval_command_and_presets(tmp_path):
     assert list(system_loaders("base")) == ["base"]
     with pytest.raises(FileNotFoundError, match="mocae_config.json or adapter_config.json"):
         system_loaders(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text("{}")
-    assert list(system_loaders(str(tmp_path))) == ["base", tmp_path.name]
+    expert_factory(tmp_path / "adapter", 0)  # a real adapter: its files are checked here, before any load
+    assert list(system_loaders(str(tmp_path / "adapter"))) == ["base", "adapter"]
 
 
 def test_jailbreak_set_spreads_templates_evenly_and_pairs_with_the_plain_prompts(data):

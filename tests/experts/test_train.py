@@ -1,6 +1,7 @@
 """Stage 1 training on tiny-random and the fixture data: end to end, resume, reuse, errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from mocae.backbones import load_backbone
 from mocae.config import ConfigError, load_config, validate_config
 from mocae.experts.config import ExpertConfig
 from mocae.data import Example
+from mocae.errors import LoadError
 from mocae.experts.dataset import benign_examples, nearest_examples, select_examples, to_sft_rows
 from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert, training_files
 
@@ -113,6 +115,12 @@ def test_finished_expert_is_reused_not_retrained(tmp_path, monkeypatch):
     assert (out / "training.json").stat().st_mtime_ns == stamp
     # A different config is a different expert.
     assert expert_dir(tiny_config(epochs=1, rank=2), tmp_path, FIXTURE_DATA) != out
+    # A damaged finished expert is reported, with the command that retrains it, not reused.
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoadError, match=r"adapter_model.safetensors: not a complete safetensors file .*; rebuild "
+                                        rf"with: rm -r {re.escape(str(out))} && mocae train-expert --axis {cfg.axis}"):
+        train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False)
 
 
 def test_harmless_mix_has_benign_share_and_injection():

@@ -15,7 +15,6 @@ keeps packed examples from attending to each other through ``position_ids``).
 
 from __future__ import annotations
 
-import json
 import re
 import resource
 import shutil
@@ -28,6 +27,8 @@ from mocae.config import config_hash
 from mocae.data import loaders
 from mocae.experts.config import ExpertConfig, MultitaskConfig
 from mocae.experts.dataset import data_counts, select_examples, to_sft_rows
+from mocae.errors import read_json
+from mocae.experts.checks import check_adapter
 from mocae.paths import atomic_write_json, cache_dir
 from mocae.stages import backbone_fingerprint, data_fingerprint, stage_inputs, stage_key, write_stage
 
@@ -173,6 +174,9 @@ def train_expert(
 
     Returns:
         The expert's adapter folder.
+
+    Raises:
+        LoadError: a finished expert in the cache is damaged (the message says how to retrain it).
     """
     if getattr(cfg, "trainer", "sft") == "dpo":  # preference-trained expert (issue 14): mocae.experts.dpo
         from mocae.experts.dpo import train_dpo_expert
@@ -186,6 +190,8 @@ def train_expert(
     inputs = expert_inputs(cfg, data_dir)
     out = expert_dir(cfg, root, data_dir)
     if is_trained(out):
+        # Reused, so checked: a damaged or foreign adapter is reported by the stage that owns it.
+        check_adapter(out, cfg.backbone, cfg.axis)
         return out
     examples = select_examples(cfg, data_dir)
     rows = to_sft_rows(examples, cfg.axis, cfg.inject_prompt)
@@ -247,7 +253,7 @@ def _right_padded(tokenizer):
 def _tokens_seen(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json", f"rm -r {checkpoint} (training resumes from the one before)")
     return int(state.get("num_input_tokens_seen", 0))
 
 
@@ -256,7 +262,8 @@ def load_expert_record(path: Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` is not a finished expert folder.
+        LoadError: the record is damaged (cut off, not JSON).
     """
     if not is_trained(Path(path)):
         raise FileNotFoundError(f"{path} is not a finished expert (no {TRAINING_FILE} / adapter_config.json)")
-    return json.loads((Path(path) / TRAINING_FILE).read_text())
+    return read_json(Path(path) / TRAINING_FILE, f"rm -r {path} && mocae train-expert (same config)")
