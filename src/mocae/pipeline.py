@@ -155,7 +155,13 @@ def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> R
     Raises:
         ConfigError: naming the file and field at fault.
     """
+    from mocae.backbones import UnknownBackbone, check_backbone_name
+
     cfg = load_config(RunConfig, resolve_preset(preset), overrides)
+    try:  # before anything loads: an unknown name would otherwise mean a network retry loop
+        check_backbone_name(cfg.backbone)
+    except UnknownBackbone as err:
+        raise ConfigError(f"preset {cfg.name!r}, field 'backbone': {err}") from None
     cfg.expert_configs()
     cfg.multitask_config()
     return cfg

@@ -116,7 +116,10 @@ def _peft(backbone: str, path: str):
 
     from mocae.backbones import load_backbone
 
+    from mocae.experts.checks import check_adapter
+
     model, tokenizer = load_backbone(backbone)
+    check_adapter(path, backbone, model=model)  # a named error before peft's page of size mismatches
     return PeftModel.from_pretrained(model, path).eval(), tokenizer
 
 

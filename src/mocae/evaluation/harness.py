@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mocae.evaluation import metrics as M
 from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
 from mocae.evaluation.refusal import is_refusal
+from mocae.generation import MAX_NEW_TOKENS
 from mocae.evaluation.runner import (GenerationConfig, Generations, generate_records, model_fingerprint, prompts_hash,
                                      write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
@@ -73,8 +74,8 @@ class EvalConfig(BaseModel):
                                             "judged (% true, TI); None: the same as n_truthfulqa")
     reference: Literal["text_davinci_003", "gpt4_1106_preview"] = Field(
         "text_davinci_003", description="AlpacaEval reference outputs the win rate is against")
-    max_new_tokens: int = Field(256, gt=0, description="answer budget for AlpacaEval instructions")
-    max_new_tokens_short: int = Field(128, gt=0, description="answer budget for harmful, XSTest and TruthfulQA "
+    max_new_tokens: int = Field(256, gt=0, le=MAX_NEW_TOKENS, description="answer budget for AlpacaEval instructions")
+    max_new_tokens_short: int = Field(128, gt=0, le=MAX_NEW_TOKENS, description="answer budget for harmful, XSTest and TruthfulQA "
                                       "prompts (a refusal or a fact shows early)")
     batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
     system: str | None = Field(None, description="system message for every prompt")

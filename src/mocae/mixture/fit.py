@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mocae import AXES
+
 
 class RouterFitConfig(BaseModel):
     """Router training and calibration settings."""
@@ -253,6 +255,8 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     if not isinstance(model.router, SequenceRouter):
         raise ValueError("fit_router trains a sequence router; this model routes by "
                          f"{model.mocae_config.routing!r}")
+    if list(model.axes) != list(AXES):  # the routing labels index AXES
+        raise ValueError(f"fit_router needs experts for exactly {list(AXES)} in that order, got {list(model.axes)}")
     if cfg.default_calibrator != "auto" and cfg.default_calibrator not in cfg.calibrators:
         raise ValueError(f"default_calibrator {cfg.default_calibrator!r} is not among calibrators {cfg.calibrators}")
     splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
