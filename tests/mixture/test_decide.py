@@ -218,3 +218,16 @@ def test_build_mocae_passes_the_decision_to_the_model(expert_dirs, tmp_path, mon
 
     assert MoCaEModel.from_pretrained(out).mocae_config.decision.mode == "harm_gate"
     assert not math.isnan(cfg.decision.gate_budget)
+
+
+def test_a_changed_decision_recomputes_the_mocae_stage(expert_dirs):
+    from pathlib import Path
+
+    from mocae.pipeline import load_run_config, mocae_inputs
+    from mocae.stages import stage_key
+
+    experts = {a: Path(p) for a, p in expert_dirs.items()}
+    soft = stage_key(mocae_inputs(load_run_config("quick", ["backbone=tiny-random"]), experts))
+    gate = stage_key(mocae_inputs(load_run_config("quick", ["backbone=tiny-random", "decision.mode=harm_gate"]),
+                                  experts))
+    assert soft != gate

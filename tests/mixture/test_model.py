@@ -299,3 +299,21 @@ def test_using_decision_switches_modes_for_an_ablation_and_restores(expert_dirs)
         pass
     with pytest.raises(ValueError, match="token routing"):
         MoCaEConfig(backbone="tiny-random", experts=expert_dirs, routing="token", decision={"mode": "top1"})
+
+
+def test_base_fallback_rows_mix_nothing_next_to_decided_rows(expert_dirs):
+    model = decided(expert_dirs, [0.4, 0.25, 0.35], mode="top1", top1_threshold=0.7, top1_fallback="base")
+    with torch.no_grad():
+        got = model(IDS, attention_mask=MASK, routing_weights=torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])).logits
+    torch.testing.assert_close(got[:1], single_adapter_logits(expert_dirs, "honest")[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], single_adapter_logits(expert_dirs, None)[1:], atol=1e-5, rtol=1e-5)
+    # batch-1 generation on the base fallback decodes as the backbone alone (nothing merged)
+    from mocae.backbones import load_backbone
+
+    base, _ = load_backbone("tiny-random")
+    expected = base.generate(input_ids=IDS[:1], attention_mask=MASK[:1], max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], MASK[:1], max_new_tokens=5, do_sample=False), expected)
+    # without the base fallback, all-zero weights stay an error (a damaged router or a bad caller)
+    soft = decided(expert_dirs, [0.4, 0.25, 0.35])
+    with pytest.raises(ValueError, match="positive sum"):
+        soft(IDS, attention_mask=MASK, routing_weights=torch.zeros(2, 3))

@@ -51,8 +51,8 @@ class DecisionConfig(BaseModel):
         "soft", description="top1 below its threshold: the soft blend or the base model (all-zero weights)")
     gate_axis: str = Field("harmless", description="the expert the harm gate applies at full weight")
     gate_threshold: float | None = Field(
-        None, ge=0, le=1, description="gate when calibrated P(gate_axis) > this; None = fitted by fit_router "
-                                      "on the calib split to gate_budget")
+        None, ge=0, le=1, description="gate when calibrated P(gate_axis) > this; fit_router (re)fits it on the "
+                                      "calib split to gate_budget unless router.fit_gate_threshold is false")
     gate_budget: float = Field(0.05, ge=0, le=1, description="largest share of non-harmful calib prompts "
                                                              "the fitted gate may fire on (over-refusal budget)")
     gate_rest: Literal["soft", "others"] = Field(
@@ -65,6 +65,11 @@ class DecisionConfig(BaseModel):
     @property
     def uses_top1(self) -> bool:
         return self.mode.endswith("top1")
+
+    @property
+    def base_fallback(self) -> bool:
+        """Whether some rows may be all-zero weights (the base model)."""
+        return self.uses_top1 and self.top1_fallback == "base"
 
 
 def _check_probs(probs: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mocae import AXES
+
 
 class RouterFitConfig(BaseModel):
     """Router training and calibration settings."""
@@ -61,24 +63,57 @@ class RouterFitConfig(BaseModel):
     seed: int = 0
 
 
+def features_path(model, prompts: list[str], cache: Path) -> Path:
+    """Where the router features of ``prompts`` are cached.
+
+    The key is what the features are computed from: the backbone's identity, the router input,
+    pooling and layer, and the prompts. Not the experts: features are read with the mixture off.
+    """
+    from mocae.stages import backbone_fingerprint
+
+    cfg = model.mocae_config
+    key = hashlib.sha256(json.dumps([backbone_fingerprint(cfg.backbone), cfg.router_input, cfg.pooling,
+                                     model.router.feature_layer, prompts]).encode())
+    return Path(cache) / f"features-{key.hexdigest()[:16]}.safetensors"
+
+
+def _read_features(path: Path, n: int) -> torch.Tensor | None:
+    """Cached features, or None (with a warning naming the file) when it is damaged or the wrong size."""
+    import warnings
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        features = load_file(str(path))["features"]
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        warnings.warn(f"router features cache {path} is unreadable ({err}); recomputing it", stacklevel=3)
+        return None
+    if features.ndim != 2 or len(features) != n or not torch.isfinite(features).all():
+        warnings.warn(f"router features cache {path} holds {tuple(features.shape)} features for {n} prompts "
+                      "(or non-finite values); recomputing it", stacklevel=3)
+        return None
+    return features
+
+
 @torch.no_grad()
 def extract_features(model, prompts: list[str], batch_size: int = 16, progress: bool = True,
                      cache: Path | None = None) -> torch.Tensor:
     """Router features (N, hidden) for chat prompts, computed with the mixture off.
 
-    Cached in ``cache`` (a folder) by backbone, feature layer and the prompts themselves.
+    Cached in ``cache`` (a folder, see :func:`features_path`); a damaged cache file is recomputed
+    with a warning naming it.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from mocae.generation import chat_prompt
 
-    cfg = model.mocae_config
-    key = hashlib.sha256(json.dumps([cfg.backbone, cfg.router_input, cfg.pooling, model.router.feature_layer,
-                                     prompts]).encode())
-    path = Path(cache) / f"features-{key.hexdigest()[:16]}.safetensors" if cache else None
+    path = features_path(model, prompts, cache) if cache else None
     if path is not None and path.is_file():
-        return load_file(str(path))["features"]
+        cached = _read_features(path, len(prompts))
+        if cached is not None:
+            return cached
     texts = [chat_prompt(model.tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.router.mean.shape[0])
@@ -265,6 +300,18 @@ def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None
     return [e.prompt for e in nearest_examples(candidates, anchors, embed)[:n]]
 
 
+def router_data_files(cfg: RouterFitConfig) -> list[str]:
+    """The data files (relative to the data directory) :func:`fit_router` reads with ``cfg``."""
+    from mocae.data import loaders as L
+
+    files = [L.REFUSAL_DIRECTION.format(kind="harmless", split="train"), L.SAFETY_REFUSALS, L.TRUTHFULQA,
+             L.ALPACA_SEED_TASKS, *L.HARMBENCH.values(), L.STRONGREJECT, L.ADVBENCH, L.ALPACA_EVAL,
+             L.ALPACA_EVAL_GPT4, L.XSTEST]
+    if cfg.lm_loss_weight > 0 or cfg.gate_hard_negatives > 0:
+        files.append(L.ALPACA)
+    return sorted(set(files))
+
+
 def select_calibrator(candidates: dict, logits, labels, features, folds: int = 2, seed: int = 0) -> dict:
     """Cross-validated NLL on the calib split for each candidate; lower is better.
 
@@ -323,6 +370,8 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     if not isinstance(model.router, SequenceRouter):
         raise ValueError("fit_router trains a sequence router; this model routes by "
                          f"{model.mocae_config.routing!r}")
+    if list(model.axes) != list(AXES):  # the routing labels index AXES
+        raise ValueError(f"fit_router needs experts for exactly {list(AXES)} in that order, got {list(model.axes)}")
     if cfg.default_calibrator != "auto" and cfg.default_calibrator not in cfg.calibrators:
         raise ValueError(f"default_calibrator {cfg.default_calibrator!r} is not among calibrators {cfg.calibrators}")
     splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
