@@ -347,7 +347,7 @@ def test_backbone_change_is_refused_without_force(rerun, monkeypatch, capsys):
     assert main(["run", "--preset", str(rerun.preset), "--run-dir", str(rerun.run_dir), "--no-progress",
                  "--set", "backbone=smollm2-135m"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--force" in err and "Traceback" not in err
+    assert err.startswith("mocae: error: ") and "--force" in err and "Traceback" not in err
 
     class Proceeded(Exception):
         pass
