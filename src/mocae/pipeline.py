@@ -269,6 +269,9 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     from mocae.systems import RunSystems
 
     cfg = load_run_config(preset, overrides)
+    from mocae.data.contamination import ensure_clean
+
+    ensure_clean()  # nothing trains before the data is proven clean (cached by the files' fingerprint)
     run_dir = Path(run_dir or Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.model_dump(mode="json"))

@@ -47,7 +47,7 @@ Rows = list[tuple[str, str]]  # (text, where: "<file> row N")
 Embedder = Callable[[list[str]], np.ndarray]
 
 
-class ContaminationError(RuntimeError):
+class ContaminationError(ValueError):
     """A training source shares a prompt or an answer with an evaluated set; ``report`` says which."""
 
     def __init__(self, message: str, report: dict | None = None):
