@@ -85,8 +85,10 @@ class SourceSpec:
 
 
 def _rows(examples, file: str, text=lambda ex: ex.prompt) -> Rows:
-    return [(text(ex), f"{file} row {ex.meta.get('row', ex.meta.get('line', i + 1))}")
-            for i, ex in enumerate(examples) if text(ex)]
+    def where(ex, i):
+        return f"{file} line {ex.meta['line']}" if "line" in ex.meta else f"{file} row {ex.meta.get('row', i + 1)}"
+
+    return [(text(ex), where(ex, i)) for i, ex in enumerate(examples) if text(ex)]
 
 
 def _answers(examples, file: str, keys=("best", "correct", "incorrect")) -> Rows:
