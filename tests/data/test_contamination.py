@@ -136,6 +136,18 @@ def test_ensure_clean_caches_its_verdict_by_fingerprint(data_copy, tmp_path, mon
     assert runs == [1, 1]
 
 
+def test_pipeline_checks_before_it_trains(data_copy, monkeypatch, tmp_path):
+    import mocae.pipeline
+
+    add_alpaca_row(data_copy, HARMBENCH_ROW1)
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(data_copy))
+    trained = []
+    monkeypatch.setattr(mocae.pipeline, "train_experts", lambda *a, **k: trained.append(1))
+    with pytest.raises(C.ContaminationError, match="alpaca x harmbench_test"):
+        mocae.pipeline.run_pipeline("quick", run_dir=tmp_path / "run", progress=False)
+    assert trained == []
+
+
 # mocae data check -------------------------------------------------------------------------
 
 

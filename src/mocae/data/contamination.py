@@ -531,7 +531,8 @@ def ensure_clean(data_dir: Path | str | None = None, *, exact_only: bool = False
     """
     root = resolve_root(data_dir)
     if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"no data directory ({root}): set MOCAE_DATA_DIR or pass data_dir")
+        raise FileNotFoundError(f"the contamination check reads the local data files, and there is no data "
+                                f"directory ({root}): set MOCAE_DATA_DIR (see `mocae data check`)")
     cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "contamination"
     fp = fingerprint(Path(root), exact_only)
     verdict = cache_dir / f"check-{fp[:24]}.json"
