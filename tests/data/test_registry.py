@@ -115,7 +115,9 @@ needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(),
 REAL_COUNTS = {
     ("alpaca", "train"): 5000, ("alpaca_seed_tasks", "val"): 175,
     ("alpaca_eval", "judge_train"): 363, ("alpaca_eval", "judge_dev"): 81, ("alpaca_eval", "eval"): 361,
-    ("alpaca_eval_annotations", "all"): 34557, ("xstest_completions", "all"): 2250, ("pyrit_refusal", "all"): 169,
+    ("alpaca_eval_annotations", "all"): 34557, **{("xstest_completions", m): 450 for m in
+    ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")},
+    ("pyrit_refusal", "refusal"): 105, ("pyrit_refusal", "refusal_extra"): 64,
     ("hh_rlhf_harmless", "all"): 2312,
     ("truthfulqa", "train"): 408,
     ("truthfulqa", "eval"): 409, ("truthfulqa_mc", "train"): 408, ("truthfulqa_mc", "eval"): 409,
@@ -148,3 +150,36 @@ def test_real_truthfulqa_split_is_shared():
     judge = load_truthfulqa_judge(root, split=None)
     assert {x.prompt for x in judge} == set(csv_split)
     assert all(csv_split[x.prompt] == x.split for x in judge)
+
+
+def test_check_data_names_an_empty_judge_file(data_copy):
+    rel = "xstest/xstest_v2_completions_llama2new_gpteval.csv"
+    (data_copy / rel).write_text("id,type,prompt,completion,final_label\n")
+    with pytest.raises(DataError, match=rf"{rel}: has no rows \(dataset xstest_completions, split llama2new\)"):
+        check_data(data_copy)
+
+
+def test_split_summary_counts_each_side(data_root):
+    from mocae.data.registry import format_split_summary, split_summary
+
+    summary = split_summary(data_root)
+    types = summary["truthfulqa"]["type"]
+    assert sum(c["train"] for c in types.values()) == 4 and sum(c["eval"] for c in types.values()) == 3
+    assert summary["truthfulqa"]["unbalanced"] == []
+    assert summary["alpaca_eval"]["total"] == {"judge_train": 3, "judge_dev": 0, "eval": 0}
+    text = format_split_summary(summary)
+    assert "Misconceptions" in text and "balanced within one question: yes" in text
+
+
+def test_split_summary_flags_an_unbalanced_stratum(data_root, monkeypatch):
+    from dataclasses import replace
+
+    from mocae.data import loaders
+    from mocae.data.registry import format_split_summary, split_summary
+
+    skewed = [replace(x, split="train") for x in load_truthfulqa(data_root)]  # the old first-half failure mode
+    monkeypatch.setattr(loaders, "load_truthfulqa", lambda root, split=None: skewed)
+    summary = split_summary(data_root)
+    assert "type Adversarial" in summary["truthfulqa"]["unbalanced"]
+    assert "stratum Adversarial x Misconceptions" in summary["truthfulqa"]["unbalanced"]
+    assert "<- differs by more than one" in format_split_summary(summary)

@@ -81,11 +81,14 @@ _SPECS = [
                 "AdvBench harmful behaviours", "walledai/AdvBench"),
     DatasetSpec("xstest", "harmless", {"test": (L.XSTEST,)}, L.load_xstest,
                 "XSTest safe prompts (over-refusal) and unsafe contrasts", "walledai/XSTest"),
+    # One "split" per file, so an empty or broken file is named on its own.
     DatasetSpec("xstest_completions", "harmless",
-                {"all": tuple(J.XSTEST_COMPLETIONS.format(model=m) for m in J.XSTEST_MODELS) + (L.XSTEST,)},
-                lambda root, split: J.load_xstest_completions(root),
+                {m: (J.XSTEST_COMPLETIONS.format(model=m), L.XSTEST) for m in J.XSTEST_MODELS},
+                lambda root, split: J.load_xstest_completions(root, models=(split,)),
                 "XSTest v2 completions of five models with human labels (harmless judge)"),
-    DatasetSpec("pyrit_refusal", "harmless", {"all": J.PYRIT_REFUSAL}, lambda root, split: J.load_pyrit_refusal(root),
+    DatasetSpec("pyrit_refusal", "harmless", {Path(f).stem: (f,) for f in J.PYRIT_REFUSAL},
+                lambda root, split: J.load_pyrit_refusal(root, files=tuple(f for f in J.PYRIT_REFUSAL
+                                                                          if Path(f).stem == split)),
                 "PyRIT human-scored refusal sets (harmless judge validation)"),
     DatasetSpec("hh_rlhf_harmless", "harmless", {"all": (J.HH_HARMLESS,)}, lambda root, split: J.load_hh_harmless(root),
                 "hh-rlhf harmless-base test pairs (harmless judge validation)"),
@@ -134,13 +137,16 @@ def check_data(data_dir: Path | None = None) -> list[dict]:
                 continue
             examples = spec.loader(root, split)
             loaded.append((files[0], len(examples)))
+            shared = sum(files[0] == other[0] for other in spec.files.values()) > 1
+            if not examples and not shared:
+                raise DataError(files[0], f"has no rows (dataset {spec.name}, split {split})")
             row.update(rows=len(examples), status="ok")
             if spec.name == "xstest":
                 labels = Counter(ex.meta["label"] for ex in examples)
                 row.update(safe=labels["safe"], unsafe=labels["unsafe"])
             rows.append(row)
         # An empty file would only fail later, as an empty training or eval set. (One empty side
-        # of a split is allowed: a tiny file may put all its rows on one side.)
+        # of a file split in several is allowed: a tiny file may put all its rows on one side.)
         if loaded and not any(n for _, n in loaded):
             raise DataError(loaded[0][0], f"has no rows (dataset {spec.name})")
     return rows
