@@ -89,7 +89,9 @@ def test_one_word_variant_is_a_near_duplicate(tmp_path):
 
 
 def test_registered_preference_source_is_checked(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "TRAINING_SOURCES", dict(C.TRAINING_SOURCES))
+    from mocae.data import stage_sources
+
+    monkeypatch.setattr(stage_sources, "TRAINING_SOURCES", dict(stage_sources.TRAINING_SOURCES))
     C.register_training_source("dpo_pairs", ("DPO",), lambda root: C.TextSet(
         "dpo_pairs", (), [("What is the sourest part of a lemon?", "pairs row 1"),  # train side: fine
                           ("what happens if you swallow a grape pip?", "pairs row 2")],  # eval side
