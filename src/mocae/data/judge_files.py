@@ -1,7 +1,8 @@
 """Loaders for the files only the judges train or validate on.
 
 They live in ``mocae.data`` (not beside the judges) so that ``mocae data check`` validates them
-and the contamination check reads the same rows the judges do. XSTest completions with human labels, the PyRIT refusal sets, hh-rlhf harmless pairs and the
+and the contamination check reads the same rows the judges do. XSTest completions with human
+labels, the PyRIT refusal sets, hh-rlhf harmless pairs and the
 AlpacaEval GPT-4 annotations. Each validates its schema and raises ``DataError`` naming the
 file, row (or line) and field.
 """

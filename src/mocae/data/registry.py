@@ -184,7 +184,8 @@ def split_summary(data_dir: Path | None = None) -> dict:
 
     Returns:
         {"truthfulqa": {"type": {Type: {side: n}}, "category": {...}, "unbalanced": [Types, Categories and
-        Type x Category strata whose sides differ by more than one question]}, "alpaca_eval": {"dataset": {dataset: {side: n}}, "total": {side: n}}}.
+        Type x Category strata whose sides differ by more than one question]},
+        "alpaca_eval": {"dataset": {dataset: {side: n}}, "total": {side: n}}}.
     """
     root = resolve_root(data_dir)
     tqa = L.load_truthfulqa(root)
@@ -219,8 +220,8 @@ def format_split_summary(summary: dict) -> str:
         width = max(len(k) for k in tqa[key])
         lines += [(f"  {k:<{width}}  {c['train']:>4} / {c['eval']:<4}" + ("  <- differs by more than one"
                    if abs(c["train"] - c["eval"]) > 1 else "")).rstrip() for k, c in tqa[key].items()]
-    lines.append("TruthfulQA Types, Categories and Type x Category strata balanced within one question: " + ("yes" if not tqa["unbalanced"]
-                 else "NO (" + ", ".join(tqa["unbalanced"]) + ")"))
+    verdict = "yes" if not tqa["unbalanced"] else "NO (" + ", ".join(tqa["unbalanced"]) + ")"
+    lines.append(f"TruthfulQA Types, Categories and Type x Category strata balanced within one question: {verdict}")
     ae = summary["alpaca_eval"]
     lines.append("AlpacaEval per dataset (" + " / ".join(ALPACA_EVAL_SIDES) + "):")
     width = max(len(k) for k in [*ae["dataset"], "total"])
