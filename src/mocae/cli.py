@@ -63,15 +63,33 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from mocae.data import check_data, format_check_table
-    from mocae.paths import data_dir
+    from mocae.data.contamination import check_contamination, format_contamination_table, overlap_message
+    from mocae.data.registry import format_split_summary, split_summary
+    from mocae.paths import atomic_write_json, cache_dir, data_dir
 
     root = Path(args.data_dir).resolve() if args.data_dir else data_dir()
-    if root is None:
-        print("error: no data directory: set MOCAE_DATA_DIR or pass --data-dir", file=sys.stderr)
+    if root is None or not root.is_dir():
+        where = f"{root} is not a directory" if root is not None else "no data directory"
+        print(f"error: {where}: set MOCAE_DATA_DIR or pass --data-dir", file=sys.stderr)
         return 2
     rows = check_data(root)
     print(f"data directory: {root}")
     print(format_check_table(rows))
+    print()
+    print(format_split_summary(split_summary(root)))
+    print()
+    report = check_contamination(root, exact_only=args.exact_only)
+    kind = "exact matches only (--exact-only)" if args.exact_only else f"exact + near (cosine >= {report['threshold']})"
+    print(f"contamination, {kind}:")
+    print(format_contamination_table(report))
+    out = Path(args.report) if args.report else cache_dir() / "contamination.json"
+    atomic_write_json(out, report)
+    print(f"report: {out}")
+    message = overlap_message(report)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(f"{len(report['pairs'])} (training source, eval set, field) pairs checked: 0 overlaps")
     return 0
 
 
@@ -260,9 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = data_sub.add_parser(
-        "check", help="validate every dataset file found and print row counts per axis and split"
+        "check", help="validate every dataset file found, print row counts per axis and split and the splits' "
+                      "balance, and check that no training source overlaps an evaluated set (exit 1 if one does)"
     )
     p.add_argument("--data-dir", help="dataset directory (default: $MOCAE_DATA_DIR)")
+    p.add_argument("--report", help="where to write the contamination report (default: $MOCAE_CACHE/contamination.json)")
+    p.add_argument("--exact-only", action="store_true",
+                   help="skip the MiniLM near-duplicate check (exact matches after normalisation only; fast)")
     p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("generate", help="answer one prompt, streamed, in the backbone's chat format")

@@ -422,6 +422,9 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     from mocae.systems import RunSystems
 
     cfg = load_run_config(preset, overrides)
+    from mocae.data.contamination import ensure_clean
+
+    ensure_clean()  # nothing trains before the data is proven clean (cached by the files' fingerprint)
     run_dir = Path(run_dir or Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
     changed = check_run_dir(cfg, run_dir, force)
     if changed:
