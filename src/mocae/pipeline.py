@@ -93,6 +93,10 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="what the harness measures (mocae eval)")
     efficiency: EfficiencySection = Field(default_factory=lambda: EfficiencySection())
     sanity: SanityConfig | None = Field(None, description="optional judge-free per-expert sanity table")
+    contamination: Literal["exact", "full"] = Field(
+        "exact", description="the contamination check run before anything trains: 'exact' (normalised "
+                             "matches, seconds) or 'full' (plus MiniLM near duplicates, ~15 CPU minutes on a fresh "
+                             "cache, then cached)")
 
     @model_validator(mode="before")
     @classmethod
@@ -424,8 +428,13 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
 
     cfg = load_run_config(preset, overrides)
     from mocae.data.contamination import ensure_clean
+    from mocae.data.readers import resolve_root
 
-    ensure_clean()  # nothing trains before the data is proven clean (cached by the files' fingerprint)
+    if resolve_root(None) is None:  # Hub users: the check compares local files only
+        print("[contamination] no MOCAE_DATA_DIR: the check reads local data files, so it is skipped "
+              "(run `mocae data check` on a local copy)", flush=True)
+    else:  # nothing trains before the data is proven clean (cached by the files' fingerprint)
+        ensure_clean(exact_only=cfg.contamination == "exact")
     run_dir = Path(run_dir or Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
     changed = check_run_dir(cfg, run_dir, force)
     if changed:

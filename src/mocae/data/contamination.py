@@ -280,7 +280,7 @@ def fingerprint(root: Path, exact_only: bool, threshold: float = THRESHOLD) -> s
             p = Path(root) / rel
             st = p.stat() if p.is_file() else None
             h.update(f"\0{rel}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
-    for module in (__file__, S.__file__, Path(__file__).with_name("splits.py")):
+    for module in (__file__, S.__file__, Path(__file__).with_name("splits.py"), Path(__file__).with_name("heldout.py")):
         h.update(Path(module).read_bytes())
     return h.hexdigest()
 
