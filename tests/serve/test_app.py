@@ -1,0 +1,297 @@
+"""mocae serve on tiny-random: the official openai client against a real loopback server, batching of
+different mixtures, and every bad input answered with a 4xx naming the field."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from mocae.mixture.model import MoCaEConfig, MoCaEModel  # noqa: E402
+from mocae.serve.app import ServeConfig, create_app  # noqa: E402
+from mocae.serve.batcher import ServedModel  # noqa: E402
+
+MODEL = "tiny-mocae"
+
+
+class LoopbackServer:
+    """uvicorn in a thread on a free 127.0.0.1 port; stops by itself when the test ends."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.app = app
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60, **kw)
+
+
+def randomise_router(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture
+def mocae(expert_dirs, monkeypatch):
+    import mocae.mixture.model as model_module
+
+    # A deterministic stand-in for the MiniLM embedding keeps the test fast and offline.
+    def fake_embeddings(texts):
+        return torch.stack([torch.sin(torch.arange(model_module.EMBEDDING_SIZE) * (1 + len(t) % 7))
+                            for t in texts])
+
+    monkeypatch.setattr(model_module, "sentence_embeddings", fake_embeddings)
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs))
+    randomise_router(model)
+    return model
+
+
+def serve(model, **cfg):
+    defaults = dict(max_tokens_cap=64, default_max_tokens=8, max_content_chars=2000, max_prompt_tokens=400)
+    return LoopbackServer(create_app(ServedModel(model, model.tokenizer, MODEL), ServeConfig(**{**defaults, **cfg})))
+
+
+def test_openai_client_round_trip_plain_and_streaming(mocae):
+    with serve(mocae) as srv:
+        client = srv.client()
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                              max_tokens=6, temperature=0)
+        choice = resp.choices[0]
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+        assert choice.finish_reason in ("stop", "length")
+        assert resp.usage.completion_tokens <= 6
+        routing = resp.routing
+        assert routing["mode"] == "blend" and set(routing["probabilities"]) == {"helpful", "harmless", "honest"}
+        assert sum(routing["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+        # the same answer as MoCaE's own generate (greedy)
+        direct = mocae.chat("hello there", max_new_tokens=6)[0]
+        assert choice.message.content.strip() == direct["text"]
+        assert routing["weights"] == pytest.approx(direct["routing"], abs=1e-5)
+
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                                max_tokens=6, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[0].routing["probabilities"] == pytest.approx(routing["probabilities"])
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == choice.message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+        assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+        steered = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            max_tokens=4, extra_body={"axis_weights": {"honest": 2, "helpful": 2}})
+        assert steered.routing == {"mode": "axis_weights", "probabilities": None,
+                                   "weights": {"helpful": 0.5, "harmless": 0.0, "honest": 0.5}}
+        top1 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2, extra_body={"routing_mode": "top1",
+                                                                        "prior": {"harmless": 100, "helpful": 1,
+                                                                                  "honest": 1}})
+        assert top1.routing["mode"] == "top1" and sorted(top1.routing["weights"].values()) == [0, 0, 1]
+
+        import httpx2 as httpx  # the HTTP client the openai package ships with here
+
+        health = httpx.get(srv.url + "/health").json()
+        assert health["status"] == "ok" and health["model"] == MODEL and health["stats"]["merged_batches"] >= 1
+        assert httpx.get(srv.url + f"/v1/models/{MODEL}").json()["axes"] == ["helpful", "harmless", "honest"]
+
+
+def test_concurrent_mixtures_share_a_batch_and_match_each_alone(mocae):
+    prompts = [("tell me about water", {"helpful": 1.0}), ("why is the sky blue", {"harmless": 1, "honest": 3})]
+    with serve(mocae, batch_wait_ms=1500) as srv:
+        client = srv.client()
+
+        def ask(prompt, weights):
+            return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=12, temperature=0,
+                                                  extra_body={"axis_weights": weights}).choices[0].message.content
+
+        alone = [ask(*p) for p in prompts]  # one at a time: batch-1, merged fast path
+        stats = srv.app.state.batcher.stats
+        assert stats["max_batch"] == 1 and stats["merged_batches"] == 2
+        results = [None, None]
+
+        def worker(i):
+            results[i] = ask(*prompts[i])
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert stats["max_batch"] == 2 and stats["merged_batches"] == 2  # decoded together, unmerged
+        assert results == alone
+        # and the mixtures do differ: the same prompt under the other mixture answers differently
+        assert ask(prompts[0][0], prompts[1][1]) != alone[0] or ask(prompts[1][0], prompts[0][1]) != alone[1]
+
+
+def test_batched_decode_equals_generate_per_row(mocae):
+    """The batcher's rows (left-padded, unmerged, rows leaving as they finish) equal MoCaE.generate alone."""
+    from mocae.serve.batcher import Batcher, Row
+
+    served = ServedModel(mocae, mocae.tokenizer, MODEL)
+    batcher = Batcher(served, max_batch=4)
+    tok = mocae.tokenizer
+    asks = [("a", [1, 0, 0], 5), ("a much longer question about many things", [0.2, 0.3, 0.5], 9),
+            ("hi there", None, 7)]
+    rows, events = [], []
+    for text, w, n in asks:
+        ev = []
+        events.append(ev)
+        rows.append(Row(prompt_ids=served.encode([{"role": "user", "content": text}]), max_tokens=n,
+                        emit=ev.append, axis_weights=w))
+    batcher._decode(rows)
+    for (text, w, n), row, ev in zip(asks, rows, events):
+        ids = torch.tensor([row.prompt_ids])
+        out = mocae.generate(ids, axis_weights=w, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        expected = out[0, ids.shape[1]:].tolist()
+        assert row.generated == expected[:len(row.generated)]
+        assert ev[-1][0] == "done"
+
+
+def test_full_queue_is_429_and_disconnect_stops_the_row(mocae):
+    import httpx2 as httpx
+
+    with serve(mocae, max_queue=0) as srv:
+        with pytest.raises(openai.RateLimitError):
+            srv.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    with serve(mocae, max_tokens_cap=400, max_prompt_tokens=100) as srv:
+        stats = srv.app.state.batcher.stats
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+                "stream": True, "temperature": 1.5, "seed": 1}
+        original_forward = ServedModel.forward
+
+        def slow_forward(self, *a, **kw):  # slow decoding down so the disconnect lands mid-answer
+            time.sleep(0.02)
+            return original_forward(self, *a, **kw)
+
+        ServedModel.forward = slow_forward
+        try:
+            with httpx.Client(timeout=30) as http, http.stream("POST", srv.url + "/v1/chat/completions",
+                                                               json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_lines())  # the routing chunk: decoding has started
+            deadline = time.monotonic() + 10
+            while stats["cancelled"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stats["cancelled"] == 1
+            assert stats["tokens"] == 0  # the row never finished: its 400 tokens were not decoded
+        finally:
+            ServedModel.forward = original_forward
+
+
+def test_timeout_is_504(mocae):
+    with serve(mocae, request_timeout_s=0.05, batch_wait_ms=300) as srv:
+        with pytest.raises(openai.APIStatusError) as err:
+            srv.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 504
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD = [  # (body, status, the field the error must name)
+    ('{"model": "tiny-mocae", "messages": [', 400, "body"),
+    ("[1, 2]", 400, "body"),
+    ({"model": MODEL}, 400, "messages"),
+    ({**GOOD, "messages": []}, 400, "messages"),
+    ({**GOOD, "messages": "hello"}, 400, "messages"),
+    ({**GOOD, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({**GOOD, "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ({**GOOD, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({**GOOD, "messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content"),
+    ({**GOOD, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({**GOOD, "messages": [{"role": "user", "content": "x" * 2001}]}, 400, "messages[0].content"),
+    ({**GOOD, "messages": [{"role": "user", "content": "word " * 390}]}, 400, "messages"),
+    ({**GOOD, "axis_weights": {"helpful": -1}}, 400, "axis_weights.helpful"),
+    ('{"model": "tiny-mocae", "messages": [{"role": "user", "content": "hi"}], "axis_weights": {"helpful": NaN}}',
+     400, "axis_weights.helpful"),
+    ('{"model": "tiny-mocae", "messages": [{"role": "user", "content": "hi"}], "axis_weights": {"helpful": 1e999}}',
+     400, "axis_weights.helpful"),
+    ({**GOOD, "axis_weights": {"funny": 1}}, 400, "axis_weights.funny"),
+    ({**GOOD, "axis_weights": {"helpful": 0}}, 400, "axis_weights"),
+    ({**GOOD, "axis_weights": {"helpful": "lots"}}, 400, "axis_weights.helpful"),
+    ({**GOOD, "axis_weights": [1, 2, 3]}, 400, "axis_weights"),
+    ({**GOOD, "prior": {"honest": -2}}, 400, "prior.honest"),
+    ({**GOOD, "routing_mode": "vibes"}, 400, "routing_mode"),
+    ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": -5}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 65}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 10 ** 30}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
+    ({**GOOD, "temperature": 9}, 400, "temperature"),
+    ({**GOOD, "n": 3}, 400, "n"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**GOOD, "model": "gpt-4"}, 404, "model"),
+    ({**GOOD, "model": None}, 400, "model"),
+]
+
+
+def test_bad_input_is_4xx_naming_the_field(mocae):
+    import httpx2 as httpx
+
+    with serve(mocae) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        for body, status, param in BAD:
+            content = body if isinstance(body, str) else json.dumps(body)
+            resp = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+            assert resp.status_code == status, (body, resp.text)
+            error = resp.json()["error"]
+            assert error["param"] == param, (body, error)
+            assert error["message"]
+        assert http.post("/v1/chat/completions", content=b"x" * (2 << 20)).status_code == 413
+        assert http.get("/nowhere").status_code == 404 and "error" in http.get("/nowhere").json()
+        assert http.get("/v1/chat/completions").status_code == 405
+        # with the openai client: a typed 4xx error, never a 500
+        client = srv.client()
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"axis_weights": {"helpful": -1}})
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        # and the server still answers
+        assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+        assert srv.app.state.batcher.stats["batches"] == 1
+
+
+def test_base_model_is_served_and_refuses_steering(tiny):
+    model, tok = tiny
+    app = create_app(ServedModel(model, tok, "base"), ServeConfig(default_max_tokens=4))
+    with LoopbackServer(app) as srv:
+        client = srv.client()
+        resp = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
+        assert resp.routing is None and resp.usage.completion_tokens <= 4
+        with pytest.raises(openai.BadRequestError, match="not a MoCaE"):
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"axis_weights": {"helpful": 1}})
