@@ -295,3 +295,63 @@ def test_base_model_is_served_and_refuses_steering(tiny):
         with pytest.raises(openai.BadRequestError, match="not a MoCaE"):
             client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
                                            extra_body={"axis_weights": {"helpful": 1}})
+
+
+def test_load_served_takes_mocae_adapter_and_base(expert_dirs, tmp_path):
+    from mocae.export import export_mixture
+    from mocae.serve.app import load_served
+
+    path = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs)).save_pretrained(tmp_path / "m")
+    served = load_served(str(path))
+    assert served.model_id == "m" and served.axes == ["helpful", "harmless", "honest"] and not served.per_token
+    export_mixture(path, "helpful=1,honest=1", tmp_path / "exported")
+    adapter = load_served(str(tmp_path / "exported"), model_id="mix")
+    assert adapter.model_id == "mix" and adapter.axes is None
+    assert load_served("base", backbone="tiny-random").model_id == "base"
+    with pytest.raises(FileNotFoundError):
+        load_served(str(tmp_path / "nothing"))
+
+
+def test_mocae_serve_command_on_loopback(expert_dirs, tmp_path):
+    """`mocae serve` in its own process answers the openai client, then stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, router_input="hidden")
+                            ).save_pretrained(tmp_path / "served")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from mocae.cli import main; sys.exit(main())",
+                             "serve", "--model", str(path), "--port", str(port), "--max-tokens-cap", "16"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import httpx2 as httpx
+
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "mocae serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model="served", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, extra_body={"prior": {"honest": 3, "helpful": 1,
+                                                                                  "harmless": 1}})
+        assert resp.routing["mode"] == "blend"
+        with pytest.raises(openai.BadRequestError, match="cap of 16"):
+            client.chat.completions.create(model="served", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=17)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
