@@ -6,6 +6,7 @@ Only argparse here: the server's and the model's imports happen inside the handl
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -28,8 +29,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from mocae.evaluation.cli import load_eval_config
+    from mocae.pareto import ParetoConfig, run_pareto
+
+    update = {"efficiency": False}
+    if args.n is not None:
+        update.update(n_helpful=args.n, n_harmful=args.n, n_xstest_safe=args.n, n_truthfulqa=args.n,
+                      n_jailbreak=min(args.n, 162))
+    eval_cfg = load_eval_config(args.preset).model_copy(update=update)
+    cfg = ParetoConfig(steps=args.steps, sweep=args.sweep.split(","), eval=eval_cfg)
+    out = args.out or str(Path(args.model).resolve().parent / "pareto")
+    report = run_pareto(args.model, cfg, out, progress=not args.no_progress)
+    for row in report["points"]:
+        scores = ", ".join(f"{a} {o['value']:.1f}" for a, o in row["objectives"].items() if o)
+        print(f"{row['name']:<28} {scores}{'  *front' if row.get('nondominated') else ''}")
+    print(f"wrote {out}/pareto.json and {report['plot']}")
+    return 0
+
+
 def add_serve_commands(sub) -> None:
-    """Add ``serve`` and ``export`` to the ``mocae`` subparsers."""
+    """Add ``serve``, ``export`` and ``pareto`` to the ``mocae`` subparsers."""
     p = sub.add_parser(
         "serve", help="OpenAI-compatible chat server for a MoCaE (or any saved) model, steerable per request",
         description="Serve POST /v1/chat/completions (plain and stream), GET /v1/models and GET /health. "
@@ -58,3 +78,17 @@ def add_serve_commands(sub) -> None:
                    help="e.g. helpful=1,harmless=1,honest=2 (normalised to sum 1; axes left out get 0)")
     p.add_argument("--out", required=True, help="output adapter folder (replaced atomically)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "pareto", help="HHH front of MoCaE steered by priors vs the static merge of its experts, on a simplex grid",
+        description="Evaluate MoCaE with its router tilted by each grid point (prior) and the experts mixed with "
+                    "each grid point's fixed weights (static merge), on the same prompts; write pareto.json "
+                    "(objectives, non-dominated points, paired MoCaE - static differences) and pareto.png.")
+    p.add_argument("--model", required=True, help="a saved MoCaE folder")
+    p.add_argument("--steps", type=int, default=2, help="grid resolution (2: 6 points on 3 axes; 3: 10)")
+    p.add_argument("--n", type=int, default=32, help="prompts per eval set at every point (default 32)")
+    p.add_argument("--preset", default="quick", help="eval preset the other settings come from (default quick)")
+    p.add_argument("--sweep", default="mocae,static", help="series: mocae, static or both (default)")
+    p.add_argument("--out", default=None, help="output folder (default: pareto/ beside the model)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pareto)
