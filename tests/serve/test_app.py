@@ -19,71 +19,10 @@ from mocae.mixture.model import MoCaEConfig, MoCaEModel  # noqa: E402
 from mocae.serve.app import ServeConfig, create_app  # noqa: E402
 from mocae.serve.batcher import ServedModel  # noqa: E402
 
-MODEL = "tiny-mocae"
+MODEL = "tiny-mocae"  # the id the conftest's `serve` fixture gives the model
 
 
-class LoopbackServer:
-    """uvicorn in a thread on a free 127.0.0.1 port; stops by itself when the test ends."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.app = app
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60, **kw)
-
-
-def randomise_router(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-
-
-@pytest.fixture
-def mocae(expert_dirs, monkeypatch):
-    import mocae.mixture.model as model_module
-
-    # A deterministic stand-in for the MiniLM embedding keeps the test fast and offline.
-    def fake_embeddings(texts):
-        return torch.stack([torch.sin(torch.arange(model_module.EMBEDDING_SIZE) * (1 + len(t) % 7))
-                            for t in texts])
-
-    monkeypatch.setattr(model_module, "sentence_embeddings", fake_embeddings)
-    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs))
-    randomise_router(model)
-    return model
-
-
-def serve(model, **cfg):
-    defaults = dict(max_tokens_cap=64, default_max_tokens=8, max_content_chars=2000, max_prompt_tokens=400)
-    return LoopbackServer(create_app(ServedModel(model, model.tokenizer, MODEL), ServeConfig(**{**defaults, **cfg})))
-
-
-def test_openai_client_round_trip_plain_and_streaming(mocae):
+def test_openai_client_round_trip_plain_and_streaming(mocae, serve):
     with serve(mocae) as srv:
         client = srv.client()
         assert [m.id for m in client.models.list().data] == [MODEL]
@@ -130,7 +69,7 @@ def test_openai_client_round_trip_plain_and_streaming(mocae):
         assert httpx.get(srv.url + f"/v1/models/{MODEL}").json()["axes"] == ["helpful", "harmless", "honest"]
 
 
-def test_concurrent_mixtures_share_a_batch_and_match_each_alone(mocae):
+def test_concurrent_mixtures_share_a_batch_and_match_each_alone(mocae, serve):
     prompts = [("tell me about water", {"helpful": 1.0}), ("why is the sky blue", {"harmless": 1, "honest": 3})]
     with serve(mocae, batch_wait_ms=1500) as srv:
         client = srv.client()
@@ -159,7 +98,7 @@ def test_concurrent_mixtures_share_a_batch_and_match_each_alone(mocae):
         assert ask(prompts[0][0], prompts[1][1]) != alone[0] or ask(prompts[1][0], prompts[0][1]) != alone[1]
 
 
-def test_batched_decode_equals_generate_per_row(mocae):
+def test_batched_decode_equals_generate_per_row(mocae, serve):
     """The batcher's rows (left-padded, unmerged, rows leaving as they finish) equal MoCaE.generate alone."""
     from mocae.serve.batcher import Batcher, Row
 
@@ -183,7 +122,7 @@ def test_batched_decode_equals_generate_per_row(mocae):
         assert ev[-1][0] == "done"
 
 
-def test_full_queue_is_429_and_disconnect_stops_the_row(mocae):
+def test_full_queue_is_429_and_disconnect_stops_the_row(mocae, serve):
     import httpx2 as httpx
 
     with serve(mocae, max_queue=0) as srv:
@@ -214,7 +153,7 @@ def test_full_queue_is_429_and_disconnect_stops_the_row(mocae):
             ServedModel.forward = original_forward
 
 
-def test_timeout_is_504(mocae):
+def test_timeout_is_504(mocae, serve):
     with serve(mocae, request_timeout_s=0.05, batch_wait_ms=300) as srv:
         with pytest.raises(openai.APIStatusError) as err:
             srv.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
@@ -259,7 +198,7 @@ BAD = [  # (body, status, the field the error must name)
 ]
 
 
-def test_bad_input_is_4xx_naming_the_field(mocae):
+def test_bad_input_is_4xx_naming_the_field(mocae, serve):
     import httpx2 as httpx
 
     with serve(mocae) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
@@ -285,10 +224,10 @@ def test_bad_input_is_4xx_naming_the_field(mocae):
         assert srv.app.state.batcher.stats["batches"] == 1
 
 
-def test_base_model_is_served_and_refuses_steering(tiny):
+def test_base_model_is_served_and_refuses_steering(tiny, loopback):
     model, tok = tiny
     app = create_app(ServedModel(model, tok, "base"), ServeConfig(default_max_tokens=4))
-    with LoopbackServer(app) as srv:
+    with loopback(app) as srv:
         client = srv.client()
         resp = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
         assert resp.routing is None and resp.usage.completion_tokens <= 4

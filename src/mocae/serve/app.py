@@ -5,6 +5,7 @@
                                 stream's first chunk) carries ``routing``
     GET  /v1/models             the one served model (with its axes)
     GET  /health                status, queue length, batching counters
+    GET  /                      the playground: chat box, a slider per axis, routing bars per answer
 
 Any model mocae can load is served: a MoCaE folder, a peft adapter folder (an exported mixture,
 a single expert) or the base model, so the same server is the comparison.
@@ -28,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.serve.batcher import Batcher, Row, ServedModel
 from mocae.serve.schema import ApiError, ChatRequest, check_request, error_body, loc_to_param
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 class ServeConfig(BaseModel):
@@ -117,6 +120,12 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
     def model_card() -> dict:
         return {"id": served.model_id, "object": "model", "created": started, "owned_by": "mocae",
                 "axes": served.axes, "routing": ("token" if served.per_token else "sequence") if served.axes else None}
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
