@@ -193,6 +193,10 @@ BAD = [  # (body, status, the field the error must name)
     ({**GOOD, "temperature": 9}, 400, "temperature"),
     ({**GOOD, "n": 3}, 400, "n"),
     ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**GOOD, "seed": -1}, 400, "seed"),
+    ({**GOOD, "stream_options": "yes"}, 400, "stream_options"),
+    ({**GOOD, "stop": [1]}, 400, "stop"),
+    ("null", 400, "body"),
     ({**GOOD, "model": "gpt-4"}, 404, "model"),
     ({**GOOD, "model": None}, 400, "model"),
 ]
@@ -219,9 +223,35 @@ def test_bad_input_is_4xx_naming_the_field(mocae, serve):
                                            extra_body={"axis_weights": {"helpful": -1}})
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        chunked = http.post("/v1/chat/completions", content=iter([json.dumps(GOOD).encode()]))
+        assert chunked.status_code == 411 and chunked.json()["error"]["param"] == "body"
+        plain_text = http.post("/v1/chat/completions", content=json.dumps(GOOD), headers={"content-type": "text/plain"})
+        assert 400 <= plain_text.status_code < 500 or plain_text.status_code == 200
         # and the server still answers
         assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
-        assert srv.app.state.batcher.stats["batches"] == 1
+        assert http.post("/v1/chat/completions", json={**GOOD, "temperature": 1e-300}).status_code == 200
+
+
+def test_random_mutations_never_get_a_5xx(mocae, serve):
+    """A bounded fuzz: 80 requests with random fields replaced by random values; every answer < 500."""
+    import random
+
+    import httpx2 as httpx
+
+    rng = random.Random(0)
+    values = [None, -1, 0, 1, 2.5, 1e308, -1e308, "", "x", "user", [], [1], {}, {"a": 1}, True, 10 ** 20,
+              [{"role": "user", "content": "hi"}], {"helpful": 1}, {"helpful": -0.0}]
+    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
+              "axis_weights", "prior", "routing_mode", "max_completion_tokens", "stream_options"]
+    with serve(mocae) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        for _ in range(80):
+            body = {**GOOD, "max_tokens": 1}
+            for field in rng.sample(fields, rng.randint(1, 3)):
+                body[field] = rng.choice(values)
+            resp = http.post("/v1/chat/completions", json=body)
+            assert resp.status_code < 500, (body, resp.text)
+            if resp.status_code != 200:
+                assert "error" in resp.json()
 
 
 def test_base_model_is_served_and_refuses_steering(tiny, loopback):

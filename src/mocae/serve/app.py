@@ -111,6 +111,10 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
     @app.middleware("http")
     async def _body_limit(request: Request, call_next):
         length = request.headers.get("content-length")
+        if length is None and request.method == "POST" and request.headers.get("transfer-encoding"):
+            # a chunked body has no length to check before it is read: ask for one instead
+            return JSONResponse(error_body(411, "send the body with a Content-Length header", "body"),
+                                status_code=411)
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             return JSONResponse(error_body(413, f"request body over {cfg.max_body_bytes} bytes", "body"),
                                 status_code=413)
@@ -164,8 +168,13 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
             steering["max_tokens"] = room
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        row = Row(prompt_ids=prompt, max_tokens=steering["max_tokens"],
-                  emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+        def emit(ev):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody to tell
+                pass
+
+        row = Row(prompt_ids=prompt, max_tokens=steering["max_tokens"], emit=emit,
                   axis_weights=steering["axis_weights"], prior=steering["prior"], routing_mode=req.routing_mode,
                   temperature=cfg.default_temperature if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop,
@@ -267,6 +276,7 @@ def run_server(model: str, cfg: ServeConfig, backbone: str | None = None, model_
     import uvicorn
 
     served = load_served(model, backbone, model_id)
+    served.warmup()
     print(f"serving {served.model_id!r} ({'axes ' + ', '.join(served.axes) if served.axes else 'no axes'}) on "
           f"http://{cfg.host}:{cfg.port}/v1", flush=True)
     uvicorn.run(create_app(served, cfg), host=cfg.host, port=cfg.port, log_level="warning")

@@ -16,6 +16,7 @@ Events go back to the asyncio side through ``Row.emit``: ("routing", dict), ("de
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import threading
 import time
@@ -71,6 +72,7 @@ class ServedModel:
         self.axes: list[str] | None = list(model.axes) if self.is_mocae else None
         self.per_token = self.is_mocae and not model.routes_per_request
         self.eos = set(_eos_ids(model, tokenizer).tolist())
+        self._encoder = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.max_context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         # transformers 5.x renames the forward's past_key_values to cache (the old name warns until 5.40)
@@ -81,9 +83,22 @@ class ServedModel:
             raise ValueError(f"model {model_id!r}: its tokenizer has no chat template; the chat API needs one")
 
     def encode(self, messages: list[dict]) -> list[int]:
-        """Chat-template the messages (as ``mocae.generation.chat_prompt`` does) and tokenize."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Chat-template the messages (as ``mocae.generation.chat_prompt`` does) and tokenize.
+
+        Called on the server's event loop while the worker decodes: a copy of the tokenizer of its
+        own, as a Rust tokenizer shared by two threads can fail with "Already borrowed".
+        """
+        if self._encoder is None:
+            self._encoder = copy.deepcopy(self.tokenizer)
+        text = self._encoder.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._encoder(text, add_special_tokens=False)["input_ids"]
+
+    def warmup(self) -> None:
+        """Route and decode one token once, so the first request does not pay for lazy loads (MiniLM)."""
+        from mocae.serve.batcher import Batcher, Row
+
+        row = Row(prompt_ids=self.encode([{"role": "user", "content": "hello"}]), max_tokens=1, emit=lambda ev: None)
+        Batcher(self)._decode([row])
 
     # routing ----------------------------------------------------------------------------------------
     def group(self, row: Row) -> str:
@@ -256,7 +271,7 @@ class Batcher:
         greedy = logits.argmax(-1).tolist()
         out = []
         for i, r in enumerate(rows):
-            if r.temperature <= 0:
+            if r.temperature < 1e-4:  # greedy (a vanishing temperature would overflow the softmax)
                 out.append(greedy[i])
                 continue
             probs = torch.softmax(logits[i] / r.temperature, -1)

@@ -36,7 +36,9 @@ def error_body(status: int, message: str, param: str | None = None, type: str = 
 
 def loc_to_param(loc) -> str | None:
     """pydantic's ('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in loc if p != "body"]
+    # union members show up in locs as type tags ('str', 'list[str]', 'function-after[...]'): not fields
+    tags = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and (p in tags or "[" in p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -76,7 +78,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     # mocae extensions
     axis_weights: dict[str, float] | None = Field(
         None, description="fixed expert weights per axis (normalised to sum 1; axes left out get 0)")
