@@ -324,3 +324,27 @@ def test_mocae_serve_command_on_loopback(expert_dirs, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_token_routed_model_batches_by_kind(expert_dirs, serve):
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, routing="token", top_k=2))
+    with serve(model, batch_wait_ms=800) as srv:
+        client = srv.client()
+        results = {}
+
+        def ask(key, extra):
+            results[key] = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4, extra_body=extra)
+
+        threads = [threading.Thread(target=ask, args=("routed", {})),
+                   threading.Thread(target=ask, args=("fixed", {"axis_weights": {"honest": 1}}))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results["routed"].routing == {"mode": "token", "weights": None, "probabilities": None}
+        assert results["fixed"].routing["mode"] == "axis_weights"
+        assert srv.app.state.batcher.stats["max_batch"] == 1  # per-token and fixed rows never share a batch
+        with pytest.raises(openai.BadRequestError, match="routes per token"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"prior": {"honest": 1}})
