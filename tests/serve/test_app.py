@@ -348,3 +348,55 @@ def test_token_routed_model_batches_by_kind(expert_dirs, serve):
         with pytest.raises(openai.BadRequestError, match="routes per token"):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                            extra_body={"prior": {"honest": 1}})
+
+
+LONG = "tell me a long story about the sea and its ships, the sailors, the storms and the harbours they reach"
+
+
+@pytest.mark.parametrize("first, second", [(LONG, "hi"), ("hi", LONG)])  # joiner's cache shorter / longer
+def test_request_arriving_mid_decode_joins_the_batch_and_matches_alone(mocae, first, second):
+    """Continuous batching: B joins A's running (merged, batch-1) decode; both equal their solo answers."""
+    from mocae.serve.batcher import Batcher, Row
+
+    served = ServedModel(mocae, mocae.tokenizer, MODEL)
+    tok = mocae.tokenizer
+    asks = {"a": (first, [0.7, 0.3, 0.0], 40), "b": (second, [0.0, 0.2, 0.8], 12)}
+    solo = {}
+    for key, (text, w, n) in asks.items():
+        ids = torch.tensor([served.encode([{"role": "user", "content": text}])])
+        out = mocae.generate(ids, axis_weights=w, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        solo[key] = out[0, ids.shape[1]:].tolist()
+    batcher = Batcher(served, max_batch=4, batch_wait_ms=0)
+    events = {k: [] for k in asks}
+    started = threading.Event()
+
+    def emit_a(ev):
+        events["a"].append(ev)
+        if ev[0] == "delta":
+            started.set()
+
+    rows = {k: Row(prompt_ids=served.encode([{"role": "user", "content": t}]), max_tokens=n,
+                   emit=emit_a if k == "a" else events[k].append, axis_weights=w) for k, (t, w, n) in asks.items()}
+    original_forward = served.forward
+
+    def slow_forward(*a, **kw):  # slow decoding so that b lands mid-answer
+        time.sleep(0.01)
+        return original_forward(*a, **kw)
+
+    served.forward = slow_forward
+    batcher.start()
+    try:
+        batcher.submit(rows["a"])
+        assert started.wait(30)
+        batcher.submit(rows["b"])
+        deadline = time.monotonic() + 60
+        while not all(ev and ev[-1][0] == "done" for ev in events.values()):
+            assert time.monotonic() < deadline, events
+            time.sleep(0.02)
+    finally:
+        batcher.stop()
+    assert batcher.stats["joined"] == 1 and batcher.stats["batches"] == 1 and batcher.stats["max_batch"] == 2
+    assert batcher.stats["merged_batches"] == 1  # a started alone (merged), was unmerged when b joined
+    for key in asks:
+        got = rows[key].generated
+        assert got == solo[key][:len(got)], key

@@ -42,6 +42,7 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(16, ge=1, description="rows decoded together")
     max_queue: int = Field(64, ge=0, description="requests waiting before 429")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the first request waits for others to join")
+    continuous: bool = Field(True, description="requests arriving mid-decode join the running batch")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens accepted")
     default_max_tokens: int = Field(256, ge=1, description="budget when the request gives none")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest chat-formatted prompt accepted")
@@ -67,7 +68,8 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = cfg or ServeConfig()
-    batcher = Batcher(served, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_ms=cfg.batch_wait_ms)
+    batcher = Batcher(served, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_ms=cfg.batch_wait_ms,
+                      continuous=cfg.continuous)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -1,13 +1,15 @@
-"""Dynamic batching of chat requests whose rows carry different mixtures.
+"""Batching of chat requests whose rows carry different mixtures (dynamic + continuous).
 
 One worker thread owns the model. It takes the oldest waiting request, waits ``batch_wait_ms``
 for others to join (up to ``max_batch``), routes every row (its own axis weights, or the
 calibrated router with its own prior / mode), and decodes the rows together with one KV cache:
 each row's expert weights go through the mixer's unmerged path as a (B, E) tensor, so one
 forward pass serves every mixture at the cost of one rank-E*r LoRA. A batch of one keeps the
-merged fast path (the mixture folded into W0). Rows leave the batch as they finish, time out or
-their client disconnects (their KV rows are dropped); requests arriving meanwhile wait for the
-next batch (dynamic, not continuous, batching).
+merged fast path (the mixture folded into W0). Rows leave the batch (and its KV cache) as they
+finish, time out or their client disconnects. With ``continuous`` (default), requests arriving
+mid-decode are prefilled on their own and join the running batch at the next step (their KV
+cache left-padded to the batch's, or the batch's to theirs; a merged batch of one is unmerged
+first); caches other than plain ``DynamicLayer`` ones (sliding windows) only batch dynamically.
 
 Events go back to the asyncio side through ``Row.emit``: ("routing", dict), ("delta", text),
 ("done", finish_reason, usage), ("error", ApiError).
@@ -15,7 +17,6 @@ Events go back to the asyncio side through ``Row.emit``: ("routing", dict), ("de
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import threading
@@ -138,18 +139,16 @@ class ServedModel:
             r.emit(("routing", record))
 
     # forward --------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def merged(self, weights: torch.Tensor | None):
-        """Batch of one with fixed weights: fold the mixture into W0 (zero decode overhead)."""
+    def merge(self, weights: torch.Tensor | None) -> bool:
+        """Batch of one with fixed weights: fold the mixture into W0 (zero decode overhead). True if merged."""
         if (not self.is_mocae or weights is None or weights.shape[0] != 1
                 or not self.model.mocae_config.merge_single_request):
-            yield False
-            return
+            return False
         self.model.mixer.merge(weights[0])
-        try:
-            yield True
-        finally:
-            self.model.mixer.unmerge()
+        return True
+
+    def unmerge(self) -> None:
+        self.model.mixer.unmerge()
 
     def forward(self, ids, mask, positions, cache, weights) -> torch.Tensor:
         """Logits (B, V) of the last position; ``weights`` (B, E) per row or None."""
@@ -163,8 +162,10 @@ class ServedModel:
 class Batcher:
     """Bounded queue + one worker thread decoding batches of rows (see the module docstring)."""
 
-    def __init__(self, served: ServedModel, max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 5.0):
+    def __init__(self, served: ServedModel, max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 5.0,
+                 continuous: bool = True):
         self.served = served
+        self.continuous = continuous
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait_ms / 1000
         self._pending: list[Row] = []
         self._cond = threading.Condition()
@@ -172,7 +173,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.active = 0
         self.stats = {"batches": 0, "rows": 0, "max_batch": 0, "merged_batches": 0, "cancelled": 0,
-                      "timed_out": 0, "tokens": 0, "last_batch": 0}
+                      "timed_out": 0, "tokens": 0, "last_batch": 0, "joined": 0}
 
     # lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -212,8 +213,11 @@ class Batcher:
             if self._stop:
                 return None
             first_seen = time.monotonic()
-            while len(self._pending) < self.max_batch and time.monotonic() - first_seen < self.batch_wait:
-                self._cond.wait(self.batch_wait - (time.monotonic() - first_seen))
+            while len(self._pending) < self.max_batch:
+                left = self.batch_wait - (time.monotonic() - first_seen)
+                if left <= 0:  # (a negative timeout would make wait() raise)
+                    break
+                self._cond.wait(left)
                 if self._stop:
                     return None
             group = self.served.group(self._pending[0])
@@ -285,12 +289,9 @@ class Batcher:
             out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
         return out
 
-    @torch.no_grad()
-    def _decode(self, rows: list[Row]) -> None:
-        from transformers import DynamicCache
-
-        now = time.monotonic()
-        live = []
+    def _live(self, rows: list[Row]) -> list[Row]:
+        """Rows still wanted: cancelled ones are dropped, ones past their deadline told so."""
+        now, live = time.monotonic(), []
         for r in rows:
             if r.cancelled:
                 self.stats["cancelled"] += 1
@@ -299,9 +300,16 @@ class Batcher:
                 r.emit(("error", ApiError(504, "request timed out while queued", type="timeout")))
             else:
                 live.append(r)
-        rows = live
-        if not rows:
-            return
+        return live
+
+    def _prefill(self, rows: list[Row]):
+        """Route and prefill ``rows`` as one left-padded batch with a fresh KV cache.
+
+        Returns:
+            (logits (B, V), cache, mask (B, T), last positions (B, 1), weights (B, E) or None).
+        """
+        from transformers import DynamicCache
+
         served = self.served
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.tensor([[served.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
@@ -309,15 +317,76 @@ class Batcher:
         served.route(rows, ids, mask)
         weights = None if rows[0].weights is None else torch.stack([r.weights for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = served.forward(ids, mask, positions, cache, weights)
+        return logits, cache, mask, positions[:, -1:], weights
+
+    def _joiners(self, group: str, room: int) -> list[Row]:
+        """Waiting rows of ``group`` that can join the running batch (continuous batching)."""
+        with self._cond:
+            if self._stop:
+                return []
+            take = [r for r in self._pending if self.served.group(r) == group][:room]
+            if take:
+                taken = set(map(id, take))
+                self._pending = [r for r in self._pending if id(r) not in taken]
+        return self._live(take)
+
+    @staticmethod
+    def _joinable(cache) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    @staticmethod
+    def _concat(cache, mask, other, other_mask):
+        """Stack two batches' KV caches and masks, left-padding the shorter one (masked out)."""
+        t, u = mask.shape[1], other_mask.shape[1]
+        width = max(t, u)
+
+        def pad(x, n, dim):
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for layer, new in zip(cache.layers, other.layers):
+            layer.keys = torch.cat([pad(layer.keys, width - t, 2), pad(new.keys, width - u, 2)], dim=0)
+            layer.values = torch.cat([pad(layer.values, width - t, 2), pad(new.values, width - u, 2)], dim=0)
+        return torch.cat([pad(mask, width - t, 1), pad(other_mask, width - u, 1)], dim=0)
+
+    @torch.no_grad()
+    def _decode(self, rows: list[Row]) -> None:
+        rows = self._live(rows)
+        if not rows:
+            return
+        served = self.served
+        group = served.group(rows[0])
+        logits, cache, mask, positions, weights = self._prefill(rows)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["last_batch"] = len(rows)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
-        cache = DynamicCache()
-        with served.merged(weights) as merged:
-            self.stats["merged_batches"] += int(merged)
-            logits = served.forward(ids, mask, positions, cache, weights)
+        merged = served.merge(weights)  # a batch of one: the mixture folded into W0
+        self.stats["merged_batches"] += int(merged)
+        try:
             while rows:
+                if self.continuous and self._pending and len(rows) < self.max_batch and self._joinable(cache):
+                    joiners = self._joiners(group, self.max_batch - len(rows))
+                    if joiners:
+                        if merged:  # from here on each row's weights go through the unmerged path
+                            served.unmerge()
+                            merged = False
+                        new_logits, new_cache, new_mask, new_positions, new_weights = self._prefill(joiners)
+                        mask = self._concat(cache, mask, new_cache, new_mask)
+                        logits = torch.cat([logits, new_logits])
+                        positions = torch.cat([positions, new_positions])
+                        weights = None if weights is None else torch.cat([weights, new_weights])
+                        rows = rows + joiners
+                        self.stats["joined"] += len(joiners)
+                        self.stats["rows"] += len(joiners)
+                        self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
                 tokens = self._next_tokens(logits, rows)
                 keep = []
                 for i, (r, t) in enumerate(zip(rows, tokens)):
@@ -349,5 +418,8 @@ class Batcher:
                     rows = [rows[i] for i in keep]
                 step = torch.tensor(tokens)[:, None]
                 mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-                positions = positions[:, -1:] + 1
+                positions = positions + 1
                 logits = served.forward(step, mask, positions, cache, weights)
+        finally:
+            if merged:
+                served.unmerge()

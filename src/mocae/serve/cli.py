@@ -14,7 +14,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                       max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.timeout,
-                      batch_wait_ms=args.batch_wait_ms, max_prompt_tokens=args.max_prompt_tokens)
+                      batch_wait_ms=args.batch_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
+                      continuous=not args.no_continuous)
     run_server(args.model, cfg, backbone=args.backbone, model_id=args.name)
     return 0
 
@@ -67,6 +68,8 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (default 120)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the batcher waits for more requests to join a batch (default 5 ms)")
+    p.add_argument("--no-continuous", action="store_true",
+                   help="requests arriving mid-decode wait for the next batch instead of joining the running one")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
