@@ -400,3 +400,21 @@ def test_request_arriving_mid_decode_joins_the_batch_and_matches_alone(mocae, fi
     for key in asks:
         got = rows[key].generated
         assert got == solo[key][:len(got)], key
+
+
+def test_run_systems_are_served(expert_dirs, tmp_path):
+    from mocae.serve.app import load_served
+    from mocae.serve.batcher import Batcher, Row
+    from mocae.systems import RunSystems
+
+    run = RunSystems(backbone="tiny-random", experts=expert_dirs, run_dir=str(tmp_path / "run"))
+    run.save()
+    for system in ("ties", "expert_honest", "base"):
+        served = load_served(run.run_dir, system=system)
+        assert served.model_id == system and served.axes is None
+        events = []
+        row = Row(prompt_ids=served.encode([{"role": "user", "content": "hi"}]), max_tokens=3, emit=events.append)
+        Batcher(served)._decode([row])
+        assert events[-1][0] == "done" and 1 <= len(row.generated) <= 3
+    with pytest.raises(ValueError, match="cannot be served"):
+        load_served(run.run_dir, system="mote")

@@ -262,8 +262,27 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
     return app
 
 
-def load_served(model: str, backbone: str | None = None, model_id: str | None = None) -> ServedModel:
-    """A ServedModel for ``mocae serve --model``: 'base', a MoCaE folder or a peft adapter folder."""
+# Run systems whose models decode with a plain KV-cached forward, as the batcher does. X-LoRA and
+# MoTE decode with loops of their own; H3Fusion and Arrow are not tested with the server yet.
+SERVABLE_SYSTEMS = ("base", "multitask", "task_arithmetic", "ties", "dare", "mocae")
+
+
+def load_served(model: str, backbone: str | None = None, model_id: str | None = None,
+                system: str | None = None) -> ServedModel:
+    """A ServedModel for ``mocae serve --model``: 'base', a MoCaE folder or a peft adapter folder;
+    with ``system``, ``model`` is a ``mocae run`` directory and ``system`` one of its systems.
+
+    Raises:
+        FileNotFoundError: not a model folder / run directory. ValueError: a system the server cannot decode.
+    """
+    if system is not None:
+        from mocae.systems import RunSystems, load_system
+
+        if system not in SERVABLE_SYSTEMS and not system.startswith("expert_"):
+            raise ValueError(f"system {system!r} cannot be served (it decodes with a loop of its own or is not "
+                             f"tested with the server); servable: {', '.join(SERVABLE_SYSTEMS)}, expert_<axis>")
+        m, tokenizer = load_system(system, RunSystems.load(model))
+        return ServedModel(m, tokenizer, model_id or system)
     from mocae.evaluation.cli import system_loaders
 
     loaders = system_loaders(model, backbone)
@@ -273,11 +292,12 @@ def load_served(model: str, backbone: str | None = None, model_id: str | None = 
     return ServedModel(m, tokenizer, model_id or default_id)
 
 
-def run_server(model: str, cfg: ServeConfig, backbone: str | None = None, model_id: str | None = None) -> None:
-    """Load ``model`` and serve it with uvicorn until interrupted."""
+def run_server(model: str, cfg: ServeConfig, backbone: str | None = None, model_id: str | None = None,
+               system: str | None = None) -> None:
+    """Load ``model`` (or ``system`` of run directory ``model``) and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    served = load_served(model, backbone, model_id)
+    served = load_served(model, backbone, model_id, system)
     served.warmup()
     print(f"serving {served.model_id!r} ({'axes ' + ', '.join(served.axes) if served.axes else 'no axes'}) on "
           f"http://{cfg.host}:{cfg.port}/v1", flush=True)

@@ -16,7 +16,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                       max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.timeout,
                       batch_wait_ms=args.batch_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
                       continuous=not args.no_continuous)
-    run_server(args.model, cfg, backbone=args.backbone, model_id=args.name)
+    run_server(args.model, cfg, backbone=args.backbone, model_id=args.name, system=args.system)
     return 0
 
 
@@ -57,6 +57,9 @@ def add_serve_commands(sub) -> None:
                     "Requests may add axis_weights, prior and routing_mode; every answer carries its routing. "
                     "Concurrent requests with different mixtures are decoded in one batch.")
     p.add_argument("--model", required=True, help="a saved MoCaE folder, a peft adapter folder, or 'base'")
+    p.add_argument("--system", default=None,
+                   help="with --model RUN_DIR (a `mocae run` directory): serve this system of the run, e.g. ties, "
+                        "expert_honest, mocae")
     p.add_argument("--backbone", default=None, help="backbone for 'base' or an adapter (default: the recorded one)")
     p.add_argument("--name", default=None, help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
