@@ -126,7 +126,7 @@ class ServedModel:
                 p = probs[need.index(i)].float()
                 if r.prior is not None:
                     p = p * torch.tensor(r.prior)
-                    p = p / p.sum()
+                    p = p / p.sum().clamp_min(1e-12)
                 record["probabilities"] = dict(zip(self.axes, p.tolist()))
                 if r.routing_mode == "top1":
                     r.weights = torch.nn.functional.one_hot(p.argmax(), len(self.axes)).float()
