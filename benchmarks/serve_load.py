@@ -12,7 +12,7 @@ the ratio is mixed-mixture tok/s over base tok/s. Phase 3 (anchor): peft's mixed
 Phase 4 (latency): one request through the server vs a direct ``MoCaEModel.generate`` of the
 same prompt and budget (ratio, median of ``--repeats``).
 
-Each server runs in this process on 127.0.0.1 (a free port); nothing leaves the machine. The whole
+Each server is a ``mocae serve`` child process on 127.0.0.1 (a free port); nothing leaves the machine. The whole
 run stops by itself after ``--max-seconds`` (default 1800): unfinished requests count as lost.
 
 Run:  .venv/bin/python benchmarks/serve_load.py --model runs/quick-<hash>/mocae
@@ -26,10 +26,11 @@ import asyncio
 import json
 import platform
 import random
+import signal
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,33 +63,49 @@ def malformed(rng: random.Random, model_id: str) -> tuple[str, str]:
 
 
 class Server:
-    """uvicorn on a free loopback port in a thread."""
+    """``mocae serve`` in a child process on a free loopback port (a server sharing this process's GIL
+    with the load generator would measure the contention, not the server); stopped with SIGINT."""
 
-    def __init__(self, served, cfg):
-        import uvicorn
-
-        from mocae.serve.app import create_app
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.app = create_app(served, cfg)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+    def __init__(self, model: str, cfg, name: str, backbone: str | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "mocae.cli", "serve", "--model", model, "--name", name,
+                    "--port", str(self.port), "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue),
+                    "--max-tokens-cap", str(cfg.max_tokens_cap), "--batch-wait-ms", str(cfg.batch_wait_ms)]
+        if backbone:
+            self.cmd += ["--backbone", backbone]
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
+        import httpx2 as httpx
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mocae serve exited: {self.proc.stdout.read()[-2000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
+                self.__exit__()
+                raise RuntimeError("mocae serve did not come up in 300 s")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.5)
+
+    def stats(self) -> dict:
+        import httpx2 as httpx
+
+        return httpx.get(self.url + "/health", timeout=10).json()["stats"]
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 async def fire(url: str, bodies: list[tuple[str, str]], concurrency: int, stop_at: float) -> list[dict]:
@@ -201,13 +218,13 @@ def main(argv=None) -> int:
     stop_at = time.monotonic() + args.max_seconds
     rng = random.Random(args.seed)
     cfg = ServeConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=max(args.max_tokens, 64))
-    served = load_served(args.model, model_id="mocae")
+    served = load_served(args.model, model_id="mocae")  # for the direct-generate baseline and the axes
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                    time.gmtime()),
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "model": str(Path(args.model).resolve()), "server": cfg.model_dump()}
-    with Server(served, cfg) as srv:
+    with Server(args.model, cfg, "mocae") as srv:
         bodies = []
         for _ in range(args.requests):
             if rng.random() < args.malformed:
@@ -229,7 +246,7 @@ def main(argv=None) -> int:
             "malformed_4xx": sum(1 for r in bad if r["status"] and 400 <= r["status"] < 500),
             "latency_s": {f"p{q}": round(percentile(latencies, q), 3) if latencies else None for q in (50, 95, 99)},
             "tokens_per_s": round(sum(r.get("tokens", 0) for r in good) / wall, 2),
-            "batcher": dict(srv.app.state.batcher.stats),
+            "batcher": srv.stats(),
         }
         print(json.dumps(result["soak"], indent=2), flush=True)
         mixed = [good_body(rng, "mocae", args.max_tokens, served.axes) for _ in range(16)]
@@ -237,7 +254,15 @@ def main(argv=None) -> int:
         # batch-1 latency through the server vs a direct generate
         body = json.dumps({"model": "mocae", "messages": [{"role": "user", "content": PROMPTS[0]}],
                            "max_tokens": args.max_tokens, "temperature": 0, "axis_weights": {served.axes[0]: 1}})
-        server_s = [throughput(srv.url, [body], stop_at)["wall_s"] for _ in range(args.repeats)]
+        import httpx2 as httpx
+
+        server_s = []
+        with httpx.Client(base_url=srv.url, timeout=300) as client:  # one kept-alive connection, warmed up
+            client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            for _ in range(args.repeats):
+                begin = time.perf_counter()
+                client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+                server_s.append(time.perf_counter() - begin)
     ids = torch.tensor([served.encode([{"role": "user", "content": PROMPTS[0]}])])
     direct_s = []
     for _ in range(args.repeats):
@@ -249,13 +274,11 @@ def main(argv=None) -> int:
                                 "direct_generate_s": round(statistics.median(direct_s), 4),
                                 "ratio": round(statistics.median(server_s) / statistics.median(direct_s), 3)}
     del served
-    base = load_served("base", backbone=json.loads((Path(args.model) / "mocae_config.json").read_text())
-                       ["config"]["backbone"], model_id="base")
-    with Server(base, cfg) as srv:
+    backbone = json.loads((Path(args.model) / "mocae_config.json").read_text())["config"]["backbone"]
+    with Server("base", cfg, "base", backbone=backbone) as srv:
         plain = [json.dumps({"model": "base", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                              "max_tokens": args.max_tokens, "temperature": 0}) for i in range(16)]
         result["throughput_base_16"] = throughput(srv.url, plain, stop_at)
-    del base
     result["throughput_peft_adapter_names_16"] = peft_anchor(args.model, args.max_tokens)
     result["ratios"] = {
         "mixed_mixtures_vs_base_at_16": round(result["throughput_mocae_16_mixtures"]["tokens_per_s"]

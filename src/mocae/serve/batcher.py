@@ -44,6 +44,7 @@ class Row:
     seed: int | None = None
     stop: list[str] | None = None
     deadline: float = float("inf")
+    stream: bool = True  # False: the text comes in one piece at the end (no wake-up of the server per token)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: bool = False
     # filled while decoding
@@ -402,7 +403,7 @@ class Batcher:
                     elif len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= served.max_context:
                         self._finish(r, "length")
                     else:
-                        text = self._text(r)
+                        text = self._text(r) if r.stream else r.sent
                         if len(text) > len(r.sent):
                             r.emit(("delta", text[len(r.sent):]))
                             r.sent = text
