@@ -149,6 +149,13 @@ def test_full_queue_is_429_and_disconnect_stops_the_row(mocae, serve):
                 time.sleep(0.05)
             assert stats["cancelled"] == 1
             assert stats["tokens"] == 0  # the row never finished: its 400 tokens were not decoded
+            # a plain (not streamed) request whose client gives up is stopped too
+            with httpx.Client(timeout=1.0) as http, pytest.raises(httpx.TimeoutException):
+                http.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
+            deadline = time.monotonic() + 10
+            while stats["cancelled"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stats["cancelled"] == 2 and stats["tokens"] == 0
         finally:
             ServedModel.forward = original_forward
 

@@ -52,6 +52,32 @@ class ServeConfig(BaseModel):
     default_temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy, when the request gives none")
 
 
+class _BodyLimit:
+    """Pure ASGI middleware: 413 above the body limit, 411 for a chunked body (no length to check).
+
+    (Starlette's ``BaseHTTPMiddleware`` would hide client disconnects from the handlers.)
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            from fastapi.responses import JSONResponse
+
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
+            error = None
+            if length is None and headers.get(b"transfer-encoding"):
+                error = (411, "send the body with a Content-Length header")
+            elif length is not None and (not length.isdigit() or int(length) > self.limit):
+                error = (413, f"request body over {self.limit} bytes")
+            if error:
+                await JSONResponse(error_body(error[0], error[1], "body"), status_code=error[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _status(exc: ApiError):
     from fastapi.responses import JSONResponse
 
@@ -110,17 +136,7 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is None and request.method == "POST" and request.headers.get("transfer-encoding"):
-            # a chunked body has no length to check before it is read: ask for one instead
-            return JSONResponse(error_body(411, "send the body with a Content-Length header", "body"),
-                                status_code=411)
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            return JSONResponse(error_body(413, f"request body over {cfg.max_body_bytes} bytes", "body"),
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
 
     # endpoints --------------------------------------------------------------------------------------
     def model_card() -> dict:
