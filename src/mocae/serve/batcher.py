@@ -97,8 +97,6 @@ class ServedModel:
 
     def warmup(self) -> None:
         """Route and decode one token once, so the first request does not pay for lazy loads (MiniLM)."""
-        from mocae.serve.batcher import Batcher, Row
-
         row = Row(prompt_ids=self.encode([{"role": "user", "content": "hello"}]), max_tokens=1, emit=lambda ev: None)
         Batcher(self)._decode([row])
 
