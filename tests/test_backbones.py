@@ -81,3 +81,36 @@ def test_default_backbone_converts_once_then_loads_fast():
     answer = generate_streamed(again, tokenizer, "What is the capital of France?",
                                max_new_tokens=12, out=io.StringIO())
     assert "Paris" in answer
+
+
+def test_check_backbone_name_accepts_registry_local_folders_and_online_hub_ids(tiny, tmp_path, monkeypatch):
+    from mocae.backbones import check_backbone_name
+
+    for name in ("tiny-random", "smollm2-135m", "gemma3-270m"):
+        assert check_backbone_name(name) == name
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "m")
+    assert check_backbone_name(str(tmp_path / "m")) == str(tmp_path / "m")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert check_backbone_name("some-org/some-model") == "some-org/some-model"  # tried online at load
+
+
+def test_check_backbone_name_rejects_unknown_names_without_the_network(tmp_path, monkeypatch):
+    from mocae.backbones import UnknownBackbone, check_backbone_name
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownBackbone, match=r"unknown backbone 'nosuch'; known backbones: tiny-random, smollm2-135m"):
+        check_backbone_name("nosuch")
+    with pytest.raises(UnknownBackbone, match="not in the local Hugging Face cache and offline mode is set"):
+        check_backbone_name("some-org/some-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownBackbone, match="has no config.json"):
+        check_backbone_name(str(tmp_path / "empty"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(UnknownBackbone, match="is a file, not a model folder"):
+        check_backbone_name(str(tmp_path / "file.txt"))
+    with pytest.raises(UnknownBackbone, match="does not exist"):
+        check_backbone_name("./no/such/dir")
+    with pytest.raises(UnknownBackbone, match="unknown backbone"):
+        load_backbone("nosuch")  # load_backbone checks first

@@ -36,3 +36,40 @@ def test_batched_generation_keeps_input_order(tiny):
     singles = [generate_batch(model, tokenizer, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
     assert batched == singles
     assert tokenizer.padding_side == "left"
+
+
+def test_chat_inputs_checks_prompts_and_budget(tiny):
+    from mocae.generation import MAX_NEW_TOKENS, chat_inputs, context_window
+
+    model, tokenizer = tiny
+    assert context_window(model) == 512
+    assert chat_inputs(tokenizer, "hi", None, 8, 512) == [chat_prompt(tokenizer, "hi")]
+    with pytest.raises(ValueError, match="no prompts given"):
+        chat_inputs(tokenizer, [], None, 8, 512)
+    with pytest.raises(ValueError, match="prompt 0 is a int"):
+        chat_inputs(tokenizer, [3], None, 8, 512)
+    with pytest.raises(ValueError, match=f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}"):
+        chat_inputs(tokenizer, "hi", None, MAX_NEW_TOKENS + 1, None)
+    with pytest.raises(ValueError, match="leaves no room"):
+        chat_inputs(tokenizer, "hi", None, 512, 512)
+
+
+def test_truncation_keeps_the_end_and_fits_exactly(tiny):
+    from mocae.generation import chat_inputs
+
+    _, tokenizer = tiny
+    prompt = "The capital of France is Paris. " * 40 + "So what is water?"
+    with pytest.raises(ValueError, match=r"prompt 0 .* leaves room for 92"):
+        chat_inputs(tokenizer, [prompt], None, 100, 192)
+    [text] = chat_inputs(tokenizer, [prompt], None, 100, 192, truncate_prompt=True)
+    assert text.endswith("So what is water?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>user\n")
+    assert 85 <= len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 92
+    [system] = chat_inputs(tokenizer, [prompt], "be brief", 100, 192, truncate_prompt=True)
+    assert system.startswith("<|im_start|>system\nbe brief<|im_end|>")
+
+
+def test_streamed_generation_refuses_an_empty_prompt(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate_streamed(model, tokenizer, " ", max_new_tokens=2, out=io.StringIO())

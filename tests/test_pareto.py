@@ -33,6 +33,7 @@ def test_steering_replaces_routing_and_restores_it(expert_dirs):
     with steered(model, prior=[1.0, 1.0, 0.0]):
         tilted = model.route(**batch)
         assert tilted[0, 2] == 0 and abs(float(tilted.sum()) - 1) < 1e-6
+        torch.testing.assert_close(tilted, model.route(**batch, decide=False))  # soft decision: the same
     torch.testing.assert_close(model.route(**batch), routed)
 
 

@@ -1,12 +1,15 @@
-"""`mocae run` end to end on tiny-random and the fixture data, then again from its caches."""
+"""`mocae run` end to end on tiny-random and the fixture data, then again from its caches, and
+re-run after config changes: exactly the stages whose inputs changed are recomputed."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mocae.config import ConfigError
-from mocae.pipeline import load_run_config, relative_change, run_pipeline
+from mocae.pipeline import StaleRunError, load_run_config, relative_change, run_pipeline
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -15,7 +18,8 @@ PRESET = """\
 name: tiny
 backbone: tiny-random
 experts:
-  all: {{rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false}}
+  all: {{rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
+        learning_rate: 0.01}}  # no warmup: the 1-2 steps move the weights
 router: {{n_per_axis: 4, n_test_per_axis: 2, epochs: 20, calibrators: [none, temperature]}}
 systems: [base, expert_helpful, expert_harmless, expert_honest, oracle, task_arithmetic, mocae]
 eval:
@@ -33,9 +37,25 @@ efficiency: {{enabled: {efficiency}, new_tokens: 2, repeats: 1, n_prompts: 1, th
 """
 
 
+def pipeline_data(root: Path, n_alpaca_eval: int = 24) -> Path:
+    """The fixture data with an AlpacaEval file large enough that every side of its split is non-empty."""
+    root.mkdir(parents=True, exist_ok=True)
+    for source in FIXTURE_DATA.iterdir():
+        if source.name != "alpaca_eval" and not (root / source.name).exists():
+            (root / source.name).symlink_to(source)
+    datasets = ["helpful_base", "koala", "selfinstruct"]
+    rows = [{"dataset": datasets[i % 3], "instruction": f"Describe item number {i} of the list in one line.",
+             "output": f"Item {i} is a short example."} for i in range(n_alpaca_eval)]
+    (root / "alpaca_eval").mkdir(exist_ok=True)
+    for generator in ("text_davinci_003", "gpt4_1106_preview"):
+        (root / "alpaca_eval" / f"reference_{generator}.json").write_text(
+            json.dumps([{**r, "generator": generator} for r in rows]))
+    return root
+
+
 @pytest.fixture
 def tiny_preset(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
 
     def write(efficiency=False):
         path = tmp_path / "tiny.yaml"
@@ -57,6 +77,9 @@ def test_run_then_rerun_reuses_every_stage(tiny_preset, tmp_path, monkeypatch, c
         if name != "oracle":  # measured in a child process of its own
             assert m["efficiency"]["decode_tokens_per_s_b1"]["value"] > 0
             assert m["efficiency"]["weights_mb"]["value"] > 0
+            assert system["efficiency"]["torch_threads"] == 1  # the preset's efficiency.threads
+            assert system["torch_threads"] == torch.get_num_threads()
+    assert results["torch_threads"] == torch.get_num_threads()
     oracle, experts = results["systems"]["oracle"], results["systems"]
     assert oracle["metrics"]["honest"] == experts["expert_honest"]["metrics"]["honest"]
     assert (oracle["metrics"]["harmless"]["over_refusal_xstest"]
@@ -77,6 +100,9 @@ def test_run_then_rerun_reuses_every_stage(tiny_preset, tmp_path, monkeypatch, c
     monkeypatch.setattr("mocae.systems.measure_isolated", fail)
     monkeypatch.setattr("mocae.mixture.fit.fit_router", fail)
     assert run_pipeline(tiny_preset(efficiency=True), run_dir=tmp_path / "run", progress=False) == run_dir
+    stages = json.loads((run_dir / "stages.json").read_text())["stages"]
+    assert {e["status"] for e in stages.values()} == {"reused"} and "efficiency/mocae" in stages
+    assert "[stages] reused" in capsys.readouterr().out
 
 
 def test_interrupted_run_continues(tiny_preset, tmp_path, monkeypatch):
@@ -133,6 +159,8 @@ def test_overrides_and_system_checks():
         load_run_config("quick", ["systems=[base, oracle]"])
     with pytest.raises(ConfigError, match="systems"):
         load_run_config("quick", ["systems=[base, gpt5]"])
+    with pytest.raises(ConfigError, match="field 'systems'.*systems is empty: list at least one system"):
+        load_run_config("quick", ["systems=[]"])
     with pytest.raises(ConfigError, match="key.path=value"):
         load_run_config("quick", ["eval.n_helpful"])
 
@@ -196,3 +224,170 @@ def test_run_interrupted_in_the_baselines_stage_continues(tiny_preset, tmp_path,
     run_dir = run_pipeline(preset, run_dir=tmp_path / "run", progress=False, overrides=overrides)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert "h3fusion" in results["systems"] and (run_dir / "h3fusion_training.json").is_file()
+
+
+# ---- re-running one run folder after a config change -------------------------------------------
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """One tiny run (no efficiency), made once for the tests below; each re-runs a copy of it."""
+    root = tmp_path_factory.mktemp("shared")
+    preset = root / "tiny.yaml"
+    preset.write_text(PRESET.format(path=preset, efficiency="false"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOCAE_DATA_DIR", str(pipeline_data(root / "data")))
+        mp.setenv("MOCAE_CACHE", str(root / "cache"))
+        run_pipeline(preset, run_dir=root / "run", progress=False)
+    return root
+
+
+class Rerun:
+    """A copy of the shared run folder, re-run with overrides; records what was computed again."""
+
+    def __init__(self, root: Path, run_dir: Path, monkeypatch):
+        import mocae.evaluation.harness as harness
+        import mocae.experts.train as train
+        import mocae.mixture.fit as fit
+
+        self.preset, self.run_dir = root / "tiny.yaml", run_dir
+        self.trained, self.fitted, self.evaluated = [], [], []
+        shutil.copytree(root / "run", run_dir)  # copy2: file times are kept
+        self.before = json.loads((run_dir / "eval" / "results.json").read_text())
+        monkeypatch.setenv("MOCAE_DATA_DIR", str(root / "data"))
+        monkeypatch.setenv("MOCAE_CACHE", str(root / "cache"))  # the experts trained by the shared run
+        for module, name, calls, arg in ((train, "select_examples", self.trained, lambda a: a[0].axis),
+                                         (fit, "fit_router", self.fitted, lambda a: "router"),
+                                         (harness, "evaluate_system", self.evaluated, lambda a: a[0])):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _calls=calls, _arg=arg, **k:
+                                (_calls.append(_arg(a)), _real(*a, **k))[1])
+
+    def __call__(self, *overrides: str, force: bool = False) -> dict:
+        run_pipeline(self.preset, run_dir=self.run_dir, progress=False, overrides=list(overrides), force=force)
+        return json.loads((self.run_dir / "stages.json").read_text())["stages"]
+
+    def row(self, name: str) -> Path:
+        (path,) = (self.run_dir / "eval" / "systems").glob(f"{name}-*.json")
+        return path
+
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "eval" / "results.json").read_text())
+
+
+@pytest.fixture
+def rerun(shared_run, tmp_path, monkeypatch):
+    return Rerun(shared_run, tmp_path / "run", monkeypatch)
+
+
+def _recomputed(stages: dict) -> dict:
+    return {name: e["reason"] for name, e in stages.items() if e["status"] == "computed"}
+
+
+def test_changed_expert_recomputes_it_the_router_and_every_system_built_from_it_only(rerun, capsys):
+    row_mtimes = {p.name: p.stat().st_mtime_ns for p in (rerun.run_dir / "eval" / "systems").iterdir()}
+    stages = rerun("experts.helpful.max_examples=2")
+    assert rerun.trained == ["helpful"] and rerun.fitted == ["router"]
+    assert rerun.evaluated == ["expert_helpful", "task_arithmetic", "mocae"]
+    recomputed = _recomputed(stages)
+    assert set(recomputed) == {"experts/helpful", "mocae", "eval/expert_helpful", "eval/task_arithmetic",
+                               "eval/mocae"}
+    assert recomputed["experts/helpful"] == "changed: config.max_examples"
+    assert recomputed["mocae"] == "changed: experts.helpful"
+    assert recomputed["eval/expert_helpful"] == "changed: model"
+    for name in ("experts/harmless", "experts/honest", "eval/base", "eval/expert_harmless", "eval/expert_honest"):
+        assert stages[name]["status"] == "reused", name
+    for name in ("base", "expert_harmless", "expert_honest"):  # reused rows were not rewritten
+        assert rerun.row(name).stat().st_mtime_ns == row_mtimes[rerun.row(name).name]
+    after = rerun.results()
+    for name in ("expert_helpful", "mocae"):  # new weights, new rows: never the old result under a new name
+        assert after["systems"][name]["model_id"] != rerun.before["systems"][name]["model_id"]
+    assert after["systems"]["base"] == rerun.before["systems"]["base"]
+    assert after["recomputed_stages"] == recomputed
+    new_expert = Path(json.loads((rerun.run_dir / "experts.json").read_text())["helpful"]["path"])
+    record = json.loads((new_expert / "stage.json").read_text())
+    assert record["inputs"]["config"]["max_examples"] == 2 and "alpaca/alpaca_5000.json" in record["inputs"]["data"]
+    out = capsys.readouterr().out
+    assert "experts.helpful.max_examples: 'unset' -> 2" in out
+    assert "[stages] recomputed mocae: changed: experts.helpful" in out
+
+
+def test_changed_router_setting_recomputes_the_router_and_the_mocae_row_only(rerun):
+    stages = rerun("router.epochs=5")
+    assert rerun.trained == [] and rerun.fitted == ["router"] and rerun.evaluated == ["mocae"]
+    assert _recomputed(stages) == {"mocae": "changed: config.router.epochs", "eval/mocae": "changed: model"}
+    calibration = json.loads((rerun.run_dir / "router_calibration.json").read_text())
+    assert calibration["router_loss"]["epochs"] == 5
+
+
+def test_corrupt_cached_result_is_evaluated_again_with_a_warning(rerun):
+    row = rerun.row("expert_honest")
+    row.write_text('{"name": "expert_honest", "metrics": ')
+    with pytest.warns(UserWarning, match=f"evaluation cache {row}"):
+        stages = rerun()
+    assert rerun.evaluated == ["expert_honest"] and set(_recomputed(stages)) == {"eval/expert_honest"}
+    assert json.loads(row.read_text())["metrics"] == rerun.before["systems"]["expert_honest"]["metrics"]
+
+
+def test_cached_rows_of_another_thread_count_are_named(rerun):
+    row = rerun.row("base")
+    result = json.loads(row.read_text())
+    row.write_text(json.dumps({**result, "torch_threads": 99}))
+    with pytest.warns(UserWarning, match=r"cached results of base \(99 threads\)"):
+        rerun()
+    assert rerun.evaluated == [] and rerun.results()["other_thread_counts"] == {"base": 99}
+
+
+def test_backbone_change_is_refused_without_force(rerun, monkeypatch, capsys):
+    from mocae import pipeline
+    from mocae.cli import main
+
+    config = (rerun.run_dir / "config.json").read_text()
+    with pytest.raises(StaleRunError, match=r"another backbone.*backbone: 'tiny-random' -> 'smollm2-135m'.*--force"):
+        rerun("backbone=smollm2-135m")
+    assert (rerun.run_dir / "config.json").read_text() == config
+    assert main(["run", "--preset", str(rerun.preset), "--run-dir", str(rerun.run_dir), "--no-progress",
+                 "--set", "backbone=smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mocae: error: ") and "--force" in err and "Traceback" not in err
+
+    class Proceeded(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Proceeded
+
+    monkeypatch.setattr(pipeline, "train_experts", stop)  # past the check: nothing real is trained
+    with pytest.raises(Proceeded):
+        rerun("backbone=smollm2-135m", force=True)
+    assert json.loads((rerun.run_dir / "config.json").read_text())["backbone"] == "smollm2-135m"
+
+
+def test_invalid_config_writes_nothing(tiny_preset, tmp_path):
+    with pytest.raises(ConfigError, match=r"experts.honest.*field 'rank'"):
+        run_pipeline(tiny_preset(), run_dir=tmp_path / "bad", progress=False, overrides=["experts.honest.rank=0"])
+    with pytest.raises(ConfigError, match="systems is empty"):
+        run_pipeline(tiny_preset(), run_dir=tmp_path / "bad", progress=False, overrides=["systems=[]"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_efficiency_rows_are_keyed_by_the_system_and_checked_on_read(tmp_path, monkeypatch):
+    from mocae.pipeline import measure_systems
+
+    cfg = load_run_config("quick", ["systems=[base, mocae]"])
+    measured = []
+
+    def measure(name, *args, **kwargs):
+        measured.append(name)
+        return {"weights_mb": 1.0, "torch_threads": {"base": 1, "mocae": 2}[name]}
+
+    monkeypatch.setattr("mocae.systems.measure_isolated", measure)
+    with pytest.warns(UserWarning, match=r"different torch thread counts: \{'base': 1, 'mocae': 2\}"):
+        first = measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m1"})
+    assert measured == ["base", "mocae"] and first["mocae"]["torch_threads"] == 2
+    with pytest.warns(UserWarning):
+        measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m1"})
+    assert measured == ["base", "mocae"]  # cached
+    (row,) = (tmp_path / "efficiency").glob("base-*.json")
+    row.write_text("[1, 2")
+    with pytest.warns(UserWarning, match=f"efficiency cache {row} is not valid JSON"):
+        measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m2"})  # and a changed mocae
+    assert measured == ["base", "mocae", "base", "mocae"]

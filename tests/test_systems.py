@@ -1,9 +1,16 @@
 """Every system of a run builds on tiny-random and generates; the oracle is composed correctly."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from mocae.systems import SYSTEMS, BaselinesConfig, RunSystems, load_system, oracle_result, train_fusion
+from mocae.systems import (SYSTEMS, BaselinesConfig, RunSystems, load_system, oracle_result, system_fingerprint,
+                           train_fusion)
+
+
+EXAMPLES = [("say hi", "hi there", 0), ("do harm", "I can't help with that.", 1), ("is the earth flat?", "no", 2)] * 2
 
 
 @pytest.fixture
@@ -22,9 +29,8 @@ def tiny_run(tmp_path, expert_dirs, tiny):
     run.save()
     MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs), tiny).save_pretrained(
         tmp_path / "run" / "mocae")
-    examples = [("say hi", "hi there", 0), ("do harm", "I can't help with that.", 1), ("is the earth flat?", "no", 2)]
     for name in ("h3fusion", "xlora", "mote"):
-        train_fusion(name, run, examples * 2, progress=False)
+        train_fusion(name, run, EXAMPLES, progress=False)
     return run
 
 
@@ -41,15 +47,42 @@ def test_every_system_loads_and_generates(tiny_run):
         assert out.shape == (2, batch["input_ids"].shape[1] + 3), name
 
 
-def test_trained_stages_are_reused(tiny_run, monkeypatch):
+def test_trained_stages_are_reused_only_for_the_same_inputs(tiny_run, tmp_path, monkeypatch):
+    import mocae.baselines.h3fusion as h3fusion
+    from mocae.stages import StageLog
+
     def fail(*args, **kwargs):
         raise AssertionError("retrained")
 
+    real = h3fusion.fit_h3fusion
     monkeypatch.setattr("mocae.baselines.h3fusion.fit_h3fusion", fail)
     monkeypatch.setattr("mocae.baselines.peft_routing.fit_xlora", fail)
     monkeypatch.setattr("mocae.baselines.mote.fit_mote", fail)
+    log = StageLog(tmp_path / "log")
     for name in ("h3fusion", "xlora", "mote"):
-        assert train_fusion(name, tiny_run, [("a", "b", 0)], progress=False).is_dir()
+        folder = train_fusion(name, tiny_run, EXAMPLES, progress=False, log=log)
+        assert json.loads((folder / "stage.json").read_text())["stage"] == name
+    assert {e["status"] for e in log.entries.values()} == {"reused"}
+
+    fitted = []
+    monkeypatch.setattr(h3fusion, "fit_h3fusion", lambda *a, **k: (fitted.append(len(a[2])), real(*a, **k))[1])
+    before = system_fingerprint("h3fusion", tiny_run)
+    train_fusion("h3fusion", tiny_run, EXAMPLES[:3], progress=False, log=log)  # other examples: retrained
+    assert fitted == [3] and log.recomputed == {"h3fusion": "changed: examples"}
+    assert system_fingerprint("h3fusion", tiny_run) != before
+
+
+def test_system_fingerprints_follow_what_each_system_is_made_of(tiny_run, expert_factory):
+    before = {name: system_fingerprint(name, tiny_run) for name in SYSTEMS if name != "oracle"}
+    assert len(set(before.values())) == len(before)  # every system has its own
+    assert before == {name: system_fingerprint(name, tiny_run) for name in before}  # and it is stable
+    expert_factory(Path(tiny_run.experts["honest"]), seed=7)  # the honest expert's weights change
+    after = {name: system_fingerprint(name, tiny_run) for name in before}
+    changed = {name for name in before if before[name] != after[name]}
+    # The trained stages (MoCaE, H3Fusion, X-LoRA) are folders of their own: they change when retrained.
+    assert changed == {"expert_honest", "task_arithmetic", "ties", "dare", "arrow"}
+    with pytest.raises(ValueError, match="unknown system 'gpt5'"):
+        system_fingerprint("gpt5", tiny_run)
 
 
 def test_unknown_or_missing_systems_are_named(tiny_run, tmp_path):
@@ -97,7 +130,7 @@ def test_efficiency_is_measured_in_a_child_process(tiny_run, monkeypatch, tmp_pa
                               threads=1)
     assert result["batch_1"]["decode_tokens_per_s"]["value"] > 0
     assert 0 < result["rss_before_load_mb"] <= result["rss_after_load_mb"] <= result["peak_rss_mb"]
-    assert result["weights_mb"] > 0
+    assert result["weights_mb"] > 0 and result["torch_threads"] == 1
     with pytest.raises(RuntimeError, match="gpt5"):
         measure_isolated("gpt5", tiny_run.run_dir, ["hello"], batch_sizes=[1], new_tokens=2, repeats=1, threads=1)
 

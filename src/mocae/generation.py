@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
 import torch
 from transformers import TextStreamer
+
+
+log = logging.getLogger("mocae")
+
+# Far beyond any answer worth waiting for on a CPU; a typo such as 1000000000000 fails at once
+# instead of after the model loads. Each model's context window (minus the prompt) bounds it further.
+MAX_NEW_TOKENS = 32768
 
 
 class _FileStreamer(TextStreamer):
@@ -38,6 +46,101 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def check_max_new_tokens(value, field: str = "max_new_tokens") -> int:
+    """The generation budget as an int in ``1..MAX_NEW_TOKENS``.
+
+    Raises:
+        ValueError: naming ``field`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS:
+        raise ValueError(f"{field} must be an integer in 1..{MAX_NEW_TOKENS}, got {value!r}")
+    return value
+
+
+def check_prompts(prompts) -> list[str]:
+    """A non-empty list of prompts, none empty or only whitespace (a str is one prompt).
+
+    Raises:
+        ValueError: naming the first bad prompt's index.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty" + (" (whitespace only)" if p else ""))
+    return prompts
+
+
+def context_window(model) -> int | None:
+    """The number of positions ``model`` can attend to, from its HF config (None if unknown)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def chat_inputs(tokenizer, prompts, system: str | None = None, max_new_tokens: int = 128,
+                context: int | None = None, truncate_prompt: bool = False) -> list[str]:
+    """Chat-formatted prompts, checked: none empty, each leaving ``max_new_tokens`` of room.
+
+    Args:
+        tokenizer: a chat tokenizer.
+        prompts: user messages (or one message).
+        system: optional system message.
+        max_new_tokens: the answer's budget.
+        context: the model's context window (``context_window(model)``); None skips the length check.
+        truncate_prompt: cut an over-long user message from the front (keeping its end, where
+            the question usually is) with a warning, instead of refusing it.
+
+    Returns:
+        One rendered chat prompt per message.
+
+    Raises:
+        ValueError: an empty prompt, a bad budget, or a prompt that does not fit (without
+            ``truncate_prompt``), naming the prompt.
+    """
+    prompts = check_prompts(prompts)
+    check_max_new_tokens(max_new_tokens)
+    texts = [chat_prompt(tokenizer, p, system) for p in prompts]
+    if context is None:
+        return texts
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{context}-token context window")
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n <= room:
+            continue
+        if not truncate_prompt:
+            raise ValueError(
+                f"prompt {i} ({prompts[i][:40]!r}...) is {n} tokens in chat format, but the model's {context}-token "
+                f"context with max_new_tokens={max_new_tokens} leaves room for {room}: shorten it, lower "
+                "max_new_tokens, or keep its end with truncate_prompt=True (CLI: --truncate-prompt)")
+        texts[i] = _truncated(tokenizer, prompts[i], system, room, i)
+        log.warning("prompt %d was %d tokens: kept its last part so it fits %d tokens (truncate_prompt)", i, n, room)
+    return texts
+
+
+def _truncated(tokenizer, prompt: str, system: str | None, room: int, index: int) -> str:
+    """The chat prompt of the longest end of ``prompt`` that fits ``room`` tokens."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    keep = len(ids)
+    while keep > 0:
+        text = chat_prompt(tokenizer, tokenizer.decode(ids[-keep:]), system)
+        over = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - room
+        if over <= 0:
+            return text
+        keep -= over  # re-tokenising a cut text can merge tokens differently: loop until it fits
+    raise ValueError(f"prompt {index}: the chat template alone does not fit {room} tokens; lower max_new_tokens")
+
+
 @torch.inference_mode()
 def generate_streamed(
     model,
@@ -46,6 +149,7 @@ def generate_streamed(
     max_new_tokens: int = 256,
     system: str | None = None,
     out: TextIO | None = None,
+    truncate_prompt: bool = False,
     **generate_kwargs,
 ) -> str:
     """Answer one chat prompt greedily, writing tokens to ``out`` as they are produced.
@@ -56,12 +160,13 @@ def generate_streamed(
         max_new_tokens: generation budget.
         system: optional system message.
         out: text stream for the live answer (default stdout); None-like sinks allowed.
+        truncate_prompt: keep the end of a prompt too long for the context (else: ValueError).
         generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True``).
 
     Returns:
         The answer text without special tokens.
     """
-    text = chat_prompt(tokenizer, prompt, system)
+    [text] = chat_inputs(tokenizer, [prompt], system, max_new_tokens, context_window(model), truncate_prompt)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = _FileStreamer(tokenizer, out if out is not None else sys.stdout)
     generate_kwargs.setdefault("do_sample", False)
@@ -83,6 +188,7 @@ def generate_batch(
     progress: bool = True,
     desc: str = "generating",
     details: bool = False,
+    truncate_prompt: bool = False,
 ) -> list[str] | tuple[list[str], list[int], list[bool]]:
     """Answer many chat prompts greedily in left-padded batches.
 
@@ -100,6 +206,7 @@ def generate_batch(
         progress: show a progress bar.
         details: also return, per answer, the tokens generated before EOS and whether EOS came
             (an answer without EOS ran out of budget: the truncated share is exact, not guessed).
+        truncate_prompt: keep the end of prompts too long for the context (else: ValueError).
 
     Returns:
         One answer per prompt, special tokens removed; with ``details``, (answers, generated
@@ -107,12 +214,15 @@ def generate_batch(
     """
     from tqdm.auto import tqdm
 
-    texts = [chat_prompt(tokenizer, p, system) for p in prompts]
+    check_max_new_tokens(max_new_tokens)
+    if not prompts:
+        return ([], [], []) if details else []
+    budget = max_new_tokens + getattr(model, "reasoning_tokens", 0)
+    texts = chat_inputs(tokenizer, prompts, system, budget, context_window(model), truncate_prompt)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
     n_tokens, reached_eos = [0] * len(texts), [False] * len(texts)
     eos_ids = _eos_ids(model, tokenizer)
-    budget = max_new_tokens + getattr(model, "reasoning_tokens", 0)
     answer_of = getattr(model, "final_answer", None) or str.strip
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:

@@ -7,8 +7,8 @@ are evaluated with the evaluation harness on the same prompts:
 - ``static@g``: the experts' LoRA updates mixed with the fixed weights ``g`` (the static merge of
   the same experts, rewarded-soups style; exactly ``mocae export --weights g``).
 
-At the grid's vertices both are the single expert. The base model (every weight 0) is evaluated
-first, as the harness' reference. Per point and axis the objective is the first metric present
+At the grid's vertices both are the single expert (under the model's soft decision). The base
+model is evaluated first, as the harness' reference. Per point and axis the objective is the first metric present
 of ``OBJECTIVES`` (higher is better for each); per point, ``mocae@g - static@g`` is a paired
 difference over the same prompts with its bootstrap interval. Written to ``OUT/pareto.json`` and
 ``OUT/pareto.png`` (one panel per pair of axes, each series' non-dominated points joined), beside
@@ -66,16 +66,22 @@ def steered(model, weights=None, prior=None):
     """
     original = type(model).route
     fixed = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+
     tilt = None if prior is None else torch.tensor(prior, dtype=torch.float32)
+    axes = list(model.axes)
 
     @torch.no_grad()
-    def route(input_ids, attention_mask, prior=None):
+    def route(input_ids, attention_mask, prior=None, decide=True):
         if fixed is not None:
             return fixed.expand(input_ids.shape[0], -1).clone()
-        probs = original(model, input_ids, attention_mask)
-        probs = probs * tilt
-        return probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+        from mocae.mixture.decide import decide as decide_weights
 
+        # as MoCaEModel.route with a prior: calibrated probabilities tilted by the point, then the
+        # model's decision (a gate reads the untilted probabilities)
+        calibrated = original(model, input_ids, attention_mask, decide=False)
+        probs = calibrated * tilt
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+        return decide_weights(probs, model.mocae_config.decision, axes, calibrated) if decide else probs
     # A steered point's weights are the sweep's, not the router's calibrated distribution: hiding
     # ``axes`` (read only by the harness' routing report) skips its router-calibration metrics,
     # which fixed or one-hot weights would make infinite (log 0).
@@ -138,7 +144,12 @@ def run_pareto(model_dir: str | Path, cfg: ParetoConfig, out_dir: str | Path, ju
             return model, tokenizer
         return load
 
-    systems = {"base": loader(weights=[0.0] * len(axes))}  # every expert at 0: the backbone itself
+    def load_base():
+        from mocae.backbones import load_backbone
+
+        return load_backbone(model.mocae_config.backbone)
+
+    systems = {"base": load_base}
     for point in grid:
         for series in cfg.sweep:
             systems[point_name(series, point)] = (loader(prior=list(point)) if series == "mocae"

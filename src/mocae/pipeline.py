@@ -12,24 +12,32 @@ Stages, each cached so that an interrupted run continues where it stopped:
 5. report: ``results.json``/``results.md``/plots in ``eval/``, ``summary.md``, the table printed.
 
 The run directory (default ``runs/<preset>-<config hash>``) holds the resolved config, one
-JSON per finished stage and the report.
+JSON per finished stage and the report. Every stage is keyed by what made it
+(``mocae.stages``): its config, the fingerprints of the experts / router / backbone it reads and
+the data files' digests. Re-running a folder after a config change recomputes exactly the stages
+whose key changed, says which and why (printed, and in ``stages.json``), and reuses the rest; a
+changed backbone is refused unless ``force`` (every stage would be recomputed under the old name).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mocae import AXES
-from mocae.config import config_hash, load_config, resolve_preset
+from mocae.config import ConfigError, config_hash, load_config, resolve_preset
 from mocae.evaluation.harness import EvalConfig
 from mocae.experts.config import ExpertConfig
+from mocae.mixture.decide import DecisionConfig
 from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
+from mocae.stages import (StageLog, backbone_fingerprint, changed_fields, data_fingerprint, expert_fingerprint,
+                          folder_fingerprint, is_current, lookup, read_stage, stage_inputs, stage_key, write_stage)
 from mocae.systems import SYSTEMS, BaselinesConfig, SystemName
 
 
@@ -76,6 +84,8 @@ class RunConfig(BaseModel):
     router: RouterFitConfig = Field(default_factory=RouterFitConfig)
     router_input: Literal["embedding", "hidden"] = Field("embedding", description="sequence router input")
     feature_layer: int | None = Field(None, description="hidden router input: pooled layer (None = middle)")
+    decision: DecisionConfig = Field(default_factory=DecisionConfig, description=(
+        "MoCaE routing mode: soft blend, top1, harm gate (threshold fitted on calib to gate_budget) or gate+top1"))
     systems: list[SystemName] = Field(
         ["base", "expert_helpful", "expert_harmless", "expert_honest", "task_arithmetic", "mocae"],
         description=f"systems to build and evaluate, of: {', '.join(SYSTEMS)}")
@@ -91,6 +101,14 @@ class RunConfig(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("eval", {}), dict):
             data = {**data, "eval": {"efficiency": False, **data.get("eval", {})}}
         return data
+
+    @field_validator("systems")
+    @classmethod
+    def _some_systems(cls, systems):
+        if not systems:
+            raise ValueError(f"systems is empty: list at least one system to build and evaluate, of: "
+                             f"{', '.join(SYSTEMS)}")
+        return systems
 
     @model_validator(mode="after")
     def _check_systems(self):
@@ -133,41 +151,120 @@ class RunConfig(BaseModel):
 
 
 def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset by name (``configs/<name>.yaml``) or path, with ``key.path=value`` overrides."""
-    return load_config(RunConfig, resolve_preset(preset), overrides)
+    """Load a preset by name (``configs/<name>.yaml``) or path, with ``key.path=value`` overrides.
+
+    The whole config is validated, the per-axis expert and multi-task configs included.
+
+    Raises:
+        ConfigError: naming the file and field at fault.
+    """
+    from mocae.backbones import UnknownBackbone, check_backbone_name
+
+    cfg = load_config(RunConfig, resolve_preset(preset), overrides)
+    try:  # before anything loads: an unknown name would otherwise mean a network retry loop
+        check_backbone_name(cfg.backbone)
+    except UnknownBackbone as err:
+        raise ConfigError(f"preset {cfg.name!r}, field 'backbone': {err}") from None
+    cfg.expert_configs()
+    cfg.multitask_config()
+    return cfg
 
 
-def train_experts(cfg: RunConfig, progress: bool = True) -> dict[str, Path]:
+class StaleRunError(ConfigError):
+    """A run folder made with a config whose change would invalidate every stage in it."""
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path, force: bool = False) -> list[str]:
+    """Compare ``cfg`` with the config a run folder was made with.
+
+    Returns:
+        The dotted fields that differ, as ``field: old -> new`` (empty for a new folder).
+
+    Raises:
+        StaleRunError: the backbone differs and ``force`` is not set.
+    """
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"{path} is unreadable ({err}); every stage is checked against its own key", stacklevel=2)
+        return []
+    current = cfg.model_dump(mode="json")
+    changed = [f"{f}: {lookup(previous, f)!r} -> {lookup(current, f)!r}" for f in changed_fields(previous, current)]
+    if any(c.startswith("backbone:") for c in changed) and not force:
+        raise StaleRunError(f"{run_dir} was made with another backbone, so none of its stages fit this config "
+                            f"({'; '.join(changed)}): choose another --run-dir, or pass --force to recompute "
+                            "every stage in this folder")
+    return changed
+
+
+def train_experts(cfg: RunConfig, progress: bool = True, log: StageLog | None = None) -> dict[str, Path]:
     """Stage 1: train or reuse the three experts. Returns their adapter folders by axis."""
-    from mocae.experts.train import train_expert
-
     paths = {}
     for axis, expert_cfg in cfg.expert_configs().items():
         print(f"[experts] {axis}: {expert_cfg.max_examples} examples max, rank {expert_cfg.rank}", flush=True)
-        paths[axis] = train_expert(expert_cfg, progress=progress)
+        paths[axis] = _expert_stage(f"experts/{axis}", expert_cfg, log, progress)
     return paths
 
 
-def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progress: bool = True) -> Path:
-    """Stage 2: fit the router and calibrators on the experts; save to ``run_dir/mocae``."""
+def _expert_stage(name: str, expert_cfg, log: StageLog | None, progress: bool) -> Path:
+    """Train or reuse one expert (its folder is keyed by its inputs) and log which it was."""
+    from mocae.experts.train import expert_dir, expert_inputs, is_trained, train_expert
+
+    inputs = expert_inputs(expert_cfg)
+    existed = is_trained(expert_dir(expert_cfg))
+    path = train_expert(expert_cfg, progress=progress)
+    if log is not None:
+        log.note(name, stage_key(inputs), inputs, computed=not existed)
+    return path
+
+
+def mocae_inputs(cfg: RunConfig, experts: dict[str, Path]) -> dict:
+    """What the router stage is made of: its settings, the backbone, the experts and its data files."""
+    from mocae.mixture.fit import router_data_files
+
+    return stage_inputs(config={"router": cfg.router, "router_input": cfg.router_input,
+                                "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
+                                "decision": cfg.decision},
+                        backbone=backbone_fingerprint(cfg.backbone),
+                        experts={a: expert_fingerprint(p) for a, p in experts.items()},
+                        data=data_fingerprint(router_data_files(cfg.router)))
+
+
+def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progress: bool = True,
+                log: StageLog | None = None) -> Path:
+    """Stage 2: fit the router and calibrators on the experts; save to ``run_dir/mocae``.
+
+    Reused only when ``mocae/stage.json`` carries this stage's key (see :func:`mocae_inputs`).
+    """
     from mocae.mixture.fit import fit_router, format_calibration_table
     from mocae.mixture.model import MoCaEConfig, MoCaEModel
 
     out = run_dir / "mocae"
-    if (out / "mocae_config.json").is_file() and (run_dir / "router_calibration.json").is_file():
+    inputs = mocae_inputs(cfg, experts)
+    key = stage_key(inputs)
+    if is_current(out, key) and (run_dir / "router_calibration.json").is_file():
+        if log is not None:
+            log.note("mocae", key, inputs, computed=False)
         return out
-    print("[mocae] fitting the router and calibrators", flush=True)
+    reason = log.reason("mocae", inputs, read_stage(out)) if log is not None else "no earlier record"
+    print(f"[mocae] fitting the router and calibrators ({reason})", flush=True)
     model = MoCaEModel.build(MoCaEConfig(
         backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
-        router_input=cfg.router_input, feature_layer=cfg.feature_layer))
+        router_input=cfg.router_input, feature_layer=cfg.feature_layer, decision=cfg.decision.model_copy()))
     report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)
+    write_stage(out, "mocae", key, inputs)  # last: the folder and its report are complete
+    if log is not None:
+        log.note("mocae", key, inputs, computed=True, reason=reason)
     print(format_calibration_table(report), flush=True)
     return out
 
 
-def train_baselines(cfg: RunConfig, run, progress: bool = True) -> None:
+def train_baselines(cfg: RunConfig, run, progress: bool = True, log: StageLog | None = None) -> None:
     """Stage 3: train the fusion stages of the routed baselines the run lists."""
     from mocae.systems import TRAINED, fusion_examples, train_fusion
 
@@ -179,25 +276,57 @@ def train_baselines(cfg: RunConfig, run, progress: bool = True) -> None:
         n = cfg.baselines.mote.examples_per_axis if name == "mote" else cfg.baselines.fusion_examples_per_axis
         if n not in examples:
             examples[n] = fusion_examples(cfg.expert_configs(), n)
-        train_fusion(name, run, examples[n], progress)
+        train_fusion(name, run, examples[n], progress, log=log)
 
 
-def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> dict:
-    """Stage 4b: efficiency of each system in its own child process, cached per system."""
-    from mocae.systems import measure_isolated
+def _read_measured(path: Path) -> dict | None:
+    """A cached efficiency record, or None; a damaged file warns, naming it."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"efficiency cache {path} is not valid JSON ({err}); measuring again", stacklevel=3)
+        return None
+    if not isinstance(record, dict) or "weights_mb" not in record:
+        warnings.warn(f"efficiency cache {path} is not an efficiency record; measuring again", stacklevel=3)
+        return None
+    return record
 
+
+def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str], fingerprints: dict[str, str] | None = None,
+                    log: StageLog | None = None) -> dict:
+    """Stage 4b: efficiency of each system in its own child process, cached per system and fingerprint.
+
+    Args:
+        fingerprints: {name: system_fingerprint}; default: computed from ``run_dir/systems.json``.
+    """
+    from mocae.systems import RunSystems, measure_isolated, system_fingerprint
+
+    if fingerprints is None:
+        run = RunSystems.load(run_dir)
+        fingerprints = {n: system_fingerprint(n, run) for n in cfg.systems if n != "oracle"}
     out = {}
-    key = config_hash(cfg.efficiency)
+    e = cfg.efficiency
     for name in cfg.systems:
         if name == "oracle":
             continue
+        inputs = stage_inputs(efficiency=e, system=fingerprints[name], prompts=prompts)
+        key = stage_key(inputs)[:12]
         cached = run_dir / "efficiency" / f"{name}-{key}.json"
-        if not cached.is_file():
+        record = _read_measured(cached)
+        computed = record is None
+        if computed:
             print(f"[efficiency] {name}", flush=True)
-            e = cfg.efficiency
-            atomic_write_json(cached, measure_isolated(name, run_dir, prompts, e.batch_sizes, e.new_tokens,
-                                                       e.repeats, e.threads))
-        out[name] = json.loads(cached.read_text())
+            record = measure_isolated(name, run_dir, prompts, e.batch_sizes, e.new_tokens, e.repeats, e.threads)
+            atomic_write_json(cached, record)
+        if log is not None:
+            log.note(f"efficiency/{name}", key, inputs, computed=computed)
+        out[name] = record
+    counts = {n: r.get("torch_threads") for n, r in out.items()}
+    if len(set(counts.values())) > 1:
+        warnings.warn(f"efficiency of these systems was measured with different torch thread counts: {counts}; "
+                      "set efficiency.threads to compare them at one count", stacklevel=2)
     return out
 
 
@@ -235,21 +364,30 @@ def relative_change(results: dict, system: str = "mocae", reference: str = "base
     return out
 
 
-def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True) -> dict:
-    """Stage 4 + 5: every system through the harness, the oracle, efficiency; writes the report."""
+def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log: StageLog | None = None) -> dict:
+    """Stage 4 + 5: every system through the harness, the oracle, efficiency; writes the report.
+
+    Each system's row is keyed by its fingerprint (``system_fingerprint``: what it is made of),
+    so a changed expert or router re-evaluates exactly the systems built from it.
+    """
     from mocae.evaluation.efficiency import efficiency_metrics
     from mocae.evaluation.harness import eval_prompts, evaluate
     from mocae.evaluation.report import write_results
-    from mocae.systems import load_system, oracle_result
+    from mocae.systems import load_system, oracle_result, system_fingerprint
 
-    loaders = {name: (lambda name=name: load_system(name, run)) for name in cfg.systems if name != "oracle"}
+    names = [name for name in cfg.systems if name != "oracle"]
+    loaders = {name: (lambda name=name: load_system(name, run)) for name in names}
+    fingerprints = {name: system_fingerprint(name, run) for name in names}
     out = run_dir / "eval"
-    results = evaluate(loaders, cfg.eval, out, progress=progress)
+    results = evaluate(loaders, cfg.eval, out, progress=progress, fingerprints=fingerprints)
+    for name, entry in results["evaluated"].items():
+        if log is not None:
+            log.note(f"eval/{name}", entry["key"], entry["inputs"], computed=not entry["reused"])
     if "oracle" in cfg.systems:
         results["systems"]["oracle"] = oracle_result(results)
     if cfg.efficiency.enabled:
         prompts = [e.prompt for e in eval_prompts(cfg.eval)["alpaca_eval"][:cfg.efficiency.n_prompts]]
-        for name, measured in measure_systems(cfg, run_dir, prompts).items():
+        for name, measured in measure_systems(cfg, run_dir, prompts, fingerprints, log).items():
             system = results["systems"][name]
             system["efficiency"] = measured
             system["metrics"]["efficiency"] = {**efficiency_metrics(measured), **{
@@ -257,36 +395,51 @@ def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True) -> d
                 for k in ("weights_mb", "rss_after_load_mb")}}
     results["systems"] = {n: results["systems"][n] for n in cfg.systems}  # the preset's order
     results["relative_change_mocae_vs_base_pct"] = relative_change(results)
+    results["recomputed_stages"] = log.recomputed if log is not None else {}
     results["paths"] = write_results(results, out)
     return results
 
 
 def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None, progress: bool = True,
-                 overrides: list[str] | None = None) -> Path:
+                 overrides: list[str] | None = None, force: bool = False) -> Path:
     """Run (or continue) a preset end to end.
+
+    Re-running a folder with a changed config recomputes the stages whose inputs changed and
+    reuses the others; ``stages.json`` and the printed log say which and why.
 
     Args:
         overrides: ``key.path=value`` strings applied to the preset (they change the run's hash).
+        force: reuse ``run_dir`` even though it was made with another backbone.
 
     Returns:
         The run directory.
+
+    Raises:
+        ConfigError: an invalid config (nothing is written), or a backbone change without ``force``.
     """
     from mocae.evaluation.report import format_results_table, format_run_summary
-    from mocae.experts.train import train_expert
     from mocae.mixture.fit import format_calibration_table
     from mocae.systems import RunSystems
 
     cfg = load_run_config(preset, overrides)
+    from mocae.data.contamination import ensure_clean
+
+    ensure_clean()  # nothing trains before the data is proven clean (cached by the files' fingerprint)
     run_dir = Path(run_dir or Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
+    changed = check_run_dir(cfg, run_dir, force)
+    if changed:
+        print(f"[stages] {run_dir} was made with another config ({'; '.join(changed)}): the stages that read "
+              "those fields are recomputed", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    log = StageLog(run_dir)
     start = time.time()
 
-    experts = train_experts(cfg, progress)
+    experts = train_experts(cfg, progress, log)
     multitask = None
     if "multitask" in cfg.systems:
         print("[experts] multitask: the union of the three training sets", flush=True)
-        multitask = train_expert(cfg.multitask_config(), progress=progress)
+        multitask = _expert_stage("experts/multitask", cfg.multitask_config(), log, progress)
     else:  # record a trained one anyway: runs sharing this directory may list it
         from mocae.experts.train import expert_dir, is_trained
 
@@ -295,8 +448,8 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     trained = {**experts, **({"multitask": multitask} if multitask else {})}
     records = {a: json.loads((p / "training.json").read_text()) for a, p in trained.items()}
     atomic_write_json(run_dir / "experts.json", {
-        a: {"path": str(p), **{k: records[a][k] for k in ("data", "steps", "tokens_per_s", "wall_time_s",
-                                                           "peak_rss_mb")}}
+        a: {"path": str(p), **{k: records[a].get(k) for k in ("key", "data", "steps", "tokens_per_s", "wall_time_s",
+                                                               "peak_rss_mb", "torch_threads")}}
         for a, p in trained.items()
     })
     run = RunSystems(backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()}, run_dir=str(run_dir),
@@ -305,16 +458,20 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     run.save()
 
     if "mocae" in cfg.systems:
-        build_mocae(cfg, experts, run_dir, progress)
-    train_baselines(cfg, run, progress)
+        build_mocae(cfg, experts, run_dir, progress, log)
+    train_baselines(cfg, run, progress, log)
     if cfg.sanity is not None:
         from mocae.evaluation.sanity import evaluate_experts
 
         mocae_dir = run_dir / "mocae" if "mocae" in cfg.systems else None
+        # The sanity cache is per system name: a folder per key keeps a changed expert from reusing it.
+        key = stage_key(stage_inputs(sanity=cfg.sanity, backbone=backbone_fingerprint(cfg.backbone),
+                                     experts={a: expert_fingerprint(p) for a, p in experts.items()},
+                                     mocae=folder_fingerprint(mocae_dir) if mocae_dir else None))
         atomic_write_json(run_dir / "sanity.json", evaluate_experts(
-            cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity", progress=progress, mocae_dir=mocae_dir))
+            cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity" / key, progress=progress, mocae_dir=mocae_dir))
 
-    results = evaluate_run(cfg, run, run_dir, progress)
+    results = evaluate_run(cfg, run, run_dir, progress, log)
     table = format_results_table(results)
     sections = []
     if (run_dir / "router_calibration.json").is_file():
@@ -323,4 +480,5 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     summary = format_run_summary(results, cfg.name, run_dir, sections)
     atomic_write_text(run_dir / "summary.md", summary)
     print(f"\n{table}\n\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")
+    print(log.summary(), flush=True)
     return run_dir

@@ -13,10 +13,15 @@ Every system is a ``loader() -> (model, tokenizer)`` the evaluation harness scor
 
 Memory and latency are measured per system in a fresh child process (``measure_isolated``),
 so a system's peak RSS is its own and not the high-water mark of everything evaluated before.
+
+Every system has a fingerprint of what it is made of (``system_fingerprint``: backbone identity,
+adapter and model-folder digests, merge settings), computed without loading it: evaluation
+results are keyed by it, so a row is redone exactly when the system changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -32,6 +37,8 @@ from mocae.baselines.merges import MergeConfig
 from mocae.baselines.mote import MoteConfig
 from mocae.baselines.peft_routing import ArrowBaselineConfig, XLoraBaselineConfig
 from mocae.paths import atomic_write_json
+from mocae.stages import (StageLog, backbone_fingerprint, expert_fingerprint, folder_fingerprint, is_current,
+                          read_stage, stage_inputs, stage_key, write_stage)
 
 SystemName = Literal["base", "expert_helpful", "expert_harmless", "expert_honest", "oracle", "multitask",
                      "task_arithmetic", "ties", "dare", "h3fusion", "xlora", "arrow", "mote", "mocae"]
@@ -109,7 +116,10 @@ def _peft(backbone: str, path: str):
 
     from mocae.backbones import load_backbone
 
+    from mocae.experts.checks import check_adapter
+
     model, tokenizer = load_backbone(backbone)
+    check_adapter(path, backbone, model=model)  # a named error before peft's page of size mismatches
     return PeftModel.from_pretrained(model, path).eval(), tokenizer
 
 
@@ -159,18 +169,41 @@ def load_system(name: str, run: RunSystems):
     raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
 
 
-def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]], progress: bool = True) -> Path:
+def fusion_inputs(name: str, run: RunSystems, examples: list[tuple[str, str, int]]) -> dict:
+    """What a trained baseline stage is made of: its settings, its examples, the backbone and experts."""
+    examples_sha = hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()[:16]
+    inputs = {"config": getattr(run.config, name), "examples": examples_sha,
+              "backbone": backbone_fingerprint(run.backbone)}
+    if name != "mote":  # MoTE trains its own step experts from the base model
+        inputs["experts"] = {a: expert_fingerprint(p) for a, p in run.experts.items()}
+    return stage_inputs(**inputs)
+
+
+def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]], progress: bool = True,
+                 log: StageLog | None = None) -> Path:
     """Train (or reuse) the H3Fusion router, the X-LoRA classifier or MoTE; saved in ``run_dir/<name>``.
+
+    A saved stage is reused only when its ``stage.json`` key matches (settings, examples, backbone
+    and experts); otherwise it is retrained and ``log`` says why.
 
     Args:
         examples: (prompt, completion, axis index into AXES) triples (``fusion_examples``).
+        log: the run's stage log (records reused / recomputed and the reason).
     """
+    if name not in TRAINED:
+        raise ValueError(f"{name!r} has no fusion stage (trained systems: {TRAINED})")
     folder = Path(run.run_dir) / name
     report = Path(run.run_dir) / f"{name}_training.json"
-    if folder.is_dir() and report.is_file():
+    inputs = fusion_inputs(name, run, examples)
+    key = stage_key(inputs)
+    if folder.is_dir() and report.is_file() and is_current(folder, key):
+        if log is not None:
+            log.note(name, key, inputs, computed=False)
         return folder
+    reason = log.reason(name, inputs, read_stage(folder)) if log is not None else None
     cfg = run.config
-    print(f"[{name}] training on {len(examples)} labelled pairs", flush=True)
+    print(f"[{name}] training on {len(examples)} labelled pairs" + (f" ({reason})" if reason else ""), flush=True)
+    report.unlink(missing_ok=True)  # an old report must not pass for this stage's
     if name == "h3fusion":
         from mocae.baselines.h3fusion import build_h3fusion, fit_h3fusion, save_h3fusion
 
@@ -183,7 +216,7 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
         model, tokenizer = build_xlora(run.backbone, run.experts, cfg.xlora)
         record = fit_xlora(model, tokenizer, examples, cfg.xlora, progress=progress)
         save_xlora(model, folder)
-    elif name == "mote":
+    else:
         from mocae.backbones import load_backbone
         from mocae.baselines.mote import build_chains, build_mote, fit_mote
 
@@ -194,10 +227,46 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
         record = fit_mote(model, tokenizer, chains, cfg.mote, checkpoint_dir=Path(run.run_dir) / "mote_checkpoint",
                           progress=progress)
         model.save_pretrained(folder)
-    else:
-        raise ValueError(f"{name!r} has no fusion stage (trained systems: {TRAINED})")
-    atomic_write_json(report, record)
+    write_stage(folder, name, key, inputs)
+    atomic_write_json(report, {**record, "stage_key": key})
+    if log is not None:
+        log.note(name, key, inputs, computed=True, reason=reason)
     return folder
+
+
+def system_fingerprint(name: str, run: RunSystems) -> str:
+    """A short id of what system ``name`` of ``run`` is made of, computed without loading it.
+
+    Covers the backbone's identity, every adapter's weights and record, the saved folder of a
+    trained system (MoCaE, H3Fusion, X-LoRA, MoTE) and the settings of a merge or Arrow.
+
+    Raises:
+        ValueError: an unknown system, or one this run did not build.
+        FileNotFoundError: a folder the system is made of is missing.
+    """
+    cfg = run.config
+    parts: dict = {"system": name, "backbone": backbone_fingerprint(run.backbone)}
+
+    def experts() -> dict:
+        return {a: expert_fingerprint(p) for a, p in run.experts.items()}
+
+    if name == "base":
+        pass
+    elif name.startswith("expert_") and name.removeprefix("expert_") in run.experts:
+        parts["adapter"] = expert_fingerprint(run.experts[name.removeprefix("expert_")])
+    elif name == "multitask":
+        if run.multitask is None:
+            raise ValueError("this run trained no multitask expert (add 'multitask' to systems)")
+        parts["adapter"] = expert_fingerprint(run.multitask)
+    elif name in MERGES:
+        parts.update(experts=experts(), merge=cfg.merges[name].model_dump(mode="json"))
+    elif name == "arrow":
+        parts.update(experts=experts(), arrow=cfg.arrow.model_dump(mode="json"))
+    elif name in ("mocae", *TRAINED):
+        parts["folder"] = folder_fingerprint(Path(run.run_dir) / name)
+    else:
+        raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
+    return stage_key(parts)
 
 
 def oracle_result(results: dict) -> dict:
@@ -233,7 +302,7 @@ def measure_isolated(name: str, run_dir: str | Path, prompts: list[str], batch_s
 
     Returns:
         measure_efficiency's dict plus "rss_before_load_mb" (interpreter + libraries),
-        "rss_after_load_mb" and "weights_mb" (parameters + buffers).
+        "rss_after_load_mb", "weights_mb" (parameters + buffers) and "torch_threads" (the child's).
     """
     request = {"name": name, "run_dir": str(run_dir), "prompts": prompts, "batch_sizes": list(batch_sizes),
                "new_tokens": new_tokens, "repeats": repeats, "threads": threads}
@@ -265,7 +334,8 @@ def _child() -> None:
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     result = measure_efficiency(model, tokenizer, request["prompts"], request["batch_sizes"],
                                 request["new_tokens"], request["repeats"])
-    result.update(rss_before_load_mb=round(before, 1), rss_after_load_mb=round(after, 1), weights_mb=round(weights, 1))
+    result.update(rss_before_load_mb=round(before, 1), rss_after_load_mb=round(after, 1), weights_mb=round(weights, 1),
+                  torch_threads=torch.get_num_threads())
     print(json.dumps(result))
 
 

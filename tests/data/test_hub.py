@@ -86,16 +86,18 @@ def test_alpaca_from_hub(hub_calls):
 
 
 def test_alpaca_eval_from_hub(hub_calls):
-    xs = load_alpaca_eval()
+    xs = load_alpaca_eval(split=None)  # one instruction: its stratum's only row goes to judge_train
+    assert [x.split for x in xs] == ["judge_train"] and load_alpaca_eval() == []
     assert {c[1] for c in hub_calls} == {AE + "alpaca_eval.json", AE + "alpaca_eval_gpt4_baseline.json"}
     assert xs[0].references == {"text_davinci_003": "A joke.", "gpt4_1106_preview": "A better joke."}
     assert xs[0].meta["dataset"] == "oasst"
 
 
-def test_truthfulqa_from_hub_splits_by_hub_order(hub_calls):
+def test_truthfulqa_from_hub_is_split_like_the_csv(hub_calls):
     xs = load_truthfulqa()
     assert hub_calls[0] == ("truthfulqa/truthful_qa", "generation", "validation")
-    assert [x.split for x in xs] == ["train", "train", "eval", "eval", "eval"]
+    # One Type x Category stratum of 5: two per side, the odd one to the side that balances the Type.
+    assert [x.split for x in xs] == ["train", "eval", "train", "train", "eval"]
     assert xs[1].references == {"best": "best 1", "correct": ["best 1", "also 1"], "incorrect": ["bad 1"]}
     assert truthfulqa_split("q five?") == "eval"
 

@@ -20,9 +20,10 @@ from mocae.data import (
 )
 
 FIXTURE_COUNTS = {
-    ("alpaca", "train"): 5, ("alpaca_seed_tasks", "val"): 4, ("alpaca_eval", "eval"): 3,
-    ("truthfulqa", "train"): 3, ("truthfulqa", "eval"): 4,
-    ("truthfulqa_mc", "train"): 3, ("truthfulqa_mc", "eval"): 4, ("truthfulqa_judge_truth", "train"): 2,
+    ("alpaca", "train"): 5, ("alpaca_seed_tasks", "val"): 4,
+    ("alpaca_eval", "judge_train"): 3, ("alpaca_eval", "judge_dev"): 0, ("alpaca_eval", "eval"): 0,
+    ("truthfulqa", "train"): 4, ("truthfulqa", "eval"): 3,
+    ("truthfulqa_mc", "train"): 4, ("truthfulqa_mc", "eval"): 3, ("truthfulqa_judge_truth", "train"): 2,
     ("truthfulqa_judge_truth", "eval"): 2, ("truthfulqa_judge_info", "train"): 1,
     ("truthfulqa_judge_info", "eval"): 1, ("harmbench", "test"): 4, ("harmbench", "val"): 2,
     ("strongreject", "test"): 3, ("advbench", "test"): 3, ("xstest", "test"): 5, ("safety_refusals", "train"): 3,
@@ -32,16 +33,22 @@ FIXTURE_COUNTS = {
 }
 
 
+JUDGE_FILE_SETS = {"alpaca_eval_annotations", "xstest_completions", "pyrit_refusal", "hh_rlhf_harmless"}
+
+
 def test_specs_are_consistent(data_root):
     assert {"alpaca", "alpaca_eval", "truthfulqa", "truthfulqa_mc", "harmbench", "strongreject", "advbench",
             "xstest", "safety_refusals", "refusal_direction_harmless", "refusal_direction_harmful"} <= set(DATASETS)
     for name, spec in DATASETS.items():
         assert spec.name == name and spec.axis in AXES and spec.description
         for split, files in spec.files.items():
+            if name in JUDGE_FILE_SETS:  # not in the fixture dir; tests/evaluation/judges builds them
+                continue
             for rel in files:  # the fixtures mirror the real layout
                 assert (data_root / rel).is_file(), rel
             examples = spec.load(data_root, split)
-            assert {(x.source, x.axis, x.split) for x in examples} == {(name, spec.axis, split)}
+            assert {(x.source, x.axis, x.split) for x in examples} <= {(name, spec.axis, split)}
+            assert examples or name == "alpaca_eval"  # only its single-row strata leave sides empty
 
 
 def test_check_data_on_fixtures(data_root):
@@ -51,6 +58,8 @@ def test_check_data_on_fixtures(data_root):
     xstest = next(r for r in rows if r["dataset"] == "xstest")
     assert (xstest["safe"], xstest["unsafe"]) == (3, 2)
     assert xstest["file"] == "xstest/xstest_prompts.csv" and xstest["axis"] == "harmless"
+    missing = {r["dataset"] for r in rows if r["status"] == "missing"}
+    assert missing == JUDGE_FILE_SETS
     hub_only = [r for r in rows if r["status"] == "hub only"]
     assert [(r["dataset"], r["file"]) for r in hub_only] == [("beavertails", "hub:PKU-Alignment/BeaverTails")]
 
@@ -104,7 +113,12 @@ needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(),
                                      reason="MOCAE_DATA_DIR is unset or not a directory")
 
 REAL_COUNTS = {
-    ("alpaca", "train"): 5000, ("alpaca_seed_tasks", "val"): 175, ("alpaca_eval", "eval"): 805,
+    ("alpaca", "train"): 5000, ("alpaca_seed_tasks", "val"): 175,
+    ("alpaca_eval", "judge_train"): 363, ("alpaca_eval", "judge_dev"): 81, ("alpaca_eval", "eval"): 361,
+    ("alpaca_eval_annotations", "all"): 34557, **{("xstest_completions", m): 450 for m in
+    ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")},
+    ("pyrit_refusal", "refusal"): 105, ("pyrit_refusal", "refusal_extra"): 64,
+    ("hh_rlhf_harmless", "all"): 2312,
     ("truthfulqa", "train"): 408,
     ("truthfulqa", "eval"): 409, ("truthfulqa_mc", "train"): 408, ("truthfulqa_mc", "eval"): 409,
     ("harmbench", "test"): 320, ("harmbench", "val"): 80, ("strongreject", "test"): 313,
@@ -112,8 +126,8 @@ REAL_COUNTS = {
     ("refusal_direction_harmless", "train"): 18793, ("refusal_direction_harmless", "val"): 6264,
     ("refusal_direction_harmless", "test"): 6266, ("refusal_direction_harmful", "train"): 260,
     ("refusal_direction_harmful", "val"): 39, ("refusal_direction_harmful", "test"): 572,
-    ("truthfulqa_judge_truth", "train") : 11341, ("truthfulqa_judge_truth", "eval"): 11093,
-    ("truthfulqa_judge_info", "train"): 11341, ("truthfulqa_judge_info", "eval"): 11093,
+    ("truthfulqa_judge_truth", "train"): 11173, ("truthfulqa_judge_truth", "eval"): 11261,
+    ("truthfulqa_judge_info", "train"): 11173, ("truthfulqa_judge_info", "eval"): 11261,
 }
 
 
@@ -136,3 +150,36 @@ def test_real_truthfulqa_split_is_shared():
     judge = load_truthfulqa_judge(root, split=None)
     assert {x.prompt for x in judge} == set(csv_split)
     assert all(csv_split[x.prompt] == x.split for x in judge)
+
+
+def test_check_data_names_an_empty_judge_file(data_copy):
+    rel = "xstest/xstest_v2_completions_llama2new_gpteval.csv"
+    (data_copy / rel).write_text("id,type,prompt,completion,final_label\n")
+    with pytest.raises(DataError, match=rf"{rel}: has no rows \(dataset xstest_completions, split llama2new\)"):
+        check_data(data_copy)
+
+
+def test_split_summary_counts_each_side(data_root):
+    from mocae.data.registry import format_split_summary, split_summary
+
+    summary = split_summary(data_root)
+    types = summary["truthfulqa"]["type"]
+    assert sum(c["train"] for c in types.values()) == 4 and sum(c["eval"] for c in types.values()) == 3
+    assert summary["truthfulqa"]["unbalanced"] == []
+    assert summary["alpaca_eval"]["total"] == {"judge_train": 3, "judge_dev": 0, "eval": 0}
+    text = format_split_summary(summary)
+    assert "Misconceptions" in text and "balanced within one question: yes" in text
+
+
+def test_split_summary_flags_an_unbalanced_stratum(data_root, monkeypatch):
+    from dataclasses import replace
+
+    from mocae.data import loaders
+    from mocae.data.registry import format_split_summary, split_summary
+
+    skewed = [replace(x, split="train") for x in load_truthfulqa(data_root)]  # the old first-half failure mode
+    monkeypatch.setattr(loaders, "load_truthfulqa", lambda root, split=None: skewed)
+    summary = split_summary(data_root)
+    assert "type Adversarial" in summary["truthfulqa"]["unbalanced"]
+    assert "stratum Adversarial x Misconceptions" in summary["truthfulqa"]["unbalanced"]
+    assert "<- differs by more than one" in format_split_summary(summary)

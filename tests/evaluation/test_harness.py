@@ -138,9 +138,16 @@ def test_evaluate_runs_base_first_and_caches_finished_systems(tiny, data, tmp_pa
         assert (tmp_path / name).is_file()
     md = (tmp_path / "results.md").read_text()
     assert "| base |" in md and "| other |" in md and "agreement_length_matched 0.700" in md
+    # With fingerprints (what the pipeline passes) a cached row is found without loading its model.
+    prints = {"base": "fp-base", "other": "fp-other"}
+    first = evaluate({"other": loader("other"), "base": loader("base")}, cfg, tmp_path, judges=judges,
+                     progress=False, fingerprints=prints)
+    loads.clear()
     again = evaluate({"other": loader("other"), "base": loader("base")}, cfg, tmp_path, judges=judges,
-                     progress=False)
-    assert loads == ["base", "other"]  # nothing reloaded
+                     progress=False, fingerprints=prints)
+    assert loads == []  # nothing reloaded
+    assert all(e["reused"] for e in again["evaluated"].values())
+    assert not any(e["reused"] for e in first["evaluated"].values())
     assert again["systems"]["other"]["metrics"] == results["systems"]["other"]["metrics"]
     # Paired comparisons: the fake judge prefers "other" with 0.75 everywhere, base ties itself at 0.5.
     diff = results["comparisons"]["other-base"]["helpful/win_rate_vs_base"]
@@ -253,7 +260,7 @@ def test_switched_on_judge_that_is_not_passed_raises(tiny, data, tmp_path):
         evaluate_system("sys", model, tokenizer, small_config(), tmp_path, judges=judges, progress=False)
 
 
-def test_eval_command_and_presets(tmp_path):
+def test_eval_command_and_presets(tmp_path, expert_factory):
     import argparse
 
     from mocae.evaluation.cli import add_eval_command, load_eval_config, system_loaders
@@ -267,8 +274,8 @@ def test_eval_command_and_presets(tmp_path):
     assert list(system_loaders("base")) == ["base"]
     with pytest.raises(FileNotFoundError, match="mocae_config.json or adapter_config.json"):
         system_loaders(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text("{}")
-    assert list(system_loaders(str(tmp_path))) == ["base", tmp_path.name]
+    expert_factory(tmp_path / "adapter", 0)  # a real adapter: its files are checked here, before any load
+    assert list(system_loaders(str(tmp_path / "adapter"))) == ["base", "adapter"]
 
 
 def test_jailbreak_set_spreads_templates_evenly_and_pairs_with_the_plain_prompts(data):

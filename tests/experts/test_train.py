@@ -1,6 +1,7 @@
 """Stage 1 training on tiny-random and the fixture data: end to end, resume, reuse, errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from mocae.backbones import load_backbone
 from mocae.config import ConfigError, load_config, validate_config
 from mocae.experts.config import ExpertConfig
 from mocae.data import Example
+from mocae.errors import LoadError
 from mocae.experts.dataset import benign_examples, nearest_examples, select_examples, to_sft_rows
-from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert
+from mocae.experts.train import expert_dir, is_trained, latest_checkpoint, train_expert, training_files
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
@@ -46,13 +48,15 @@ def adapter_weights(path):
 def test_train_expert_end_to_end(axis, tmp_path):
     cfg = tiny_config(axis=axis, epochs=1)
     out = train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False)
-    assert out == expert_dir(cfg, tmp_path) and is_trained(out)
+    assert out == expert_dir(cfg, tmp_path, FIXTURE_DATA) and is_trained(out)
     record = json.loads((out / "training.json").read_text())
     assert record["axis"] == axis and record["steps"] > 0
     assert record["data"]["examples"] == len(select_examples(cfg, FIXTURE_DATA))
     assert record["tokens_per_s"] > 0 and record["peak_rss_mb"] > 0
     assert all(set(p) == {"step", "loss"} for p in record["loss_curve"])
     assert not (out / "checkpoints").exists()
+    assert record["key"] == json.loads((out / "stage.json").read_text())["key"]  # data and backbone included
+    assert set(record["inputs"]["data"]) == set(training_files(cfg)) and record["inputs"]["backbone"] == "tiny-random"
     # A plain peft adapter folder that moved the model away from the base.
     base, _ = load_backbone("tiny-random")
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -74,7 +78,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False,
                      callbacks=[StopAfter(4)])
-    partial = expert_dir(cfg, tmp_path / "a")
+    partial = expert_dir(cfg, tmp_path / "a", FIXTURE_DATA)
     assert not is_trained(partial)
     assert latest_checkpoint(partial / "checkpoints").name == "checkpoint-4"
     resumed = train_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False)
@@ -110,7 +114,13 @@ def test_finished_expert_is_reused_not_retrained(tmp_path, monkeypatch):
     assert train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False) == out
     assert (out / "training.json").stat().st_mtime_ns == stamp
     # A different config is a different expert.
-    assert expert_dir(tiny_config(epochs=1, rank=2), tmp_path) != out
+    assert expert_dir(tiny_config(epochs=1, rank=2), tmp_path, FIXTURE_DATA) != out
+    # A damaged finished expert is reported, with the command that retrains it, not reused.
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoadError, match=r"adapter_model.safetensors: not a complete safetensors file .*; rebuild "
+                                        rf"with: rm -r {re.escape(str(out))} && mocae train-expert --axis {cfg.axis}"):
+        train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False)
 
 
 def test_harmless_mix_has_benign_share_and_injection():

@@ -87,3 +87,120 @@ def test_auto_selection_uses_only_the_calib_split():
                                 "temperature": lambda: build_calibrator("temperature")},
                                logits, labels, torch.zeros(400, 1))
     assert scores["temperature"] < scores["none"]
+
+
+def lm_loss_on(model, pairs):
+    """Mean LM loss of every pair's completion through the mixture, router softmax weights."""
+    from mocae.generation import completion_batch
+    from mocae.mixture.fit import extract_features
+
+    rows = completion_batch(model.tokenizer, [p for p, _, _ in pairs], [c for _, c, _ in pairs], max_length=64)
+    with torch.no_grad():
+        weights = model.router(extract_features(model, [p for p, _, _ in pairs], progress=False)).softmax(-1)
+        losses = []
+        for i in range(len(pairs)):  # one row at a time: the per-pair mean, not a token-weighted one
+            with model.mixer.weights(weights[i:i + 1]):
+                losses.append(model.peft_model(input_ids=rows["input_ids"][i:i + 1],
+                                               attention_mask=rows["attention_mask"][i:i + 1],
+                                               labels=rows["labels"][i:i + 1]).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_lm_loss_fitting_decreases_the_loss_and_moves_the_router(expert_dirs):
+    from mocae.mixture.fit import extract_features, train_router_lm
+
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, router_input="hidden",
+                                         feature_layer=1))
+    pairs = [("say hello", "hello hello hello", 0), ("how do I hurt someone", "I can't help with that.", 1),
+             ("is the earth flat", "No, the earth is round.", 2), ("write a poem", "roses are red", 0),
+             ("steal a car", "I won't help with that.", 1), ("do we use 10% of the brain", "No, all of it.", 2)]
+    model.router.set_normalisation(extract_features(model, [p for p, _, _ in pairs], progress=False))
+    cfg = RouterFitConfig(lm_loss_weight=10.0, lm_steps=40, lm_batch_size=3, lm_learning_rate=0.05, lm_max_length=64)
+    before_loss, before = lm_loss_on(model, pairs), model.router.linear.weight.clone()
+    frozen = {k: v.clone() for k, v in model.peft_model.state_dict().items()}
+    calls = []
+
+    def features_fn(prompts):
+        calls.append(len(prompts))
+        return extract_features(model, prompts, progress=False)
+
+    curve = train_router_lm(model, pairs, cfg, features_fn, progress=False)
+    after_loss = lm_loss_on(model, pairs)
+    assert len(curve) == 40 and calls == [len(pairs)]  # features once for every pair, not per step
+    assert after_loss < before_loss - 1e-3, (before_loss, after_loss)
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10
+    assert (model.router.linear.weight - before).abs().max() > 1e-2
+    for k, v in model.peft_model.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_lm_examples_never_use_eval_side_prompts(monkeypatch):
+    from mocae.data import normalise_text
+    from mocae.experts.preference import eval_side_prompts
+    from mocae.mixture.fit import lm_examples
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    pairs = lm_examples(RouterFitConfig(lm_examples_per_axis=1000))
+    guard = eval_side_prompts(FIXTURE_DATA)
+    assert pairs and {lab for _, _, lab in pairs} == {0, 1, 2}
+    assert all(guard.which(p) is None for p, _, _ in pairs)
+    assert len({normalise_text(p) for p, _, _ in pairs}) > 0
+
+
+def test_fit_router_fits_the_gate_to_its_budget_and_the_prior_mode(expert_dirs, tmp_path, monkeypatch):
+    from mocae.mixture.decide import DecisionConfig, prior_weights
+    from mocae.experts.task_vectors import task_vector_from_peft
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, router_input="hidden",
+                                         feature_layer=1, decision=DecisionConfig(mode="harm_gate", gate_budget=0.2)))
+    cfg = RouterFitConfig(**{**SMALL, "prior_mode": "importance_normalised"})
+    report = fit_router(model, cfg, cache=tmp_path / "f", progress=False)
+    gate = report["decision"]["gate"]
+    assert model.mocae_config.decision.gate_threshold == gate["threshold"]
+    assert gate["non_harmful_gated"] <= 0.2 and gate["fitted_on"] == "calib"
+    assert set(report["decision"]["modes"]) == {"soft", "top1", "harm_gate", "harm_gate+top1"}
+    vectors = {a: task_vector_from_peft(model.peft_model, adapter_name=a) for a in model.axes}
+    assert report["gamma"] == pytest.approx(prior_weights(vectors, "importance_normalised"))
+    assert report["prior_mode"] == "importance_normalised"
+
+    model.mocae_config.decision.gate_threshold = 0.99  # kept when not refitted
+    fit_router(model, RouterFitConfig(**{**SMALL, "prior_mode": "uniform", "fit_gate_threshold": False}),
+               cache=tmp_path / "f", progress=False, train=False)
+    assert model.mocae_config.decision.gate_threshold == 0.99
+    uniform = fit_router(model, RouterFitConfig(**{**SMALL, "prior_mode": "uniform"}), cache=tmp_path / "f",
+                         progress=False, train=False)
+    assert uniform["gamma"] == pytest.approx({a: 1 / 3 for a in model.axes})
+
+
+def test_hard_negatives_count_in_the_gate_budget(expert_dirs, tmp_path, monkeypatch):
+    from mocae.experts.preference import eval_side_prompts
+    from mocae.mixture.decide import DecisionConfig
+    from mocae.mixture.fit import gate_hard_negative_prompts
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    anchors = ["how do I build a weapon", "how do I poison someone"]
+
+    def embed(texts):  # a fake sentence embedding: the anchors and two Alpaca rows share a direction
+        v = torch.tensor([[float(any(w in t for w in ("weapon", "poison", "healthy", "colour"))), 0.1]
+                          for t in texts])
+        return v / v.norm(dim=1, keepdim=True)
+
+    picked = gate_hard_negative_prompts(3, anchors, embed=embed)
+    guard = eval_side_prompts(FIXTURE_DATA)
+    assert len(picked) == 3 and all(guard.which(p) is None for p in picked)
+    assert set(picked[:2]) == {"Give three tips for staying healthy.", "Name a primary colour."}
+
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, router_input="hidden",
+                                         feature_layer=1, decision=DecisionConfig(gate_budget=0.25)))
+    monkeypatch.setattr("mocae.mixture.fit.gate_hard_negative_prompts",
+                        lambda n, anchors, data_dir=None: picked[:n])
+    report = fit_router(model, RouterFitConfig(**{**SMALL, "gate_hard_negatives": 3}), cache=tmp_path / "f",
+                        progress=False)
+    gate = report["decision"]["gate"]
+    calib = report["splits"]["calib"]
+    assert gate["n_non_harmful"] == calib["helpful"] + calib["honest"] + 3 and gate["hard_negatives"]["n"] == 3
+    assert gate["non_harmful_gated"] <= 0.25
+    sweep = report["decision"]["gate_budget_sweep"]
+    assert all(r["non_harmful_gated"] <= float(b) for b, r in sweep.items())
+    assert set(report["decision"]["top1_sweep"]) == {"0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}

@@ -111,3 +111,67 @@ def test_wrong_weight_shape_is_an_error(expert_dirs):
     with pytest.raises(ValueError, match=r"weights must be \(batch, 3\)"):
         with mixer.weights(torch.ones(2, 2)):
             pass
+
+
+def base_copy(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_merge_unmerge_restores_w0_bit_for_bit(expert_dirs):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    saved = base_copy(model)
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    mixer.merge(weights)
+    first = mixer.modules[0].module.get_base_layer().weight
+    assert not torch.equal(first, saved[next(n for n in saved if n.endswith("base_layer.weight"))])
+    assert sum(len(lost) for lost, _ in mixer._kept) > 0  # plain subtraction would not have been exact
+    mixer.unmerge()
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in saved.items())
+
+
+def test_a_merge_that_fails_half_way_leaves_w0_unchanged(expert_dirs, monkeypatch):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    saved = base_copy(model)
+    bad = mixer.modules[len(mixer.modules) // 2]
+    monkeypatch.setattr(bad, "delta", lambda w: (_ for _ in ()).throw(MemoryError("injected")))
+    with pytest.raises(MemoryError):
+        mixer.merge(torch.tensor([1.0, 1.0, 1.0]))
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in saved.items())
+    assert mixer._merged is None and mixer._kept == []
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 1, 1], [1, float("inf"), 1], [-1, 1, 1], [0, 0, 0]])
+def test_non_finite_or_negative_weights_are_never_mixed_or_merged(expert_dirs, weights):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    saved = base_copy(model)
+    w = torch.tensor([weights], dtype=torch.float32)
+    with pytest.raises(ValueError, match="finite and >= 0 with a positive sum"):
+        with mixer.weights(w, merge=True):
+            pass
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        mixer.merge(w[0])
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in saved.items())
+
+
+def test_zero_rows_are_the_base_model_only_when_allowed(expert_dirs):
+    from mocae.mixture.layer import check_weights
+
+    check_weights(torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.3, 0.5]]), allow_zero_rows=True)
+    with pytest.raises(ValueError, match="positive sum"):
+        check_weights(torch.tensor([[0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        check_weights(torch.tensor([[float("nan"), 0.0, 0.0]]), allow_zero_rows=True)
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    with torch.no_grad():
+        base = model(IDS).logits  # no weights: the base model
+        with mixer.weights(torch.zeros(1, 3), merge=True, allow_zero_rows=True):
+            assert mixer._merged is None  # nothing folded into W0
+            merged = model(IDS[:1]).logits
+    torch.testing.assert_close(merged, base[:1])

@@ -169,3 +169,151 @@ def test_embedding_router_reads_the_user_message(expert_dirs, monkeypatch):
     assert seen == texts
     single = model.route(**encode(model.tokenizer, chats[1:], "right"))
     torch.testing.assert_close(padded[1:], single)
+
+
+# routing that decides (mocae.mixture.decide) -------------------------------------------------------
+
+IDS = torch.tensor([[5, 9, 13, 2, 7, 30], [8, 3, 3, 11, 40, 6]])
+MASK = torch.ones_like(IDS)
+
+
+def fixed_router(model, probs):
+    """Every prompt gets these calibrated probabilities (uncalibrated softmax of a constant bias)."""
+    with torch.no_grad():
+        model.router.linear.weight.zero_()
+        model.router.linear.bias.copy_(torch.tensor(probs).log())
+
+
+def single_adapter_logits(expert_dirs, axis):
+    """Logits of plain peft with only that expert loaded: what one-hot weights must reproduce."""
+    from peft import PeftModel
+
+    from mocae.backbones import load_backbone
+
+    base, _ = load_backbone("tiny-random")
+    with torch.no_grad():
+        if axis is None:
+            return base(IDS).logits
+        return PeftModel.from_pretrained(base, expert_dirs[axis]).eval()(IDS).logits
+
+
+def decided(expert_dirs, probs, **decision):
+    from mocae.mixture.decide import DecisionConfig
+
+    model = build(expert_dirs, router_input="hidden", feature_layer=1, decision=DecisionConfig(**decision))
+    fixed_router(model, probs)
+    return model
+
+
+def test_harm_gate_applies_the_harmless_expert_at_full_weight_above_its_threshold(expert_dirs):
+    harmful = [0.15, 0.7, 0.15]
+    model = decided(expert_dirs, harmful, mode="harm_gate", gate_threshold=0.6)
+    weights = model.route(IDS, MASK)
+    assert weights.tolist() == [[0.0, 1.0, 0.0]] * 2
+    torch.testing.assert_close(model.routing_probs(IDS, MASK), torch.tensor([harmful] * 2))
+    with torch.no_grad():
+        got = model(IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(got, single_adapter_logits(expert_dirs, "harmless"), atol=1e-5, rtol=1e-5)
+    # batch-1 generation (mixture merged into W0) decodes as the harmless adapter alone
+    from peft import PeftModel
+
+    from mocae.backbones import load_backbone
+
+    alone = PeftModel.from_pretrained(load_backbone("tiny-random")[0], expert_dirs["harmless"]).eval()
+    expected = alone.generate(input_ids=IDS[:1], attention_mask=MASK[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], MASK[:1], max_new_tokens=6, do_sample=False), expected)
+
+    # below the threshold: not gated, the soft blend, not the harmless expert
+    below = decided(expert_dirs, harmful, mode="harm_gate", gate_threshold=0.75)
+    torch.testing.assert_close(below.route(IDS, MASK), torch.tensor([harmful] * 2))
+    with torch.no_grad():
+        blend = below(IDS, attention_mask=MASK).logits
+        soft = below(IDS, attention_mask=MASK, axis_weights=harmful).logits
+    torch.testing.assert_close(blend, soft, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(blend, single_adapter_logits(expert_dirs, "harmless"), atol=1e-3)
+    # gate_rest=others: below the threshold the harmless expert gets nothing
+    others = decided(expert_dirs, harmful, mode="harm_gate", gate_threshold=0.75, gate_rest="others")
+    torch.testing.assert_close(others.route(IDS, MASK), torch.tensor([[0.5, 0.0, 0.5]] * 2))
+
+
+def test_top1_equals_the_single_expert_when_confident(expert_dirs):
+    confident = [0.1, 0.1, 0.8]
+    model = decided(expert_dirs, confident, mode="top1", top1_threshold=0.7)
+    assert model.route(IDS, MASK).tolist() == [[0.0, 0.0, 1.0]] * 2
+    with torch.no_grad():
+        got = model(IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(got, single_adapter_logits(expert_dirs, "honest"), atol=1e-5, rtol=1e-5)
+    chat = model.chat("hello", max_new_tokens=2)
+    assert chat[0]["routing"] == {"helpful": 0.0, "harmless": 0.0, "honest": 1.0}
+
+
+@pytest.mark.parametrize("fallback", ["base", "soft"])
+def test_top1_falls_back_when_not_confident(expert_dirs, fallback):
+    unsure = [0.4, 0.25, 0.35]
+    model = decided(expert_dirs, unsure, mode="top1", top1_threshold=0.7, top1_fallback=fallback)
+    weights = model.route(IDS, MASK)
+    with torch.no_grad():
+        got = model(IDS, attention_mask=MASK).logits
+    if fallback == "base":  # all-zero weights: the backbone without any expert
+        assert weights.tolist() == [[0.0, 0.0, 0.0]] * 2
+        torch.testing.assert_close(got, single_adapter_logits(expert_dirs, None), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(weights, torch.tensor([unsure] * 2))
+        with torch.no_grad():
+            soft = model(IDS, attention_mask=MASK, axis_weights=unsure).logits
+        torch.testing.assert_close(got, soft, atol=1e-5, rtol=1e-5)
+
+
+def test_caller_prior_tilts_the_blend_but_not_the_gate(expert_dirs):
+    model = decided(expert_dirs, [0.2, 0.6, 0.2], mode="harm_gate", gate_threshold=0.5)
+    assert model.route(IDS, MASK, prior={"helpful": 10, "harmless": 1, "honest": 1}).tolist() == [[0.0, 1.0, 0.0]] * 2
+    model.mocae_config.decision.gate_threshold = 0.65
+    tilted = model.route(IDS, MASK, prior={"helpful": 1, "harmless": 1, "honest": 4})
+    torch.testing.assert_close(tilted, torch.tensor([[0.125, 0.375, 0.5]] * 2))
+
+
+def test_save_load_keeps_the_routing_mode_and_thresholds(expert_dirs, tmp_path):
+    model = decided(expert_dirs, [0.15, 0.7, 0.15], mode="harm_gate+top1", gate_threshold=0.3125,
+                    gate_budget=0.1, gate_rest="others", top1_threshold=0.8, top1_fallback="base")
+    path = model.save_pretrained(tmp_path / "m")
+    saved = json.loads((path / "mocae_config.json").read_text())["config"]["decision"]
+    assert saved["mode"] == "harm_gate+top1" and saved["gate_threshold"] == 0.3125
+    loaded = MoCaEModel.from_pretrained(path)
+    assert loaded.mocae_config.decision == model.mocae_config.decision
+    assert torch.equal(loaded.route(IDS, MASK), model.route(IDS, MASK))
+    # a folder saved before routing modes existed loads as the soft blend
+    meta = json.loads((path / "mocae_config.json").read_text())
+    meta["config"].pop("decision")
+    (path / "mocae_config.json").write_text(json.dumps(meta))
+    assert MoCaEModel.from_pretrained(path).mocae_config.decision.mode == "soft"
+
+
+def test_using_decision_switches_modes_for_an_ablation_and_restores(expert_dirs):
+    from mocae.mixture.decide import DecisionConfig, using_decision
+
+    model = decided(expert_dirs, [0.1, 0.1, 0.8])
+    with using_decision(model, mode="top1", top1_threshold=0.7):
+        assert model.route(IDS, MASK).tolist() == [[0.0, 0.0, 1.0]] * 2
+    assert model.mocae_config.decision == DecisionConfig()
+    with pytest.raises(ValueError, match="mode"), using_decision(model, mode="sometimes"):
+        pass
+    with pytest.raises(ValueError, match="token routing"):
+        MoCaEConfig(backbone="tiny-random", experts=expert_dirs, routing="token", decision={"mode": "top1"})
+
+
+def test_base_fallback_rows_mix_nothing_next_to_decided_rows(expert_dirs):
+    model = decided(expert_dirs, [0.4, 0.25, 0.35], mode="top1", top1_threshold=0.7, top1_fallback="base")
+    with torch.no_grad():
+        got = model(IDS, attention_mask=MASK, routing_weights=torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])).logits
+    torch.testing.assert_close(got[:1], single_adapter_logits(expert_dirs, "honest")[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], single_adapter_logits(expert_dirs, None)[1:], atol=1e-5, rtol=1e-5)
+    # batch-1 generation on the base fallback decodes as the backbone alone (nothing merged)
+    from mocae.backbones import load_backbone
+
+    base, _ = load_backbone("tiny-random")
+    expected = base.generate(input_ids=IDS[:1], attention_mask=MASK[:1], max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], MASK[:1], max_new_tokens=5, do_sample=False), expected)
+    # without the base fallback, all-zero weights stay an error (a damaged router or a bad caller)
+    soft = decided(expert_dirs, [0.4, 0.25, 0.35])
+    with pytest.raises(ValueError, match="positive sum"):
+        soft(IDS, attention_mask=MASK, routing_weights=torch.zeros(2, 3))

@@ -425,3 +425,50 @@ def test_run_systems_are_served(expert_dirs, tmp_path):
         assert events[-1][0] == "done" and 1 <= len(row.generated) <= 3
     with pytest.raises(ValueError, match="cannot be served"):
         load_served(run.run_dir, system="mote")
+
+
+def test_routing_modes_follow_the_models_decision(expert_dirs, serve, monkeypatch):
+    """routing_mode picks a decision of mocae.mixture.decide with the model's thresholds; top1's base
+    fallback (all-zero weights) is the backbone alone, alone or batched; an unfitted gate is a 400."""
+    import mocae.mixture.model as model_module
+    from mocae.mixture.decide import DecisionConfig
+
+    monkeypatch.setattr(model_module, "sentence_embeddings",
+                        lambda texts: torch.stack([torch.cos(torch.arange(384) * (1 + len(t) % 5)) for t in texts]))
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs,
+                                         decision=DecisionConfig(top1_threshold=0.999, top1_fallback="base")))
+    tok = model.tokenizer
+    with serve(model, batch_wait_ms=800) as srv:
+        client = srv.client()
+        results = {}
+
+        def ask(key, mode):
+            results[key] = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0,
+                extra_body={"routing_mode": mode})
+
+        threads = [threading.Thread(target=ask, args=(k, m)) for k, m in (("base", "top1"), ("blend", "blend"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert srv.app.state.batcher.stats["max_batch"] == 2  # a base row and a blended row in one batch
+        assert results["base"].routing["mode"] == "top1"
+        assert set(results["base"].routing["weights"].values()) == {0.0}  # below 0.999: the base model
+        assert results["blend"].routing["weights"] == pytest.approx(results["blend"].routing["probabilities"])
+        with model.mixer.weights(None):  # the backbone alone answers as the base row did
+            ids = tok(chat_text(tok, "hello"), return_tensors="pt", add_special_tokens=False)
+            out = model.peft_model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert results["base"].choices[0].message.content.strip() == \
+            tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        ask("alone", "top1")  # batch of one with zero weights: nothing merged
+        assert results["alone"].choices[0].message.content == results["base"].choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="no fitted harm gate"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"routing_mode": "harm_gate"})
+
+
+def chat_text(tok, prompt):
+    from mocae.generation import chat_prompt
+
+    return chat_prompt(tok, prompt)

@@ -6,7 +6,6 @@ Hooked into the main parser by ``add_eval_command(sub)`` in ``mocae.cli.build_pa
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 PRESETS = ("quick", "full")
@@ -14,8 +13,10 @@ PRESETS = ("quick", "full")
 
 def _adapter_backbone(path: Path) -> str | None:
     """The backbone an adapter was trained on (mocae's training.json), if recorded."""
+    from mocae.errors import read_json
+
     record = path / "training.json"
-    return json.loads(record.read_text()).get("backbone") if record.is_file() else None
+    return read_json(record).get("backbone") if record.is_file() else None
 
 
 def system_loaders(model: str, backbone: str | None = None) -> dict:
@@ -27,15 +28,21 @@ def system_loaders(model: str, backbone: str | None = None) -> dict:
 
     Raises:
         FileNotFoundError: DIR is neither a MoCaE nor a peft adapter folder.
+        LoadError: a file in DIR is damaged or belongs to another backbone (checked here, before
+            any model loads).
+        UnknownBackbone: the backbone name is not known (see ``check_backbone_name``).
     """
-    from mocae.backbones import DEFAULT_BACKBONE, load_backbone
-
+    from mocae.backbones import DEFAULT_BACKBONE, check_backbone_name, load_backbone
+    if backbone is not None:
+        check_backbone_name(backbone)
     if model == "base":
         name = backbone or DEFAULT_BACKBONE
         return {"base": lambda: load_backbone(name)}
     path = Path(model)
     if (path / "mocae_config.json").is_file():
-        recorded = json.loads((path / "mocae_config.json").read_text())["config"]["backbone"]
+        from mocae.mixture.model import check_saved
+
+        recorded = check_saved(path)[0].backbone  # every file checked now, not after the base is evaluated
 
         def load_mocae():
             from mocae.mixture.model import MoCaEModel
@@ -44,18 +51,23 @@ def system_loaders(model: str, backbone: str | None = None) -> dict:
             return mocae, mocae.tokenizer
         loader = load_mocae
     elif (path / "adapter_config.json").is_file():
+        from mocae.experts.checks import check_adapter
+
         recorded = _adapter_backbone(path)
+        check_adapter(path, backbone or recorded or DEFAULT_BACKBONE)  # now, not after the base is evaluated
 
         def load_adapter():
             from peft import PeftModel
 
-            base, tokenizer = load_backbone(backbone or recorded or DEFAULT_BACKBONE)
+            name = backbone or recorded or DEFAULT_BACKBONE
+            base, tokenizer = load_backbone(name)
+            check_adapter(path, name, model=base)  # tensor shapes, before peft loads them
             return PeftModel.from_pretrained(base, str(path)).eval(), tokenizer
         loader = load_adapter
     else:
         raise FileNotFoundError(f"--model {model}: not 'base' and not a model folder (no mocae_config.json or "
                                 f"adapter_config.json in {path.resolve()})")
-    base_name = backbone or recorded or DEFAULT_BACKBONE
+    base_name = check_backbone_name(backbone or recorded or DEFAULT_BACKBONE)
     name = path.resolve().name if path.resolve().name != "base" else "system"
     return {"base": lambda: load_backbone(base_name), name: loader}
 

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mocae.evaluation import metrics as M
 from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
 from mocae.evaluation.refusal import is_refusal
+from mocae.generation import MAX_NEW_TOKENS
 from mocae.evaluation.runner import (GenerationConfig, Generations, generate_records, model_fingerprint, prompts_hash,
                                      write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
@@ -73,8 +74,8 @@ class EvalConfig(BaseModel):
                                             "judged (% true, TI); None: the same as n_truthfulqa")
     reference: Literal["text_davinci_003", "gpt4_1106_preview"] = Field(
         "text_davinci_003", description="AlpacaEval reference outputs the win rate is against")
-    max_new_tokens: int = Field(256, gt=0, description="answer budget for AlpacaEval instructions")
-    max_new_tokens_short: int = Field(128, gt=0, description="answer budget for harmful, XSTest and TruthfulQA "
+    max_new_tokens: int = Field(256, gt=0, le=MAX_NEW_TOKENS, description="answer budget for AlpacaEval instructions")
+    max_new_tokens_short: int = Field(128, gt=0, le=MAX_NEW_TOKENS, description="answer budget for harmful, XSTest and TruthfulQA "
                                       "prompts (a refusal or a fact shows early)")
     batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
     system: str | None = Field(None, description="system message for every prompt")
@@ -304,7 +305,8 @@ def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
             for start in range(0, len(texts), cfg.batch_size):
                 batch = tokenizer(texts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
                                   add_special_tokens=False)
-                probs += model.route(batch["input_ids"], batch["attention_mask"]).tolist()
+                route = getattr(model, "routing_probs", model.route)  # probabilities, not the decision
+                probs += route(batch["input_ids"], batch["attention_mask"]).tolist()
             axis = SET_AXIS.get(name)
             routing["sets"][name] = {"label": model.axes.index(axis) if axis in model.axes else None,
                                      "probs": [[round(p, 5) for p in row] for row in probs]}
@@ -422,10 +424,52 @@ def _judges_key(judges: Mapping) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
+def _prompts_key(prompts: dict) -> str:
+    """Changes when any prompt set or its references change (another data file, split or subset)."""
+    payload = {name: [[e.prompt, e.references] for e in examples] for name, examples in sorted(prompts.items())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_result(path: Path, name: str, key: str) -> dict | None:
+    """A cached system result, or None (a miss); a damaged or mismatched file warns, naming it."""
+    import warnings
+
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"evaluation cache {path} is not valid JSON ({err}); re-evaluating {name}", stacklevel=3)
+        return None
+    if not (isinstance(result, dict) and isinstance(result.get("metrics"), dict) and result.get("name") == name
+            and (result.get("cache") or {}).get("key") == key):
+        warnings.warn(f"evaluation cache {path} is not a result of {name} for this request; re-evaluating it",
+                      stacklevel=3)
+        return None
+    return result
+
+
+def _base_outputs(out_dir: Path, alpaca_eval: list) -> list[str] | None:
+    """The base model's AlpacaEval answers for exactly these instructions, or None."""
+    path = out_dir / "base" / "model_outputs.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if [r["instruction"] for r in records] == [e.prompt for e in alpaca_eval]:
+            return [r["output"] for r in records]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return None
+
+
 def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, judges: Mapping | None = None,
              data_dir: Path | None = None, force: bool = False, progress: bool = True,
-             cache_dir: Path | None = None) -> dict:
+             cache_dir: Path | None = None, fingerprints: Mapping[str, str] | None = None) -> dict:
     """Evaluate several systems (base first) and write results.json, results.md and plots.
+
+    A system's result is cached in ``out_dir/systems/<name>-<key>.json``; the key covers the eval
+    config, the judges, the prompt sets (and their references), the system's weights and, for
+    win rate vs base, the base model's. A damaged or mismatched cache file is re-evaluated with a
+    warning naming it.
 
     Args:
         systems: {name: loader} where ``loader()`` returns (model, tokenizer); a "base" entry is
@@ -435,39 +479,70 @@ def evaluate(systems: Mapping[str, Callable], cfg: EvalConfig, out_dir: Path, ju
         judges: {kind: judge}; default ``load_judges(cfg)`` (fails before any generation if one is missing).
         force: re-evaluate systems that are cached.
         cache_dir: generation cache (default: ``$MOCAE_CACHE/generations``).
+        fingerprints: {name: id of what the system is made of} (``mocae.systems.system_fingerprint``),
+            so a cached result is found without loading the model; a system without one is loaded
+            and fingerprinted from its weights (``model_fingerprint``).
 
     Returns:
-        The results dict written to results.json: "config", "systems", "judges", "torch_threads" and
+        The results dict written to results.json: "config", "systems", "judges", "torch_threads",
         "comparisons" (every system minus base and MoCaE minus every other system, paired over the
-        same prompts: :func:`mocae.evaluation.compare.compare_systems`).
+        same prompts: :func:`mocae.evaluation.compare.compare_systems`) and "evaluated" (each
+        system's cache key, its inputs and whether the cached result was reused).
     """
+    import warnings
+
+
     from mocae.config import config_hash
     from mocae.evaluation.report import write_results
 
     out_dir = Path(out_dir)
     judges = dict(load_judges(cfg) if judges is None else judges)
     prompts = eval_prompts(cfg, data_dir)
-    key = f"{config_hash(cfg)}-{_judges_key(judges)}"
+    shared = {"eval_config": config_hash(cfg), "judges": _judges_key(judges), "prompts": _prompts_key(prompts)}
+    fingerprints = dict(fingerprints or {})
     names = sorted(systems, key=lambda n: n != "base")  # stable: base first, others in given order
+    threads = torch.get_num_threads()  # MC2 moves in the 3rd decimal with the thread count
     results = {"config": cfg.model_dump(mode="json"), "systems": {},
-               "judges": {k: j.validation for k, j in judges.items()},
-               "torch_threads": torch.get_num_threads()}  # MC2 moves in the 3rd decimal with the thread count
-    base_outputs = None
+               "judges": {k: j.validation for k, j in judges.items()}, "torch_threads": threads, "evaluated": {}}
+    base_outputs, base_id = None, None
     for name in names:
-        cached = out_dir / "systems" / f"{name}-{key}.json"
-        if cached.is_file() and not force:
-            result = json.loads(cached.read_text(encoding="utf-8"))
-        else:
-            print(f"[eval] {name}", flush=True)
+        model = tokenizer = None
+        if name not in fingerprints:  # nothing cheaper says what it is: fingerprint the weights
             model, tokenizer = systems[name]()
+            fingerprints[name] = model_fingerprint(model)
+        inputs = {**shared, "model": fingerprints[name], "base": None if name == "base" else base_id}
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+        cached = out_dir / "systems" / f"{name}-{key}.json"
+        result = None if force else _read_result(cached, name, key)
+        if result is not None and name == "base":
+            base_outputs = _base_outputs(out_dir, prompts["alpaca_eval"])
+            if base_outputs is None:
+                warnings.warn(f"{out_dir / 'base' / 'model_outputs.json'} does not hold the base answers to these "
+                              "instructions; re-evaluating base", stacklevel=2)
+                result = None
+        reused = result is not None
+        if result is None:
+            print(f"[eval] {name}", flush=True)
+            if model is None:
+                model, tokenizer = systems[name]()
             result = evaluate_system(name, model, tokenizer, cfg, out_dir, base_outputs, judges, prompts,
                                      cache_dir, progress)
+            result = {**result, "torch_threads": threads, "cache": {"key": key, "inputs": inputs}}
             atomic_write_json(cached, result)
-            del model
-            gc.collect()  # the next system loads its own copy of the backbone
+        del model, tokenizer
+        gc.collect()  # the next system loads its own copy of the backbone
         results["systems"][name] = result
+        results["evaluated"][name] = {"key": key, "inputs": inputs, "reused": reused}
         if name == "base":
-            records = json.loads((out_dir / "base" / "model_outputs.json").read_text(encoding="utf-8"))
-            base_outputs = [r["output"] for r in records]
+            base_id = fingerprints["base"]
+            if base_outputs is None:
+                base_outputs = _base_outputs(out_dir, prompts["alpaca_eval"])
+    other = {n: r.get("torch_threads") for n, r in results["systems"].items() if r.get("torch_threads") != threads}
+    if other:  # side by side only at one thread count: say which rows were measured otherwise
+        results["other_thread_counts"] = other
+        warnings.warn(f"cached results of {', '.join(f'{n} ({c} threads)' for n, c in other.items())} were measured "
+                      f"with another torch thread count than this run's {threads}: their numbers may differ in the "
+                      f"last decimals; delete their files in {out_dir / 'systems'} (or pass force=True) to measure "
+                      "them again at this count", stacklevel=2)
     results["paths"] = write_results(results, out_dir)
     return results

@@ -386,7 +386,7 @@ def preference_rows(cfg: ExpertConfig, data_dir: Path | None = None, *, root: Pa
     elif cfg.axis == "helpful":
         if "alpaca_eval_gpt4" in sources:
             # A pure data loader (mocae.data only, no torch); imported lazily.
-            from mocae.evaluation.judges.sources import load_alpaca_eval_annotations
+            from mocae.data.judge_files import load_alpaca_eval_annotations
 
             sides = alpaca_eval_split_map(data_dir)
             train_side = [a for a in load_alpaca_eval_annotations(data_dir)

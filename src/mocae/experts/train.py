@@ -1,8 +1,10 @@
 """Train one per-axis LoRA expert with trl's SFTTrainer, resumably and fast on CPU.
 
-An expert lives in ``$MOCAE_CACHE/experts/<backbone>/<axis>-<config hash>/``: a plain peft
-adapter folder (``PeftModel.from_pretrained`` loads it) plus ``training.json``. That file is
-written last, so its presence means "finished": the same config is then reused, not retrained.
+An expert lives in ``$MOCAE_CACHE/experts/<backbone>/<axis>-<key>/``: a plain peft adapter
+folder (``PeftModel.from_pretrained`` loads it) plus ``training.json`` and ``stage.json``. The key
+covers the config, the backbone and the data files the expert reads (content hashes, and the
+split rules' version), so an expert trained on other data is never reused. ``training.json`` is
+written last, so its presence means "finished": the same key is then reused, not retrained.
 While training, checkpoints go to ``checkpoints/`` inside that folder; a killed run (kill -9
 included) resumes from the newest complete checkpoint.
 
@@ -13,7 +15,6 @@ keeps packed examples from attending to each other through ``position_ids``).
 
 from __future__ import annotations
 
-import json
 import re
 import resource
 import shutil
@@ -23,17 +24,43 @@ from pathlib import Path
 import torch
 
 from mocae.config import config_hash
-from mocae.experts.config import ExpertConfig
+from mocae.data import loaders
+from mocae.experts.config import ExpertConfig, MultitaskConfig
 from mocae.experts.dataset import data_counts, select_examples, to_sft_rows
+from mocae.errors import read_json
+from mocae.experts.checks import check_adapter
 from mocae.paths import atomic_write_json, cache_dir
+from mocae.stages import backbone_fingerprint, data_fingerprint, stage_inputs, stage_key, write_stage
 
 TRAINING_FILE = "training.json"
 
 
-def expert_dir(cfg: ExpertConfig, root: Path | None = None) -> Path:
-    """The folder that holds (or will hold) the expert trained with ``cfg``."""
+def training_files(cfg: ExpertConfig) -> list[str]:
+    """The data files (relative to the data directory) that ``cfg``'s expert trains on."""
+    if isinstance(cfg, MultitaskConfig):
+        return sorted({f for axis in cfg.union_caps for f in training_files(cfg.axis_config(axis))})
+    if cfg.axis == "helpful":
+        return [loaders.ALPACA]
+    if cfg.axis == "honest":
+        return [loaders.TRUTHFULQA]
+    files = {loaders.SAFETY_REFUSALS}
+    if cfg.benign_fraction > 0:
+        files |= {loaders.ALPACA for s in cfg.benign_sources if s.startswith("alpaca")}
+        files |= {loaders.TRUTHFULQA for s in cfg.benign_sources if s == "truthfulqa"}
+    return sorted(files)
+
+
+def expert_inputs(cfg: ExpertConfig, data_dir: Path | None = None) -> dict:
+    """Everything that determines the expert: config, backbone identity, data file digests."""
+    return stage_inputs(config=cfg, backbone=backbone_fingerprint(cfg.backbone),
+                        data=data_fingerprint(training_files(cfg), data_dir))
+
+
+def expert_dir(cfg: ExpertConfig, root: Path | None = None, data_dir: Path | None = None) -> Path:
+    """The folder that holds (or will hold) the expert trained with ``cfg`` on ``data_dir``'s files."""
     backbone = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.backbone).strip("_")
-    return (root or cache_dir() / "experts") / backbone / f"{cfg.axis}-{config_hash(cfg)}"
+    key = stage_key(expert_inputs(cfg, data_dir))[:12]
+    return (root or cache_dir() / "experts") / backbone / f"{cfg.axis}-{key}"
 
 
 def is_trained(path: Path) -> bool:
@@ -147,6 +174,9 @@ def train_expert(
 
     Returns:
         The expert's adapter folder.
+
+    Raises:
+        LoadError: a finished expert in the cache is damaged (the message says how to retrain it).
     """
     if getattr(cfg, "trainer", "sft") == "dpo":  # preference-trained expert (issue 14): mocae.experts.dpo
         from mocae.experts.dpo import train_dpo_expert
@@ -157,8 +187,11 @@ def train_expert(
 
     from mocae.backbones import load_backbone
 
-    out = expert_dir(cfg, root)
+    inputs = expert_inputs(cfg, data_dir)
+    out = expert_dir(cfg, root, data_dir)
     if is_trained(out):
+        # Reused, so checked: a damaged or foreign adapter is reported by the stage that owns it.
+        check_adapter(out, cfg.backbone, cfg.axis)
         return out
     examples = select_examples(cfg, data_dir)
     rows = to_sft_rows(examples, cfg.axis, cfg.inject_prompt)
@@ -187,6 +220,8 @@ def train_expert(
         "backbone": cfg.backbone,
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg),
+        "key": stage_key(inputs),
+        "inputs": inputs,
         "data": {"examples": len(examples), "by_source": data_counts(examples),
                  "packed_rows": len(trainer.train_dataset)},
         "steps": trainer.state.global_step,
@@ -201,7 +236,8 @@ def train_expert(
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_json(out / TRAINING_FILE, record)
+    write_stage(out, f"experts/{cfg.axis}", stage_key(inputs), inputs)
+    atomic_write_json(out / TRAINING_FILE, record)  # last: its presence means finished
     shutil.rmtree(checkpoints, ignore_errors=True)
     return out
 
@@ -217,7 +253,7 @@ def _right_padded(tokenizer):
 def _tokens_seen(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json", f"rm -r {checkpoint} (training resumes from the one before)")
     return int(state.get("num_input_tokens_seen", 0))
 
 
@@ -226,7 +262,8 @@ def load_expert_record(path: Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` is not a finished expert folder.
+        LoadError: the record is damaged (cut off, not JSON).
     """
     if not is_trained(Path(path)):
         raise FileNotFoundError(f"{path} is not a finished expert (no {TRAINING_FILE} / adapter_config.json)")
-    return json.loads((Path(path) / TRAINING_FILE).read_text())
+    return read_json(Path(path) / TRAINING_FILE, f"rm -r {path} && mocae train-expert (same config)")

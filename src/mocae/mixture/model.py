@@ -11,14 +11,18 @@ Folder layout: ``experts/<axis>/`` (plain peft adapters), ``router.safetensors``
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from mocae.mixture.layer import LoraMixer, PeftBackedModel
+from mocae.errors import LoadError, load_safetensors, read_json
+from mocae.experts.checks import TRAINING_FILE, check_adapter
+from mocae.mixture.decide import DecisionConfig, decide as decide_weights
+from mocae.mixture.layer import LoraMixer, PeftBackedModel, check_weights
 from mocae.paths import atomic_directory
 from mocae.mixture.router import (
     SequenceRouter,
@@ -50,37 +54,62 @@ class MoCaEConfig(BaseModel):
     pooling: Literal["mean", "content", "last"] = Field(
         "content", description="sequence routing: average all tokens, only the user's message, or take the last")
     top_k: int | None = Field(None, description="token routing: experts kept per token")
-    token_temperature: float = Field(1.0, gt=0, description="token routing softmax temperature")
+    token_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="token routing softmax temperature")
     static_weights: list[float] | None = Field(None, description="static routing weights")
     calibrator: str = Field("temperature", description="see mocae.mixture.calibration.build_calibrator")
     merge_single_request: bool = Field(True, description="fold weights into W0 for batch-1 generation")
+    decision: DecisionConfig = Field(  # routing that decides (mocae.mixture.decide)
+        default_factory=DecisionConfig, description="how calibrated probabilities become weights: soft blend, "
+                                                    "top1, harm gate (threshold fitted on calib) or gate+top1")
+
+    @model_validator(mode="after")
+    def _decision_needs_per_request_routing(self):
+        if self.routing == "token" and self.decision.mode != "soft":
+            raise ValueError(f"decision mode {self.decision.mode!r} decides per request; token routing has "
+                             "no per-request probabilities (use sequence routing or mode 'soft')")
+        return self
 
 
-def _expert_backbone(path: Path) -> str | None:
-    record = path / "training.json"
-    return json.loads(record.read_text()).get("backbone") if record.is_file() else None
+def check_experts(backbone: str, experts: dict[str, str], model=None, rebuild: str | None = None) -> None:
+    """Experts must be LoRA adapters of ``backbone`` that target the same modules.
 
-
-def check_experts(backbone: str, experts: dict[str, str]) -> None:
-    """Experts must exist, share the backbone and the LoRA target modules.
+    Args:
+        model: the loaded backbone; when given, every adapter tensor's shape is checked too.
+        rebuild: the command named in load errors (default: retrain that expert).
 
     Raises:
-        FileNotFoundError / ValueError: naming the expert at fault.
+        FileNotFoundError: an expert folder is missing. LoadError: naming the expert's file at
+            fault (damaged, another base model, shapes that do not fit). ValueError: the experts
+            target different modules.
     """
     targets = {}
     for axis, path in experts.items():
-        cfg_file = Path(path) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"expert {axis!r}: {cfg_file} not found (not a peft adapter folder)")
-        trained_on = _expert_backbone(Path(path))
-        if trained_on is not None and trained_on != backbone:
-            raise ValueError(f"expert {axis!r} was trained on backbone {trained_on!r}, not {backbone!r}")
-        targets[axis] = sorted(json.loads(cfg_file.read_text())["target_modules"])
+        cfg = check_adapter(path, backbone, axis, model, rebuild)
+        modules = cfg["target_modules"]
+        targets[axis] = sorted([modules] if isinstance(modules, str) else modules)
     first_axis, first = next(iter(targets.items()))
     for axis, t in targets.items():
         if t != first:
             raise ValueError(f"experts {first_axis!r} and {axis!r} target different modules ({first} vs {t}); "
                              "the mixture needs the same target modules")
+
+
+def _load_adapters(base, experts: dict[str, str], rebuild: str | None = None):
+    """A PeftModel holding every expert, named by axis; a damaged weights file is named."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    peft_model = None
+    for axis, path in experts.items():
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base, path, adapter_name=axis)
+            else:
+                peft_model.load_adapter(path, adapter_name=axis)
+        except (SafetensorError, OSError) as err:
+            raise LoadError(Path(path) / "adapter_model.safetensors", f"expert {axis!r} cannot be loaded ({err})",
+                            rebuild or f"rm -r {path} && mocae train-expert --axis {axis}") from None
+    return peft_model.eval()
 
 
 class MoCaEModel(PeftBackedModel):
@@ -107,20 +136,27 @@ class MoCaEModel(PeftBackedModel):
 
     # construction -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, config: MoCaEConfig, model_and_tokenizer=None, calibrator=None) -> "MoCaEModel":
-        """Load the backbone and experts and make an (untrained) router of the configured kind."""
-        from peft import PeftModel
+    def build(cls, config: MoCaEConfig, model_and_tokenizer=None, calibrator=None,
+              rebuild: str | None = None) -> "MoCaEModel":
+        """Load the backbone and experts and make an (untrained) router of the configured kind.
 
+        Args:
+            config: backbone, expert folders and routing.
+            model_and_tokenizer: an already loaded backbone (else ``load_backbone``).
+            calibrator: the router's calibrator (default: none, the plain softmax).
+            rebuild: the command named when an expert folder is damaged (default: retrain it).
+
+        Raises:
+            FileNotFoundError / LoadError / ValueError: an expert that is missing, damaged or does
+                not fit the backbone, named, before peft loads it.
+        """
         from mocae.backbones import load_backbone
         from mocae.mixture.calibration import build_calibrator
 
-        check_experts(config.backbone, config.experts)
+        check_experts(config.backbone, config.experts, rebuild=rebuild)  # before the backbone loads
         base, tokenizer = model_and_tokenizer or load_backbone(config.backbone)
-        items = list(config.experts.items())
-        peft_model = PeftModel.from_pretrained(base, items[0][1], adapter_name=items[0][0])
-        for axis, path in items[1:]:
-            peft_model.load_adapter(path, adapter_name=axis)
-        peft_model.eval()
+        check_experts(config.backbone, config.experts, base, rebuild)  # shapes, before peft sees them
+        peft_model = _load_adapters(base, config.experts, rebuild)
         router = make_router(config, base.config)
         # Until fit_router fits one, routing probabilities are the plain softmax.
         return cls(peft_model, tokenizer, config, router, calibrator or build_calibrator("none"))
@@ -155,27 +191,61 @@ class MoCaEModel(PeftBackedModel):
         return self.router(self.router_features(input_ids, attention_mask))
 
     @torch.no_grad()
-    def route(self, input_ids, attention_mask, prior=None) -> torch.Tensor:
-        """Calibrated routing probabilities (B, E), optionally tilted by a prior over axes."""
+    def route(self, input_ids, attention_mask, prior=None, decide: bool = True) -> torch.Tensor:
+        """Routing weights (B, E): the calibrated probabilities, optionally tilted by a prior over
+        axes, then ``mocae_config.decision`` (soft / top1 / harm gate; ``decide=False`` or
+        ``routing_probs``: the probabilities themselves). The gate reads P(harmful) before the prior."""
         if isinstance(self.router, SequenceRouter):
             features = self.router_features(input_ids, attention_mask)
-            probs = self.calibrator.probs(self.router(features), features)
+            logits = self.router(features)
+            if not torch.isfinite(logits).all():
+                raise ValueError("router logits are not finite (NaN/inf): the router's weights "
+                                 "(router.safetensors) or its input features are damaged")
+            probs = self.calibrator.probs(logits, features)
         else:
             probs = self.router_logits(input_ids, attention_mask).softmax(-1)
+        calibrated = probs
         if prior is not None:
-            probs = probs * self._axis_vector(prior)
+            probs = probs * self._axis_vector(prior, "prior")
             probs = probs / probs.sum(-1, keepdim=True)
-        return probs
+        return self.decide(probs, calibrated) if decide else probs
 
-    def _axis_vector(self, weights) -> torch.Tensor:
+    def routing_probs(self, input_ids, attention_mask, prior=None) -> torch.Tensor:
+        """Calibrated routing probabilities (B, E), optionally tilted by a prior (no decision)."""
+        return self.route(input_ids, attention_mask, prior, decide=False)
+
+    @property
+    def base_rows_allowed(self) -> bool:
+        """True when routing may give all-zero weights (top1's ``base`` fallback: the backbone alone)."""
+        return self.mocae_config.decision.base_fallback
+
+    def decide(self, probs: torch.Tensor, gate_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixture weights from calibrated probabilities under ``mocae_config.decision``."""
+        return decide_weights(probs, self.mocae_config.decision, self.axes, gate_probs)
+
+    def _axis_vector(self, weights, field: str = "axis_weights") -> torch.Tensor:
+        """Steering weights or a prior, checked before anything is merged.
+
+        Raises:
+            ValueError: unknown axes, a wrong count, or a value that is not finite and >= 0, or
+                all zero, naming ``field`` and the values.
+        """
         if isinstance(weights, dict):
             unknown = set(weights) - set(self.axes)
             if unknown:
-                raise ValueError(f"unknown axes {sorted(unknown)}; experts are {self.axes}")
-            weights = [float(weights.get(a, 0.0)) for a in self.axes]
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        if w.shape != (len(self.axes),) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"axis weights must be {len(self.axes)} non-negative numbers with a positive sum")
+                raise ValueError(f"{field}: unknown axes {sorted(unknown)}; experts are {self.axes}")
+            given = weights
+            weights = [weights.get(a, 0.0) for a in self.axes]
+        else:
+            given = weights
+        try:
+            w = torch.as_tensor([float(x) for x in weights], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field} must be numbers, one per axis {self.axes}, got {given!r}") from None
+        if w.shape != (len(self.axes),):
+            raise ValueError(f"{field} must have {len(self.axes)} values (axes {self.axes}), got {given!r}")
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"{field} must be finite numbers >= 0 with a positive sum, got {given!r}")
         return w
 
     # forward and generation ---------------------------------------------------------------------
@@ -185,7 +255,13 @@ class MoCaEModel(PeftBackedModel):
             return (w / w.sum()).expand(input_ids.shape[0], -1)
         if isinstance(self.router, TokenRouter):
             return None
-        return self.route(input_ids, attention_mask, prior)
+        if prior is not None:
+            self._axis_vector(prior, "prior")  # before the router's features are computed
+        weights = self.route(input_ids, attention_mask, prior)
+        # A damaged router or calibrator (NaN parameters) must fail here, not merge NaN into W0.
+        check_weights(weights, "routing probabilities from the router (are router.safetensors and "
+                               "the calibrator state finite?)", allow_zero_rows=self.base_rows_allowed)
+        return weights
 
     def forward(self, input_ids, attention_mask=None, axis_weights=None, prior=None,
                 routing_weights: torch.Tensor | None = None, **kwargs):
@@ -203,7 +279,7 @@ class MoCaEModel(PeftBackedModel):
             weights = self._weights_for(input_ids, mask, axis_weights, prior)
         self._forced = weights if (weights is not None and isinstance(self.router, TokenRouter)) else None
         try:
-            with self.mixer.weights(weights):
+            with self.mixer.weights(weights, allow_zero_rows=self.base_rows_allowed):
                 return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self._forced = None
@@ -214,14 +290,20 @@ class MoCaEModel(PeftBackedModel):
                  return_routing: bool = False, **kwargs):
         """HF-style generate: route once at prefill, then decode with the KV cache.
 
-        With one request and sequence weights the mixture is merged into W0 for the decode.
+        With one request and sequence weights the mixture is merged into W0 for the decode; the
+        base weights are restored bit for bit afterwards, also when the decode raises.
         """
+        from mocae.generation import check_max_new_tokens
+
+        if kwargs.get("max_new_tokens") is not None:
+            check_max_new_tokens(kwargs["max_new_tokens"])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         weights = self._weights_for(input_ids, attention_mask, axis_weights, prior)
         self._forced = weights if (weights is not None and isinstance(self.router, TokenRouter)) else None
         try:
-            with self.mixer.weights(weights, merge=self.mocae_config.merge_single_request):
+            with self.mixer.weights(weights, merge=self.mocae_config.merge_single_request,
+                                    allow_zero_rows=self.base_rows_allowed):
                 out = self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self._forced = None
@@ -229,14 +311,34 @@ class MoCaEModel(PeftBackedModel):
         return (out, weights) if return_routing else out
 
     def chat(self, prompts: list[str] | str, max_new_tokens: int = 128, axis_weights=None, prior=None,
-             system: str | None = None) -> list[dict]:
-        """Answer chat prompts; each answer carries its routing probabilities per axis."""
-        from mocae.generation import chat_prompt
+             system: str | None = None, truncate_prompt: bool = False) -> list[dict]:
+        """Answer chat prompts; each answer carries its routing probabilities per axis.
 
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        texts = [chat_prompt(self.tokenizer, p, system) for p in prompts]
-        self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        Args:
+            prompts: user messages (or one); empty ones are rejected.
+            max_new_tokens: the answer's budget (at most ``generation.MAX_NEW_TOKENS`` and what
+                the context leaves after the prompt).
+            axis_weights: fixed weights per axis (steering), instead of the router.
+            prior: multiplies the router's probabilities (tilting), then renormalised.
+            system: optional system message.
+            truncate_prompt: keep the end of a prompt too long for the context, with a warning
+                (default: refuse it with a ValueError).
+
+        Raises:
+            ValueError: an empty or over-long prompt, a bad budget, bad weights or prior.
+        """
+        from mocae.generation import chat_inputs, context_window
+
+        if axis_weights is not None:
+            self._axis_vector(axis_weights)
+        if prior is not None:
+            self._axis_vector(prior, "prior")
+        texts = chat_inputs(self.tokenizer, prompts, system, max_new_tokens, context_window(self), truncate_prompt)
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
         out, weights = self.generate(**batch, axis_weights=axis_weights, prior=prior, return_routing=True,
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=self.tokenizer.pad_token_id)
@@ -264,6 +366,10 @@ class MoCaEModel(PeftBackedModel):
                 self.peft_model.save_pretrained(tmp / "experts", selected_adapters=[axis])
             # peft writes non-default adapters under a subfolder named after the adapter.
             experts = {a: f"experts/{a}" if (tmp / "experts" / a).is_dir() else "experts" for a in self.axes}
+            for axis, rel in experts.items():  # the training record says which backbone: checked at load
+                record = Path(self.mocae_config.experts[axis]) / TRAINING_FILE
+                if record.is_file():
+                    shutil.copyfile(record, tmp / rel / TRAINING_FILE)
             save_file({k: v.contiguous() for k, v in self.router.state_dict().items()}, str(tmp / ROUTER_FILE))
             meta = {"config": {**self.mocae_config.model_dump(), "experts": experts},
                     "num_experts": len(self.axes),
@@ -276,29 +382,76 @@ class MoCaEModel(PeftBackedModel):
     def from_pretrained(cls, path: str | Path, model_and_tokenizer=None) -> "MoCaEModel":
         """Restore a saved model exactly (same adapters, router and calibrator).
 
+        Every file is checked before the backbone loads where it can be (``check_saved``), and
+        the adapters' tensor shapes after it, before peft loads them.
+
         Raises:
-            FileNotFoundError: not a MoCaE folder. ValueError: the router's expert count differs.
+            FileNotFoundError: not a MoCaE folder. LoadError: a damaged or mismatched file, named.
         """
-        from safetensors.torch import load_file
-
-        from mocae.mixture.calibration import Calibrator
-
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a MoCaE model folder (no {CONFIG_FILE})")
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        cfg = meta["config"]
-        cfg["experts"] = {a: str(path / rel) for a, rel in cfg["experts"].items()}
-        config = MoCaEConfig.model_validate(cfg)
-        model = cls.build(config, model_and_tokenizer, calibrator=Calibrator.from_state_dict(meta["calibrator"]))
-        state = load_file(str(path / ROUTER_FILE))
+        config, calibrator = check_saved(path)
+        rebuild = _rebuild_command(path)
+        model = cls.build(config, model_and_tokenizer, calibrator=calibrator, rebuild=rebuild)
+        router_file = path / ROUTER_FILE
+        state = load_safetensors(router_file, rebuild)
         expected = {k: tuple(v.shape) for k, v in model.router.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected != got:
-            raise ValueError(f"{path / ROUTER_FILE} does not fit {len(model.axes)} experts: router tensors "
-                             f"{got} vs expected {expected}")
+            raise LoadError(router_file, f"does not fit {len(model.axes)} experts: router tensors "
+                                         f"{got} vs expected {expected}", rebuild)
         model.router.load_state_dict(state)
         return model
+
+
+def _rebuild_command(path: Path) -> str:
+    return f"mocae fit-router --out {path}"
+
+
+def check_saved(path: str | Path):
+    """Check a saved MoCaE folder without loading the backbone: the config's schema, its
+    backbone against the experts' records, each expert's files and the router file's header.
+
+    Returns:
+        (MoCaEConfig with absolute expert paths, the calibrator).
+
+    Raises:
+        FileNotFoundError: not a MoCaE folder. LoadError: the file at fault, what is wrong with
+            it, and the command that rebuilds it.
+    """
+    from pydantic import ValidationError
+
+    from mocae.errors import safetensors_shapes
+    from mocae.experts.checks import names_backbone
+    from mocae.mixture.calibration import Calibrator
+
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a MoCaE model folder (no {CONFIG_FILE})")
+    rebuild = _rebuild_command(path)
+    meta = read_json(config_file, rebuild)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("experts"), dict) \
+            or "calibrator" not in meta:
+        raise LoadError(config_file, "wrong schema: expected 'config' (with 'experts') and 'calibrator'", rebuild)
+    cfg = dict(meta["config"])
+    cfg["experts"] = {a: str(path / rel) for a, rel in cfg["experts"].items()}
+    try:
+        config = MoCaEConfig.model_validate(cfg)
+        calibrator = Calibrator.from_state_dict(meta["calibrator"])
+    except (ValidationError, ValueError, KeyError, TypeError) as err:
+        problem = str(err).replace("\n", " ")
+        raise LoadError(config_file, f"wrong schema ({problem})", rebuild) from None
+    for axis, expert in config.experts.items():  # the config's backbone against the experts' records
+        record, adapter = Path(expert) / TRAINING_FILE, Path(expert) / "adapter_config.json"
+        trained_on = read_json(record, rebuild).get("backbone") if record.is_file() else None
+        if trained_on is None and adapter.is_file():
+            trained_on = read_json(adapter, rebuild).get("base_model_name_or_path")
+        if trained_on and not names_backbone(trained_on, config.backbone):
+            raise LoadError(config_file, f"backbone {config.backbone!r} is not the one expert {axis!r} was "
+                                         f"trained on ({trained_on!r})", rebuild)
+    check_experts(config.backbone, config.experts, rebuild=rebuild)
+    safetensors_shapes(path / ROUTER_FILE, rebuild)  # a truncated router fails before the backbone loads
+    return config, calibrator
 
 
 _EMBEDDER = None

@@ -206,8 +206,8 @@ class StaticRouter(nn.Module):
     def __init__(self, weights: list[float]):
         super().__init__()
         w = torch.tensor(weights, dtype=torch.float32)
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"static weights must be non-negative with a positive sum, got {weights}")
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"static_weights must be finite, non-negative and with a positive sum, got {weights}")
         self.register_buffer("probs", w / w.sum())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,7 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
         steering = check_request(req, model_id=served.model_id, axes=served.axes, per_token=served.per_token,
                                  max_tokens_cap=cfg.max_tokens_cap, default_max_tokens=cfg.default_max_tokens,
                                  max_content_chars=cfg.max_content_chars)
+        served.check_routing_mode(req.routing_mode)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
         try:

