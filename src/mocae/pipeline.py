@@ -139,11 +139,12 @@ class RunConfig(BaseModel):
     def multitask_config(self):
         """The multi-task SFT baseline: the shared expert settings on the union of the experts' data."""
         from mocae.config import validate_config
-        from mocae.experts.config import MultitaskConfig
+        from mocae.experts.config import DPO_FIELDS, MultitaskConfig
 
         experts = self.expert_configs()
+        shared = {k: v for k, v in self.experts.all.items() if k not in DPO_FIELDS}  # multi-task is SFT only
         return validate_config(MultitaskConfig, {
-            "backbone": self.backbone, **self.experts.all,
+            "backbone": self.backbone, **shared,
             "benign_fraction": experts["harmless"].benign_fraction,
             "benign_sources": experts["harmless"].benign_sources,
             "union_caps": {a: c.max_examples for a, c in experts.items()},

@@ -23,9 +23,10 @@ from pydantic import BaseModel
 
 from mocae.paths import atomic_write_json
 
-# Names the split rules of mocae.data.splits: bump it when they change, so that every stage that
-# read a split side (experts, router, evaluation) is recomputed instead of reused.
-SPLIT_RULES = "truthfulqa-stratified-v1/alpaca-eval-3way-v1"
+# Names the split rules of mocae.data.splits and the held-out filter of mocae.data.heldout: bump it
+# when either changes, so that every stage that read a split side (experts, router, evaluation) is
+# recomputed instead of reused.
+SPLIT_RULES = "truthfulqa-stratified-v1/alpaca-eval-3way-v1/heldout-dropped-v1"
 STAGE_FILE = "stage.json"
 LOG_FILE = "stages.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "training.json")

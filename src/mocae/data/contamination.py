@@ -32,6 +32,7 @@ import numpy as np
 
 from mocae import paths
 from mocae.data import stage_sources as S
+from mocae.data.heldout import MIN_ANSWER_WORDS
 from mocae.data.readers import resolve_root
 from mocae.data.records import normalise_text
 from mocae.data.stage_sources import (  # noqa: F401  (the check's public inputs, re-exported)
@@ -48,11 +49,9 @@ from mocae.data.stage_sources import (  # noqa: F401  (the check's public inputs
 
 THRESHOLD = 0.95
 MAX_EXAMPLES = 5
-# Answers shorter than this are phrases any two questions share ("No.", TruthfulQA's stock
-# non-answer "I have no comment."): equal answers to different questions are not a leak, so
-# they are not compared (the report states the rule).
-MIN_ANSWER_WORDS = 5
-CHECK_VERSION = 1
+# Answers shorter than MIN_ANSWER_WORDS (mocae.data.heldout) are phrases any two questions share
+# ("No.", TruthfulQA's stock non-answer "I have no comment."): not compared (the report says so).
+CHECK_VERSION = 2  # 2: training sources are read after drop_evaluated, as the stages read them
 Embedder = Callable[[list[str]], np.ndarray]
 
 

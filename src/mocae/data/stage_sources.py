@@ -14,6 +14,7 @@ from typing import Callable
 
 from mocae.data import judge_files as J
 from mocae.data import loaders as L
+from mocae.data.heldout import drop_evaluated, evaluated, without_evaluated_answers
 from mocae.data.records import DataError, normalise_text
 
 Rows = list[tuple[str, str]]  # (text, where: "<file> row N")
@@ -70,27 +71,33 @@ def _answers(examples, file: str, keys=("best", "correct", "incorrect")) -> Rows
 
 
 def _alpaca(root: Path) -> TextSet:
-    ex = L.load_alpaca(root)
+    ex = drop_evaluated(L.load_alpaca(root), root)
     return TextSet("alpaca", (), _rows(ex, L.ALPACA), _rows(ex, L.ALPACA, lambda e: e.completion),
-                   "all 5,000 rows (experts take seeded subsets)")
+                   "every row the stages may read (experts take seeded subsets), after drop_evaluated")
 
 
 def _safety_refusals(root: Path) -> TextSet:
-    ex = L.load_safety_refusals(root)
+    ex = drop_evaluated(L.load_safety_refusals(root), root)
     return TextSet("safety_refusals", (), _rows(ex, L.SAFETY_REFUSALS),
                    _rows(ex, L.SAFETY_REFUSALS, lambda e: e.completion),
-                   "all rows: the harmless expert reads them unfiltered")
+                   "every row the stages may read, after drop_evaluated")
 
 
 def _truthfulqa_train(root: Path) -> TextSet:
-    ex = L.load_truthfulqa(root, split="train")
-    return TextSet("truthfulqa_train", (), _rows(ex, L.TRUTHFULQA), _answers(ex, L.TRUTHFULQA),
-                   "train-side questions and their best/correct/incorrect answers")
+    held = evaluated(root)
+    questions = L.load_truthfulqa(root, split="train")
+    # Every reference answer a stage may read, less the evaluated ones the stages drop
+    # (``drop_evaluated`` / ``without_evaluated_answers``): correct / incorrect lists and best answers.
+    kept = [without_evaluated_answers(q, held) for q in questions]
+    answers = _answers(kept, L.TRUTHFULQA, ("correct", "incorrect"))
+    answers += [(a, w) for a, w in _answers(kept, L.TRUTHFULQA, ("best",)) if held.answer_set(a) is None]
+    return TextSet("truthfulqa_train", (), _rows(questions, L.TRUTHFULQA), answers,
+                   "train-side questions and their answers, less the evaluated answers the stages drop")
 
 
 def _truthfulqa_judge(kind: str):
     def build(root: Path) -> TextSet:
-        ex = L.load_truthfulqa_judge(root, split="train", kind=kind)
+        ex = drop_evaluated(L.load_truthfulqa_judge(root, split="train", kind=kind), root)
         rel = L.TRUTHFULQA_JUDGE[kind]
         return TextSet(f"truthfulqa_judge_{kind}", (), _rows(ex, rel), _rows(ex, rel, lambda e: e.completion),
                        "train-side questions with the judged answers")

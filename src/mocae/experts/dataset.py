@@ -28,6 +28,7 @@ from mocae.data import (
     load_safety_refusals,
     load_truthfulqa,
 )
+from mocae.data.heldout import drop_evaluated
 from mocae.experts.config import ExpertConfig, MultitaskConfig
 
 
@@ -65,7 +66,9 @@ def select_examples(cfg: ExpertConfig, data_dir: Path | None = None) -> list[Exa
         rows = _shuffled(expand_truthfulqa_answers(load_truthfulqa(data_dir, split="train")), cfg.seed)[:cap]
     else:  # pydantic already restricts the axis; kept for direct callers
         raise ValueError(f"unknown axis {cfg.axis!r}; expected helpful, harmless or honest")
-    rows = [r for r in rows if r.completion]
+    # Rows that meet an evaluated set by accident (an Alpaca instruction that is a TruthfulQA eval
+    # question, an answer shared with an eval-side question) are never trained on.
+    rows = drop_evaluated([r for r in rows if r.completion], data_dir)
     if not rows:
         raise ValueError(f"no training examples for axis {cfg.axis!r} (check the data files and max_examples)")
     return rows

@@ -382,7 +382,12 @@ def preference_rows(cfg: ExpertConfig, data_dir: Path | None = None, *, root: Pa
     sources = cfg.pair_sources()
     rows: list[dict] = []
     if cfg.axis == "honest":
-        rows = honest_pairs(load_truthfulqa(data_dir, split="train"), cfg.pairs_per_question, guard, cfg.seed)
+        from mocae.data.heldout import evaluated, without_evaluated_answers
+
+        held = evaluated(data_dir)  # answers shared with eval-side questions are not trained on
+        questions = [without_evaluated_answers(q, held) for q in load_truthfulqa(data_dir, split="train")]
+        rows = honest_pairs([q for q in questions if q.references["correct"] and q.references["incorrect"]],
+                            cfg.pairs_per_question, guard, cfg.seed)
     elif cfg.axis == "helpful":
         if "alpaca_eval_gpt4" in sources:
             # A pure data loader (mocae.data only, no torch); imported lazily.

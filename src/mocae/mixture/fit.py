@@ -163,14 +163,15 @@ def lm_examples(cfg: RouterFitConfig, data_dir: Path | None = None) -> list[tupl
     import random
 
     from mocae.data import expand_truthfulqa_answers, load_alpaca, load_safety_refusals, load_truthfulqa
+    from mocae.data.heldout import drop_evaluated, evaluated
     from mocae.experts.preference import eval_side_prompts
 
-    guard = eval_side_prompts(data_dir)
+    guard, held = eval_side_prompts(data_dir), evaluated(data_dir)
     sources = [load_alpaca(data_dir), load_safety_refusals(data_dir),
                expand_truthfulqa_answers(load_truthfulqa(data_dir, split="train"))]
     pairs = []
     for label, rows in enumerate(sources):
-        rows = [r for r in rows if r.completion and guard.which(r.prompt) is None]
+        rows = [r for r in drop_evaluated(rows, held=held) if r.completion and guard.which(r.prompt) is None]
         random.Random(cfg.seed + 7).shuffle(rows)
         pairs += [(r.prompt, r.completion, label) for r in rows[-cfg.lm_examples_per_axis:]]
     return pairs

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mocae.data.heldout import drop_evaluated
 from mocae.data import load_alpaca, load_safety_refusals
 from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
@@ -110,8 +111,9 @@ def _extra_rows(data_dir, n: int, seed: int) -> list[dict]:
         return []
     rng = np.random.default_rng(seed)
     out = []
-    for examples, flag, source in ((load_safety_refusals(data_dir), True, "safety_tuned_llamas"),
-                                   (load_alpaca(data_dir), False, "alpaca")):
+    for examples, flag, source in ((drop_evaluated(load_safety_refusals(data_dir), data_dir), True,
+                                    "safety_tuned_llamas"),
+                                   (drop_evaluated(load_alpaca(data_dir), data_dir), False, "alpaca")):
         for k in rng.permutation(len(examples))[:n]:
             ex = examples[int(k)]
             out.append({"prompt": ex.prompt, "completion": ex.completion or "", "refusal": flag,

@@ -46,6 +46,13 @@ def judge_rows(kind: str, split: str, data_dir=None) -> tuple[list[str], list[st
     """(questions, answers, references, labels) of the GPT-judge/info rows of one question split."""
     refs = {normalise_text(ex.prompt): ex.references for ex in load_truthfulqa(data_dir)}
     rows = load_truthfulqa_judge(data_dir, split=split, kind=kind)
+    if split == "train":  # no training row may hold an evaluated answer (mocae.data.heldout)
+        from mocae.data.heldout import drop_evaluated, evaluated, without_evaluated_answers
+
+        held = evaluated(data_dir)
+        rows = drop_evaluated(rows, held=held)
+        refs = {normalise_text(ex.prompt): without_evaluated_answers(ex, held).references
+                for ex in load_truthfulqa(data_dir, split="train")}
     return ([r.prompt for r in rows], [r.completion for r in rows],
             [refs[normalise_text(r.prompt)] for r in rows], np.array([r.meta["label"] for r in rows]))
 
