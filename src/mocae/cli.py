@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mocae.evaluation.judges import add_judges_command
 
     add_judges_command(sub)
+    from mocae.serve.cli import add_serve_commands  # serve, export: argparse only
+
+    add_serve_commands(sub)
     return parser
 
 
