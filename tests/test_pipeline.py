@@ -388,6 +388,6 @@ def test_efficiency_rows_are_keyed_by_the_system_and_checked_on_read(tmp_path, m
     assert measured == ["base", "mocae"]  # cached
     (row,) = (tmp_path / "efficiency").glob("base-*.json")
     row.write_text("[1, 2")
-    with pytest.warns(UserWarning, match=f"efficiency cache {row} is not valid JSON"):
+    with pytest.warns(UserWarning, match=f"efficiency cache {row}: cut off"):
         measure_systems(cfg, tmp_path, ["hi"], {"base": "b1", "mocae": "m2"})  # and a changed mocae
     assert measured == ["base", "mocae", "base", "mocae"]

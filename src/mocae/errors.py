@@ -63,6 +63,26 @@ def read_json(path: str | Path, rebuild: str | None = None, expect: type = dict)
     return value
 
 
+def read_cached_json(path: str | Path, what: str, then: str = "treating it as absent") -> dict | None:
+    """A JSON object from a cache file, or None: absent, or (with a warning naming the file) unusable.
+
+    Caches are never trusted blindly and never crash a run: a damaged entry is a miss.
+
+    Args:
+        what: what the file is, for the warning ("evaluation cache", "stage record"...).
+        then: what the caller does instead, for the warning.
+    """
+    import warnings
+
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+    except LoadError as err:
+        warnings.warn(f"{what} {err}; {then}", stacklevel=3)
+        return None
+
+
 def safetensors_shapes(path: str | Path, rebuild: str | None = None) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header, without reading the tensors.
 

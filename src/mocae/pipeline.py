@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mocae import AXES
 from mocae.config import ConfigError, config_hash, load_config, resolve_preset
+from mocae.errors import read_cached_json
 from mocae.evaluation.harness import EvalConfig
 from mocae.experts.config import ExpertConfig
 from mocae.mixture.decide import DecisionConfig
@@ -286,15 +287,9 @@ def train_baselines(cfg: RunConfig, run, progress: bool = True, log: StageLog | 
 
 def _read_measured(path: Path) -> dict | None:
     """A cached efficiency record, or None; a damaged file warns, naming it."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        warnings.warn(f"efficiency cache {path} is not valid JSON ({err}); measuring again", stacklevel=3)
-        return None
-    if not isinstance(record, dict) or "weights_mb" not in record:
-        warnings.warn(f"efficiency cache {path} is not an efficiency record; measuring again", stacklevel=3)
+    record = read_cached_json(path, "efficiency cache", "measuring again")
+    if record is not None and "weights_mb" not in record:
+        warnings.warn(f"efficiency cache {path} is not an efficiency record; measuring again", stacklevel=2)
         return None
     return record
 

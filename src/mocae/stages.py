@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from mocae.errors import read_cached_json
 from mocae.paths import atomic_write_json
 
 # Names the split rules of mocae.data.splits and the held-out filter of mocae.data.heldout: bump it
@@ -165,24 +166,9 @@ def lookup(data, path: str):
     return data
 
 
-def _read_json(path: Path, what: str) -> dict | None:
-    """A JSON object from ``path``; None when absent, or (with a warning naming it) when unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        warnings.warn(f"{what} {path} is unreadable ({err}); treating it as absent", stacklevel=3)
-        return None
-    if not isinstance(data, dict):
-        warnings.warn(f"{what} {path} is not a JSON object; treating it as absent", stacklevel=3)
-        return None
-    return data
-
-
 def read_stage(folder: str | Path) -> dict | None:
     """The ``stage.json`` record of a stage's output folder, or None (absent or unreadable)."""
-    record = _read_json(Path(folder) / STAGE_FILE, "stage record")
+    record = read_cached_json(Path(folder) / STAGE_FILE, "stage record")
     return record if record is not None and "key" in record else None
 
 
@@ -209,7 +195,7 @@ class StageLog:
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOG_FILE
-        stored = _read_json(self.path, "stage log") or {}
+        stored = read_cached_json(self.path, "stage log") or {}
         self.previous: dict = {}
         for part in ("earlier", "stages"):  # this invocation's entries win over older ones
             if isinstance(stored.get(part), dict):

@@ -434,14 +434,12 @@ def _read_result(path: Path, name: str, key: str) -> dict | None:
     """A cached system result, or None (a miss); a damaged or mismatched file warns, naming it."""
     import warnings
 
-    if not path.is_file():
+    from mocae.errors import read_cached_json
+
+    result = read_cached_json(path, "evaluation cache", f"re-evaluating {name}")
+    if result is None:
         return None
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        warnings.warn(f"evaluation cache {path} is not valid JSON ({err}); re-evaluating {name}", stacklevel=3)
-        return None
-    if not (isinstance(result, dict) and isinstance(result.get("metrics"), dict) and result.get("name") == name
+    if not (isinstance(result.get("metrics"), dict) and result.get("name") == name
             and (result.get("cache") or {}).get("key") == key):
         warnings.warn(f"evaluation cache {path} is not a result of {name} for this request; re-evaluating it",
                       stacklevel=3)

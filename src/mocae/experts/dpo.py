@@ -30,7 +30,7 @@ from mocae.config import config_hash
 from mocae.data import inject_axis_prompt
 from mocae.experts.config import ExpertConfig
 from mocae.experts.preference import pair_counts, preference_rows
-from mocae.experts.train import TRAINING_FILE, expert_dir, is_trained, latest_checkpoint, lora_config
+from mocae.experts.train import TRAINING_FILE, expert_dir, is_trained, latest_checkpoint, lora_config, trainer_args
 from mocae.paths import atomic_write_json
 
 TRAINER = "dpo"
@@ -43,32 +43,10 @@ def dpo_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
     loss_type, loss_weights = (["sigmoid"], None) if cfg.rpo_alpha is None else \
         (["sigmoid", "sft"], [1.0, float(cfg.rpo_alpha)])
     return DPOConfig(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # trl defaults it to True
-        max_length=cfg.max_length,
+        **trainer_args(cfg, output_dir, progress),  # gradient_checkpointing: trl defaults it to True
         beta=cfg.beta,
         loss_type=loss_type,
         loss_weights=loss_weights,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,  # trl's default is 1e-6
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        disable_tqdm=not progress,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
     )
 
 

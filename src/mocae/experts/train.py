@@ -97,20 +97,15 @@ def lora_config(cfg: ExpertConfig):
     )
 
 
-def sft_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
-    """trl SFTConfig for ``cfg``: CPU, bf16 autocast, packing, frequent checkpoints."""
-    from trl import SFTConfig
-
-    return SFTConfig(
+def trainer_args(cfg: ExpertConfig, output_dir: Path, progress: bool = True) -> dict:
+    """The transformers TrainingArguments every expert trainer (SFT, DPO) shares: CPU, bf16 autocast,
+    cosine schedule, a checkpoint every ``save_steps`` (the resume point), per-step logging."""
+    return dict(
         output_dir=str(output_dir),
         use_cpu=True,
         bf16=cfg.bf16,
-        packing=cfg.packing,
-        packing_strategy="bfd",
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         gradient_checkpointing=cfg.gradient_checkpointing,
         max_length=cfg.max_length,
-        completion_only_loss=True,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,
@@ -129,6 +124,19 @@ def sft_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataset_num_proc=None,
+    )
+
+
+def sft_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
+    """trl SFTConfig for ``cfg``: CPU, bf16 autocast, packing, frequent checkpoints."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_args(cfg, output_dir, progress),
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        completion_only_loss=True,
     )
 
 
