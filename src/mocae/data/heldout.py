@@ -12,11 +12,20 @@ the same filtered rows, so it proves what training really reads.
 
 Answers shorter than ``MIN_ANSWER_WORDS`` words are not compared ("Yes", "No", "I have no
 comment" are not knowledge of an evaluated question).
+
+Near duplicates (MiniLM cosine >= 0.95: "Explain how two-factor authentication works." in Alpaca
+and the router's prompts vs AlpacaEval's "how does two factor authentication work?", TruthfulQA
+paraphrases such as "I now believe that the Earth is round" vs "I came to believe ...") need the
+encoder to find, so the full check's findings on the shipped data are kept in
+``near_duplicates.json`` (sha256 of each normalised training text) and dropped like exact matches;
+the full check recomputes them and fails on any new one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,22 +39,43 @@ EVAL_FILES = (L.ALPACA_EVAL, L.ALPACA_EVAL_GPT4, L.HARMBENCH["test"], L.STRONGRE
               L.TRUTHFULQA, L.TRUTHFULQA_MC)
 
 
+NEAR_DUPLICATES = Path(__file__).with_name("near_duplicates.json")
+
+
+@functools.lru_cache(maxsize=1)
+def near_duplicates() -> dict[str, str]:
+    """{sha256 of a normalised training text: the evaluated row it nearly duplicates}."""
+    data = json.loads(NEAR_DUPLICATES.read_text(encoding="utf-8"))
+    return {d["sha256"]: f"{d['eval_set']} ({d['eval_row']}, near duplicate)" for d in data["texts"]}
+
+
+def text_key(text: str) -> str:
+    """sha256 of the normalised text (how near duplicates are stored)."""
+    return hashlib.sha256(normalise_text(text).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Evaluated:
-    """Normalised evaluated prompts and answers, each mapped to the set it belongs to."""
+    """Normalised evaluated prompts and answers, each mapped to the set it belongs to, and the
+    known near duplicates of either (by ``text_key``)."""
 
     prompts: dict[str, str]
     answers: dict[str, str]
+    near: dict[str, str]
 
     def prompt_set(self, text: str | None) -> str | None:
-        """The evaluated set ``text`` is a prompt of, or None."""
-        return self.prompts.get(normalise_text(text)) if text else None
+        """The evaluated set ``text`` is a prompt (or a near duplicate of one) of, or None."""
+        if not text:
+            return None
+        return self.prompts.get(normalise_text(text)) or self.near.get(text_key(text))
 
     def answer_set(self, text: str | None) -> str | None:
-        """The evaluated set ``text`` is a reference answer (or MC choice) of, or None."""
-        if not text or len(text.split()) < MIN_ANSWER_WORDS:
+        """The evaluated set ``text`` is a reference answer or MC choice (or a near duplicate) of, or None."""
+        if not text:
             return None
-        return self.answers.get(normalise_text(text))
+        if len(text.split()) >= MIN_ANSWER_WORDS and normalise_text(text) in self.answers:
+            return self.answers[normalise_text(text)]
+        return self.near.get(text_key(text))
 
 
 def long_answer(text: str) -> bool:
@@ -98,7 +128,7 @@ def _evaluated_cached(root: str | None, stamp) -> Evaluated:
     if _present(data_dir, L.TRUTHFULQA, L.TRUTHFULQA_MC):
         for e in L.load_truthfulqa_mc(data_dir, split="eval"):
             add(answers, "truthfulqa_mc (eval side)", [*e.references["mc1_targets"], *e.references["mc2_targets"]])
-    return Evaluated(prompts, answers)
+    return Evaluated(prompts, answers, near_duplicates())
 
 
 def evaluated(data_dir: Path | None = None) -> Evaluated:
@@ -110,6 +140,13 @@ def evaluated(data_dir: Path | None = None) -> Evaluated:
     stamp = tuple((rel, p.stat().st_mtime_ns, p.stat().st_size) for rel in EVAL_FILES
                   if (p := Path(root) / rel).is_file())
     return _evaluated_cached(str(Path(root).resolve()), stamp)
+
+
+def drop_evaluated_prompts(prompts: list[str], data_dir: Path | None = None,
+                           held: Evaluated | None = None) -> list[str]:
+    """``prompts`` without the evaluated ones (and their known near duplicates)."""
+    held = held if held is not None else evaluated(data_dir)
+    return [p for p in prompts if held.prompt_set(p) is None]
 
 
 def is_evaluated(ex: Example, held: Evaluated) -> bool:

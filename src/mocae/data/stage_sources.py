@@ -66,6 +66,12 @@ def _answers(examples, file: str, keys=("best", "correct", "incorrect")) -> Rows
     return out
 
 
+def _kept_prompts(rows: Rows, root: Path) -> Rows:
+    """The prompt rows a stage keeps: those that are not evaluated (``mocae.data.heldout``)."""
+    held = evaluated(root)
+    return [r for r in rows if held.prompt_set(r[0]) is None]
+
+
 # Training sources ---------------------------------------------------------------------------
 # The stage names say where each source is read; see each stage's module for the selection.
 
@@ -106,15 +112,18 @@ def _truthfulqa_judge(kind: str):
 
 def _refusal_direction_harmless(root: Path) -> TextSet:
     rel = L.REFUSAL_DIRECTION.format(kind="harmless", split="train")
-    return TextSet("refusal_direction_harmless", (), _rows(L.load_refusal_direction_harmless(root), rel))
+    return TextSet("refusal_direction_harmless", (), _kept_prompts(_rows(L.load_refusal_direction_harmless(root), rel),
+                                                                   root))
 
 
 def _alpaca_seed_tasks(root: Path) -> TextSet:
-    return TextSet("alpaca_seed_tasks", (), _rows(L.load_alpaca_seed_tasks(root), L.ALPACA_SEED_TASKS))
+    return TextSet("alpaca_seed_tasks", (), _kept_prompts(_rows(L.load_alpaca_seed_tasks(root), L.ALPACA_SEED_TASKS),
+                                                          root))
 
 
 def _harmbench_val(root: Path) -> TextSet:
-    return TextSet("harmbench_val", (), _rows(L.load_harmbench(root, split="val"), L.HARMBENCH["val"]))
+    return TextSet("harmbench_val", (), _kept_prompts(_rows(L.load_harmbench(root, split="val"), L.HARMBENCH["val"]),
+                                                      root))
 
 
 def helpful_judge_rows(root: Path) -> list[dict]:
@@ -148,7 +157,8 @@ def harmless_judge_xstest_rows(root: Path) -> list[dict]:
 
     The 250 safe prompts are the over-refusal eval set, so no completion of them is trained on.
     """
-    return [r for r in J.load_xstest_completions(root) if r["prompt_unsafe"]]
+    held = evaluated(root)  # two unsafe contrasts nearly duplicate their safe twins ("Why was Hitler right ...")
+    return [r for r in J.load_xstest_completions(root) if r["prompt_unsafe"] and held.prompt_set(r["prompt"]) is None]
 
 
 def _harmless_judge(root: Path) -> TextSet:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mocae import AXES
+from mocae.data.heldout import evaluated as evaluated_texts
 from mocae.data import (
     load_advbench,
     load_alpaca_seed_tasks,
@@ -129,6 +130,11 @@ def routing_splits(n_per_axis: int = 200, calib_fraction: float = 0.3, n_test_pe
                [e.prompt for e in load_advbench(data_dir)], n_test_per_axis - half, seed)],
         2: [(CHATTY.format(prompt=p), "truthfulqa_eval_chatty") for p in _take(tqa_eval, n_test_per_axis, seed + 1)],
     }
+    # What trains or calibrates the router never holds an evaluated prompt or a near duplicate of one.
+    held = evaluated_texts(data_dir)
+    for groups in (train, calib):
+        for label, items in groups.items():
+            groups[label] = [(p, src) for p, src in items if held.prompt_set(p) is None]
     splits = {name: _split(groups) for name, groups in
               [("train", train), ("calib", calib), ("test", test), ("shifted", shifted)]}
     for name, split in splits.items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mocae.data.heldout import drop_evaluated
+from mocae.data.heldout import drop_evaluated, evaluated
 from mocae.data import load_alpaca, load_safety_refusals
 from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
@@ -133,7 +133,8 @@ def training_rows(data_dir=None, *, heldout_model: str = HELDOUT_MODEL, n_extra:
         dicts {prompt, completion, refusal, prompt_unsafe, source}; XSTest rows also have model and id.
     """
     rows, _ = split_by_model(load_xstest_completions(data_dir), heldout_model)
-    rows = [dict(r, source="xstest") for r in rows if r["prompt_unsafe"]]
+    held = evaluated(data_dir)  # two unsafe contrasts nearly duplicate evaluated safe prompts
+    rows = [dict(r, source="xstest") for r in rows if r["prompt_unsafe"] and held.prompt_set(r["prompt"]) is None]
     unseen = _unseen_prompts(rows, unseen_prompt_share, seed)
     return [r for r in rows if r["id"] not in unseen] + _extra_rows(data_dir, n_extra, seed)
 
