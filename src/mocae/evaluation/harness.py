@@ -42,6 +42,8 @@ from mocae.paths import atomic_write_json
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
 SET_AXIS = {"alpaca_eval": "helpful", "harmful": "harmless", "xstest_safe": None, "truthfulqa": "honest"}
+# Reference answers run to ~1,000 tokens: small length-sorted batches pad least (4x faster than 16 here).
+NLL_BATCH = 4
 JUDGE_AXIS = {"helpful": "helpful", "harmless": "harmless", "truthful": "honest", "informative": "honest"}
 
 
@@ -85,6 +87,8 @@ class EvalConfig(BaseModel):
                                      "question as the user turn, where the experts are trained")
     mc_bf16: bool = Field(False, description="TruthfulQA MC under bf16 autocast: ~2.3x faster on CPU, MC2 moves "
                           "by ~0.002 (fp32 keeps lm-eval's numbers exactly); the mode is reported")
+    nll_bf16: bool = Field(False, description="reference-answer NLL under bf16 autocast: ~2x faster on CPU, NLL "
+                           "moves in the 3rd decimal (fp32 by default; the quick preset turns it on)")
     reference_nll: bool = Field(True, description="judge-free helpfulness: per-token NLL of the AlpacaEval "
                                 "reference answers, davinci-003 (or `reference`) and GPT-4-Turbo (lower is better)")
     efficiency: bool = Field(True, description="measure prefill/decode throughput and memory")
@@ -169,7 +173,8 @@ def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, 
             if ref_name not in done:  # reference=gpt4: one computation for both names
                 kept = [(i, e.references[ref_name]) for i, e in zip(instructions, ae) if e.references[ref_name].strip()]
                 done[ref_name] = (len(kept), reference_nll(model, tokenizer, [i for i, _ in kept], [r for _, r in kept],
-                                                           batch_size=cfg.batch_size, per_example=True))
+                                                           batch_size=min(cfg.batch_size, NLL_BATCH), per_example=True,
+                                                           bf16=cfg.nll_bf16))
             _, nll = done[ref_name]
             out[key] = {**M.mean_metric(nll, **boot), "digits": 3,
                         "method": f"mean per-token NLL of each {ref_name} answer (judge-free)"}

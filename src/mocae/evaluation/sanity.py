@@ -25,28 +25,37 @@ from mocae.paths import atomic_write_json
 
 @torch.inference_mode()
 def reference_nll(model, tokenizer, prompts: list[str], references: list[str], batch_size: int = 8,
-                  per_example: bool = False) -> float | list[float]:
+                  per_example: bool = False, bf16: bool = False) -> float | list[float]:
     """Mean per-token negative log-likelihood of ``references`` as answers to ``prompts``.
 
-    With ``per_example`` the mean over each reference's own tokens, one value per reference.
+    With ``per_example`` the mean over each reference's own tokens, one value per reference (in the
+    input order). Rows are batched by length, so one long reference does not pad a whole batch.
+
+    Args:
+        bf16: forward under bf16 autocast (~2x faster on CPU; the loss itself is taken in fp32).
 
     Raises:
         ValueError: empty or mismatched lists.
     """
     if not prompts or len(prompts) != len(references):
         raise ValueError(f"reference_nll needs equal, non-empty lists (got {len(prompts)}, {len(references)})")
-    total, count, each = 0.0, 0, []
-    for start in range(0, len(prompts), batch_size):
-        batch = completion_batch(tokenizer, prompts[start:start + batch_size], references[start:start + batch_size])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(references[i]))
+    total, count, each = 0.0, 0, [0.0] * len(prompts)
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = completion_batch(tokenizer, [prompts[i] for i in idx], [references[i] for i in idx])
         extra = {}
-        if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
-            extra["routing_weights"] = model.route(batch["input_ids"], batch["prompt_mask"])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       **extra).logits[:, :-1].float()
+        with torch.no_grad(), autocast:
+            if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
+                extra["routing_weights"] = model.route(batch["input_ids"], batch["prompt_mask"])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **extra).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
         scored = (target != -100).sum(1)
-        each += (nll.sum(1) / scored.clamp(min=1)).tolist()
+        for i, value in zip(idx, (nll.sum(1) / scored.clamp(min=1)).tolist()):
+            each[i] = value
         total += nll.sum().item()
         count += int(scored.sum())
     return each if per_example else total / count
