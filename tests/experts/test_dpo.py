@@ -60,7 +60,7 @@ def adapter_weights(path):
 def test_dpo_expert_trains_saves_a_peft_adapter_and_its_record(tmp_path):
     cfg = tiny_dpo(rpo_alpha=0.5)
     out = train_expert(cfg, root=tmp_path, data_dir=FIXTURE_DATA, progress=False)  # dispatches on trainer
-    assert out == expert_dir(cfg, tmp_path) and is_trained(out)
+    assert out == expert_dir(cfg, tmp_path, FIXTURE_DATA) and is_trained(out)
     assert not (out / "checkpoints").exists()
     record = json.loads((out / "training.json").read_text())
     rows = preference_rows(cfg, FIXTURE_DATA)
@@ -95,7 +95,7 @@ def test_dpo_resume_after_interruption_matches_uninterrupted(tmp_path):
     cfg = tiny_dpo()
     with pytest.raises(KeyboardInterrupt):
         train_dpo_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False, callbacks=[StopAfter(4)])
-    partial = expert_dir(cfg, tmp_path / "a")
+    partial = expert_dir(cfg, tmp_path / "a", FIXTURE_DATA)
     assert not is_trained(partial)
     assert latest_checkpoint(partial / "checkpoints").name == "checkpoint-4"
     resumed = train_dpo_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False)

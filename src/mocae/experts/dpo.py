@@ -18,8 +18,6 @@ that already has one); only "default" is saved, as a root-level adapter, so
 
 from __future__ import annotations
 
-import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +28,10 @@ from mocae.config import config_hash
 from mocae.data import inject_axis_prompt
 from mocae.experts.config import ExpertConfig
 from mocae.experts.preference import pair_counts, preference_rows
-from mocae.experts.train import TRAINING_FILE, expert_dir, is_trained, latest_checkpoint, lora_config, trainer_args
+from mocae.experts.checks import check_adapter
+from mocae.experts.train import (TRAINING_FILE, _peak_rss_mb, _right_padded, _tokens_seen, expert_dir, expert_inputs,
+                                 is_trained, latest_checkpoint, lora_config, trainer_args)
+from mocae.stages import stage_key, write_stage
 from mocae.paths import atomic_write_json
 
 TRAINER = "dpo"
@@ -66,14 +67,6 @@ def to_dpo_rows(rows: list[dict], inject_prompt: bool) -> list[dict]:
     return out
 
 
-def _right_padded(tokenizer):
-    import copy
-
-    tok = copy.copy(tokenizer)
-    tok.padding_side = "right"
-    return tok
-
-
 def train_dpo_expert(
     cfg: ExpertConfig,
     root: Path | None = None,
@@ -99,8 +92,10 @@ def train_dpo_expert(
 
     if cfg.trainer != TRAINER:
         raise ValueError(f"train_dpo_expert needs trainer 'dpo', got {cfg.trainer!r}")
-    out = expert_dir(cfg, root)
+    inputs = expert_inputs(cfg, data_dir)
+    out = expert_dir(cfg, root, data_dir)
     if is_trained(out):
+        check_adapter(out, cfg.backbone, cfg.axis)  # reused, so checked (as SFT experts are)
         return out
     model, tokenizer = model_and_tokenizer or load_backbone(cfg.backbone)
     # Before the LoRA exists: the harmless pairs need the base model's own answers (cached).
@@ -132,6 +127,8 @@ def train_dpo_expert(
         "trainer": TRAINER,
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg),
+        "key": stage_key(inputs),
+        "inputs": inputs,
         "beta": cfg.beta,
         "rpo_alpha": cfg.rpo_alpha,
         "data": {"pairs": len(rows), "by_source": pair_counts(rows), "preference_sources": cfg.pair_sources(),
@@ -148,20 +145,14 @@ def train_dpo_expert(
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "wall_time_s": round(wall, 1),
         "resumed_from": resume_from.name if resume_from else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_json(out / TRAINING_FILE, record)
+    write_stage(out, f"experts/{cfg.axis}", stage_key(inputs), inputs)
+    atomic_write_json(out / TRAINING_FILE, record)  # last: its presence means finished
     shutil.rmtree(checkpoints, ignore_errors=True)
     return out
-
-
-def _tokens_seen(checkpoint: Path | None) -> int:
-    if checkpoint is None:
-        return 0
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return int(state.get("num_input_tokens_seen", 0))
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float | None:

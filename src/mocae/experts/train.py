@@ -40,6 +40,10 @@ def training_files(cfg: ExpertConfig) -> list[str]:
     if isinstance(cfg, MultitaskConfig):
         return sorted({f for axis in cfg.union_caps for f in training_files(cfg.axis_config(axis))})
     if cfg.axis == "helpful":
+        if getattr(cfg, "trainer", "sft") == "dpo":  # GPT-4's judgements, sided by THE AlpacaEval split
+            from mocae.data.judge_files import ALPACA_EVAL_ANNOTATIONS
+
+            return sorted([loaders.ALPACA, loaders.ALPACA_EVAL, ALPACA_EVAL_ANNOTATIONS])
         return [loaders.ALPACA]
     if cfg.axis == "honest":
         return [loaders.TRUTHFULQA]
