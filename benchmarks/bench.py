@@ -249,6 +249,34 @@ def build_report(results: dict, meta: dict) -> dict:
             "cost_only": {}, "judges": results.get("judges"), "notes": notes}
 
 
+def _sittings(args, cfg) -> Path:
+    """Run the pipeline on growing prefixes of the preset's systems, landing each as it finishes.
+
+    Each prefix reuses every stage and evaluation of the one before (they are keyed by what made
+    them), so stopping anywhere loses at most the system in progress.
+    """
+    import landing
+
+    from mocae.config import config_hash
+    from mocae.pipeline import run_pipeline
+
+    run_dir = Path(args.run_dir or Path("runs") / f"bench-{cfg.backbone}-{config_hash(cfg)}")
+    land_to = landing.landing_dir(cfg.backbone)
+    restored = landing.restore(land_to, run_dir, cfg.backbone)
+    if restored:
+        print(f"[bench] restored {len(restored)} landed files from {land_to}", flush=True)
+    sitting = f"{time.strftime('%Y-%m-%d')} python {' '.join(sys.argv)}"
+    for i, name in enumerate(cfg.systems):
+        prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
+        run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix], progress=False)
+        landed = landing.land(land_to, run_dir, name, sitting)
+        print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
+        if args.commit and landing.commit(landed, f"bench {cfg.backbone}: {name} evaluated under the issue-12 "
+                                                   f"protocol and landed (resumable on a fresh machine)"):
+            print(f"[bench] {name} committed", flush=True)
+    return run_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full")
@@ -258,6 +286,12 @@ def main() -> int:
                         help="systems of the run measured for speed and memory only (e.g. one too slow to "
                              "generate every eval set here); reported apart, with the reason")
     parser.add_argument("--cost-only-reason", default="", help="why those systems were not evaluated")
+    parser.add_argument("--land", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate the systems one at a time, in the preset's order, and land each finished one "
+                             "in benchmarks/results/bench_<backbone>/ (restored at the start of the next sitting, "
+                             "even on a fresh machine: benchmarks/landing.py)")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit each system's landed files as it lands (only those files)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
                              "and 2 threads: systems compared side by side should share one count; recorded)")
@@ -275,7 +309,10 @@ def main() -> int:
 
     start = time.time()
     cfg = load_run_config(args.preset, args.set)
-    run_dir = run_pipeline(args.preset, run_dir=args.run_dir, overrides=args.set, progress=False)
+    if args.land:
+        run_dir = _sittings(args, cfg)
+    else:
+        run_dir = run_pipeline(args.preset, run_dir=args.run_dir, overrides=args.set, progress=False)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     report = build_report(results, {
         "backbone": cfg.backbone, "preset": args.preset, "overrides": args.set,

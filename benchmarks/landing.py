@@ -1,0 +1,159 @@
+"""Land a benchmark system by system in the repository, so a run survives a fresh machine.
+
+A bench of every system at the protocol's sizes takes longer than one sitting, and the next
+sitting may start on a machine whose caches (``$MOCAE_CACHE``) are gone. What a later sitting
+needs to carry on without redoing finished work is small, and lands in
+``benchmarks/results/bench_<backbone>/`` as each system finishes:
+
+  systems/<name>-<key>.json   the system's evaluation (every metric with its per-prompt values,
+                              so later systems are still paired with it); <key> covers the eval
+                              config, the judges, the prompts and the system's weights
+  base/model_outputs.json     the base answers every win rate vs base is judged against
+  generations/*.json          the system's cached answers: a system re-evaluated because a judge
+                              was retrained is re-judged, not regenerated
+  experts/<axis>-<key>/       the three axis experts (peft adapters, ~10 MB each): every mixture
+                              and merge is built from them, and retraining would give other weights
+  landed.json                 per system: its key, weights fingerprint, threads, date, sitting
+
+``restore`` copies it all back (into the run folder and the cache) before a sitting; a restored
+file is used only where its key still matches what the run would compute, so a changed config,
+judge or expert is measured again rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from mocae.paths import atomic_write_json, cache_dir
+
+RESULTS = Path(__file__).parent / "results"
+SKIP = {"checkpoints"}  # resume points of a finished expert: large and not needed once it is trained
+
+
+def landing_dir(backbone: str) -> Path:
+    """``benchmarks/results/bench_<backbone>/``."""
+    return RESULTS / f"bench_{backbone}"
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` without resume checkpoints; atomic per folder (tmp, then rename)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda _d, names: [n for n in names if n in SKIP or n.startswith(".")])
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def _generation_files(name: str, generations: Path) -> list[Path]:
+    """The cached answer files of system ``name`` (their ``model_id`` starts with ``name-``)."""
+    found = []
+    for path in sorted(generations.glob("*.json")):
+        try:
+            model_id = json.loads(path.read_text(encoding="utf-8")).get("model_id", "")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged cache file is the harness' business (it warns and regenerates)
+        if model_id.startswith(f"{name}-"):
+            found.append(path)
+    return found
+
+
+def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
+    """Copy what earlier sittings landed in ``land`` into ``run_dir`` and the cache.
+
+    Nothing already present is overwritten: a file of this machine is at least as current.
+
+    Returns:
+        The paths copied.
+    """
+    land, run_dir = Path(land), Path(run_dir)
+    copied = []
+    if not land.is_dir():
+        return copied
+    pairs = [(p, run_dir / "eval" / "systems" / p.name) for p in sorted((land / "systems").glob("*.json"))]
+    pairs += [(p, run_dir / "eval" / "base" / p.name) for p in sorted((land / "base").glob("*.json"))]
+    pairs += [(p, cache_dir() / "generations" / p.name) for p in sorted((land / "generations").glob("*.json"))]
+    for src, dst in pairs:
+        if not dst.exists():
+            _copy_file(src, dst)
+            copied.append(str(dst))
+    for folder in sorted((land / "experts").glob("*")):
+        dst = cache_dir() / "experts" / backbone / folder.name
+        if folder.is_dir() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _copy_tree(folder, dst)
+            copied.append(str(dst))
+    return copied
+
+
+def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
+    """Copy system ``name``'s finished evaluation (and the experts, once) into ``land_to``.
+
+    Args:
+        run_dir: the bench's run folder (its ``eval/results.json`` lists the system's key).
+        sitting: who landed it (e.g. the date and the command), recorded in ``landed.json``.
+
+    Returns:
+        The landed paths (to commit).
+
+    Raises:
+        KeyError: the run's results do not hold ``name`` (it was not evaluated).
+    """
+    land_to, run_dir = Path(land_to), Path(run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text(encoding="utf-8"))
+    evaluated = results.get("evaluated", {})
+    if name not in results["systems"]:
+        raise KeyError(f"{run_dir / 'eval' / 'results.json'} holds no system {name!r}: it was not evaluated")
+    landed: list[Path] = []
+    if name in evaluated:  # the oracle is composed from the experts' rows: nothing of its own to land
+        key = evaluated[name]["key"]
+        src = run_dir / "eval" / "systems" / f"{name}-{key}.json"
+        for old in (land_to / "systems").glob(f"{name}-*.json"):  # one result per system: the current one
+            if old.name != src.name:
+                old.unlink()
+        _copy_file(src, land_to / "systems" / src.name)
+        landed.append(land_to / "systems" / src.name)
+        for path in _generation_files(name, cache_dir() / "generations"):
+            _copy_file(path, land_to / "generations" / path.name)
+            landed.append(land_to / "generations" / path.name)
+        if name == "base":
+            src = run_dir / "eval" / "base" / "model_outputs.json"
+            _copy_file(src, land_to / "base" / src.name)
+            landed.append(land_to / "base" / src.name)
+    systems = json.loads((run_dir / "systems.json").read_text(encoding="utf-8"))
+    for path in systems.get("experts", {}).values():
+        dst = land_to / "experts" / Path(path).name
+        if not dst.exists():
+            _copy_tree(Path(path), dst)
+        landed.append(dst)
+    manifest_path = land_to / "landed.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    result = results["systems"][name]
+    manifest[name] = {"key": evaluated.get(name, {}).get("key"),
+                      "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
+                      "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
+                      "sitting": sitting}
+    atomic_write_json(manifest_path, manifest)
+    landed.append(manifest_path)
+    return landed
+
+
+def commit(paths: list[Path], message: str) -> bool:
+    """``git add`` + ``git commit`` of ``paths`` (only them); False when there was nothing new."""
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(["git", "add", "--force", "--", *map(str, paths)], cwd=repo, check=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, paths)], cwd=repo)
+    if staged.returncode == 0:
+        return False
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=repo, check=True)
+    return True

@@ -1,0 +1,98 @@
+"""benchmarks/landing.py: what one sitting lands is what a fresh machine restores, and nothing more."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def landing():
+    spec = importlib.util.spec_from_file_location("landing", ROOT / "benchmarks" / "landing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["landing"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload) if not isinstance(payload, str) else payload)
+
+
+def _run(tmp_path: Path, cache: Path) -> Path:
+    """A run folder as the pipeline leaves it after evaluating base and expert_honest."""
+    run = tmp_path / "run"
+    expert = cache / "experts" / "tiny" / "honest-abc123"
+    _write(expert / "adapter_model.safetensors", "weights")
+    _write(expert / "adapter_config.json", {"r": 8})
+    _write(expert / "training.json", {"steps": 3})
+    _write(expert / "checkpoints" / "checkpoint-2" / "optimizer.pt", "big")
+    _write(run / "systems.json", {"experts": {"honest": str(expert)}})
+    _write(run / "eval" / "results.json", {
+        "systems": {"base": {"torch_threads": 2}, "expert_honest": {"torch_threads": 2}, "oracle": {}},
+        "evaluated": {"base": {"key": "k0", "inputs": {"model": "w0"}},
+                      "expert_honest": {"key": "k1", "inputs": {"model": "w1"}}}})
+    _write(run / "eval" / "systems" / "base-k0.json", {"name": "base"})
+    _write(run / "eval" / "systems" / "expert_honest-k1.json", {"name": "expert_honest"})
+    _write(run / "eval" / "base" / "model_outputs.json", [{"instruction": "q", "output": "a"}])
+    _write(cache / "generations" / "truthfulqa-1.json", {"model_id": "expert_honest-w1", "outputs": ["x"]})
+    _write(cache / "generations" / "truthfulqa-2.json", {"model_id": "expert_honesty_other-w9", "outputs": ["y"]})
+    _write(cache / "generations" / "alpaca_eval-3.json", {"model_id": "base-w0", "outputs": ["z"]})
+    return run
+
+
+def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOCAE_CACHE", str(cache))
+    run = _run(tmp_path, cache)
+    land_to = tmp_path / "landed"
+    landed = landing.land(land_to, run, "expert_honest", "test sitting")
+
+    names = {p.relative_to(land_to).as_posix() for p in landed}
+    assert "systems/expert_honest-k1.json" in names
+    assert "generations/truthfulqa-1.json" in names  # its own answers only: not another system's
+    assert "generations/truthfulqa-2.json" not in names and "generations/alpaca_eval-3.json" not in names
+    assert (land_to / "experts" / "honest-abc123" / "adapter_model.safetensors").read_text() == "weights"
+    assert not (land_to / "experts" / "honest-abc123" / "checkpoints").exists()  # resume points stay behind
+    assert not (land_to / "base").exists()  # base's answers land with base
+    manifest = json.loads((land_to / "landed.json").read_text())
+    assert manifest["expert_honest"]["key"] == "k1" and manifest["expert_honest"]["weights"] == "w1"
+
+    landing.land(land_to, run, "base", "test sitting")
+    assert json.loads((land_to / "base" / "model_outputs.json").read_text())[0]["output"] == "a"
+
+    fresh_cache = tmp_path / "fresh-cache"
+    monkeypatch.setenv("MOCAE_CACHE", str(fresh_cache))
+    fresh_run = tmp_path / "fresh-run"
+    copied = landing.restore(land_to, fresh_run, "tiny")
+    assert (fresh_run / "eval" / "systems" / "expert_honest-k1.json").is_file()
+    assert (fresh_run / "eval" / "systems" / "base-k0.json").is_file()
+    assert (fresh_run / "eval" / "base" / "model_outputs.json").is_file()
+    assert json.loads((fresh_cache / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x"]
+    assert (fresh_cache / "experts" / "tiny" / "honest-abc123" / "training.json").is_file()
+    assert len(copied) == 6
+    assert landing.restore(land_to, fresh_run, "tiny") == []  # nothing present is overwritten
+
+
+def test_a_system_lands_one_current_result(landing, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOCAE_CACHE", str(cache))
+    run = _run(tmp_path, cache)
+    land_to = tmp_path / "landed"
+    _write(land_to / "systems" / "expert_honest-old.json", {"name": "expert_honest"})  # an earlier key
+    landing.land(land_to, run, "expert_honest", "s")
+    assert sorted(p.name for p in (land_to / "systems").glob("expert_honest-*")) == ["expert_honest-k1.json"]
+
+
+def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    run = _run(tmp_path, tmp_path / "cache")
+    with pytest.raises(KeyError, match="mocae"):
+        landing.land(tmp_path / "landed", run, "mocae", "s")
