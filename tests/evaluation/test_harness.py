@@ -327,3 +327,32 @@ def test_full_preset_meets_the_protocol_sizes(real_data_dir, monkeypatch):
     assert len(sets["harmful_jailbreak"]) >= 150 and len(per_template) == 9 and set(per_template.values()) == {18}
     quick = load_run_config("quick").eval
     assert quick.n_helpful <= 32 and quick.n_jailbreak == 9
+
+
+def test_a_retrained_judge_rejudges_without_generating_or_scoring_again(tiny, data, tmp_path, monkeypatch):
+    """A changed judge re-evaluates a system from its cached answers, NLLs and MC scores: no forward pass."""
+    import mocae.evaluation.sanity as sanity
+    import mocae.evaluation.truthfulqa_mc as tmc
+
+    cfg = small_config(efficiency=False, truthfulqa_mc_chat=False)
+    cache = tmp_path / "gen-cache"
+    first = evaluate({"base": lambda: tiny}, cfg, tmp_path / "a", judges=fake_judges(), progress=False,
+                     cache_dir=cache)
+    kinds = sorted(json.loads(p.read_text()).get("kind", "answers") for p in cache.glob("*.json"))
+    assert "truthfulqa_mc" in kinds and "nll_text_davinci_003" in kinds and "nll_gpt4_1106_preview" in kinds
+
+    def forbidden(*a, **k):
+        raise AssertionError("recomputed a cached judge-free score")
+    monkeypatch.setattr(sanity, "reference_nll", forbidden)
+    monkeypatch.setattr(tmc, "truthfulqa_mc", forbidden)
+    import mocae.generation as generation
+    monkeypatch.setattr(generation, "generate_batch", forbidden)
+    judges = fake_judges()
+    judges["harmless"] = FakeScoreJudge("harmless", 0.1)  # "retrained": another validation would change the key
+    judges["harmless"].validation = {"auc_heldout_model": 0.5}
+    again = evaluate({"base": lambda: tiny}, cfg, tmp_path / "a", judges=judges, progress=False, cache_dir=cache)
+    assert not again["evaluated"]["base"]["reused"]  # the key changed with the judge ...
+    old, new = first["systems"]["base"]["metrics"], again["systems"]["base"]["metrics"]
+    assert new["honest"]["mc2"] == old["honest"]["mc2"]  # ... the forward-pass scores came from the cache
+    assert new["helpful"]["reference_nll_gpt4"] == old["helpful"]["reference_nll_gpt4"]
+    assert new["harmless"]["safety_score"]["value"] != old["harmless"]["safety_score"]["value"]  # re-judged

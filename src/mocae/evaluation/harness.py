@@ -36,8 +36,8 @@ from mocae.evaluation import metrics as M
 from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
 from mocae.evaluation.refusal import is_refusal
 from mocae.generation import MAX_NEW_TOKENS
-from mocae.evaluation.runner import (GenerationConfig, Generations, generate_records, model_fingerprint, prompts_hash,
-                                     write_alpaca_eval_outputs)
+from mocae.evaluation.runner import (GenerationConfig, Generations, cached_scores, generate_records, model_fingerprint,
+                                     prompts_hash, write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
@@ -145,8 +145,13 @@ def _keep_lc(per_prompt: dict, key: str, set_name: str, prefs, chars, other_char
                        "chars": [int(c) for c in chars], "other_chars": [int(c) for c in other_chars]}
 
 
+def _cached(scores, kind: str, request: dict, compute):
+    """``compute()`` through the score cache ``scores`` = (cache_dir, model_id), or directly when None."""
+    return compute() if scores is None else cached_scores(scores[0], scores[1], kind, request, compute)
+
+
 def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, tokenizer=None,
-             per_prompt: dict | None = None) -> dict:
+             per_prompt: dict | None = None, scores: tuple[Path, str] | None = None) -> dict:
     per_prompt = {} if per_prompt is None else per_prompt
     outputs = gens.outputs
     instructions = [e.prompt for e in ae]
@@ -172,9 +177,12 @@ def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, 
         for key, ref_name in nll_refs.items():
             if ref_name not in done:  # reference=gpt4: one computation for both names
                 kept = [(i, e.references[ref_name]) for i, e in zip(instructions, ae) if e.references[ref_name].strip()]
-                done[ref_name] = (len(kept), reference_nll(model, tokenizer, [i for i, _ in kept], [r for _, r in kept],
-                                                           batch_size=min(cfg.batch_size, NLL_BATCH), per_example=True,
-                                                           bf16=cfg.nll_bf16))
+                batch = min(cfg.batch_size, NLL_BATCH)
+                request = {"pairs": prompts_hash([json.dumps(k) for k in kept]), "batch_size": batch,
+                           "bf16": cfg.nll_bf16}
+                done[ref_name] = (len(kept), _cached(scores, f"nll_{ref_name}", request, lambda: reference_nll(
+                    model, tokenizer, [i for i, _ in kept], [r for _, r in kept], batch_size=batch, per_example=True,
+                    bf16=cfg.nll_bf16)))
             _, nll = done[ref_name]
             out[key] = {**M.mean_metric(nll, **boot), "digits": 3,
                         "method": f"mean per-token NLL of each {ref_name} answer (judge-free)"}
@@ -263,7 +271,8 @@ def _harmless(judge, sets, outputs, cfg, per_prompt: dict | None = None) -> tupl
     return out, tables
 
 
-def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt: dict | None = None) -> dict:
+def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt: dict | None = None,
+            scores: tuple[Path, str] | None = None) -> dict:
     per_prompt = {} if per_prompt is None else per_prompt
     boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     out = {}
@@ -271,8 +280,11 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
         from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
 
         for chat in (False, True) if cfg.truthfulqa_mc_chat else (False,):
-            mc = truthfulqa_mc(model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16,
-                               chat=chat)
+            request = {"questions": prompts_hash([json.dumps([e.prompt, e.references], sort_keys=True, default=str)
+                                                  for e in mc_examples]),
+                       "batch_size": cfg.batch_size, "bf16": cfg.mc_bf16, "chat": chat}
+            mc = _cached(scores, "truthfulqa_mc" + ("_chat" if chat else ""), request, lambda chat=chat: truthfulqa_mc(
+                model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16, chat=chat))
             for key in ("mc1", "mc2"):
                 name = key + ("_chat" if chat else "")
                 values = [q[key] for q in mc["per_question"]]
@@ -401,11 +413,11 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
     result_metrics, per_prompt = {}, {}
     with stage("helpful_harmless_metrics"):
         result_metrics["helpful"] = _helpful(name, judges.get("helpful"), ae, gens["alpaca_eval"], cfg,
-                                             base_outputs, model, tokenizer, per_prompt)
+                                             base_outputs, model, tokenizer, per_prompt, (cache, model_id))
         result_metrics["harmless"], tables = _harmless(judges.get("harmless"), sets, outputs, cfg, per_prompt)
     with stage("honest_metrics"):
         result_metrics["honest"] = _honest(model, tokenizer, judges, sets["truthfulqa"], sets["truthfulqa_mc"],
-                                           outputs["truthfulqa"], cfg, per_prompt)
+                                           outputs["truthfulqa"], cfg, per_prompt, (cache, model_id))
     with stage("routing"):
         routing = _routing(model, tokenizer, {k: sets[k] for k in SET_AXIS}, cfg)
         if routing is not None and routing["sets"]:

@@ -167,6 +167,37 @@ def generate_records(model, tokenizer, model_id: str, prompt_set: str, prompts: 
     return Generations(outputs, n_tokens, eos, budget)
 
 
+def cached_scores(cache_dir: Path, model_id: str, kind: str, request: dict, compute):
+    """A judge-free per-prompt score (reference NLL, TruthfulQA MC) of one model, cached like answers.
+
+    Stored beside the generations as ``<kind>-<key>.json`` with its model id, so a system
+    re-evaluated because a judge changed costs the judging only, not the forward passes again.
+    A file is used only when its schema, model id, kind and request all match; anything else is a
+    miss that is recomputed (with a warning when the file was unreadable or did not match).
+
+    Args:
+        model_id: identifies the weights (as for :func:`generate_records`).
+        kind: what the score is (part of the file name).
+        request: JSON-able description of everything else the score depends on (prompt hashes,
+            batch size, precision, format).
+        compute: ``() -> value``, JSON-able (e.g. a list of floats or a dict).
+    """
+    key = hashlib.sha256(json.dumps([model_id, kind, request], sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', kind)[:60]}-{key}.json"
+    expected = {"schema": CACHE_SCHEMA, "model_id": model_id, "kind": kind, "request": request}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(record, dict) and all(record.get(k) == v for k, v in expected.items()) and "value" in record:
+                return record["value"]
+            _stale(path, "does not match this request")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            _stale(path, f"unreadable ({err})")
+    value = compute()
+    atomic_write_json(path, {**expected, "value": value})
+    return value
+
+
 def generate_cached(model, tokenizer, model_id: str, prompt_set: str, prompts: list[str],
                     gen: GenerationConfig, cache_dir: Path, progress: bool = True) -> list[str]:
     """The answers of :func:`generate_records` only (same arguments, cache and checks)."""
