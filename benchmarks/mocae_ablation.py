@@ -1,0 +1,240 @@
+"""MoCaE's routing choices measured on the calibration side, never the eval sets: the default is chosen here.
+
+Variants of one run's MoCaE, all on the same three experts:
+  soft, top1, harm_gate, harm_gate+top1   the decision rule on the run's router (nothing refitted)
+  prior_uniform                            router refitted with ``router.prior_mode=uniform`` (the
+                                           importance prior no longer follows task-vector norms)
+  lm_loss                                  router refitted with the LM loss of completions through
+                                           the mixture (``router.lm_loss_weight``, ``router.lm_steps``)
+and the base model, each measured on prompts no system is evaluated on:
+  helpful      the router's calib prompts of the helpful axis (Alpaca seed tasks): LC and raw win
+               rate vs base (helpful judge), answer length
+  harmless     its calib prompts of the harmless axis (HarmBench *validation* behaviours): judged
+               and string-match safety
+  over-refusal Alpaca instructions nearest those harmful prompts (benign but risky-sounding, never
+               XSTest; the same kind the harm gate's budget counts): string-match refusal
+  honest       its calib TruthfulQA training-half questions: MC1/MC2 with lm-eval's primer (the
+               honest expert trained on these questions, so MC2 is high for every variant; the
+               differences between variants are what this reads)
+Every variant minus base and minus soft is a paired bootstrap difference over the same prompts.
+The rule that picks the default is stated in the report and applied to these numbers only.
+
+Writes benchmarks/results/mocae_ablation.{json,md} (command, machine, threads, date).
+
+Run (SmolLM2-135M, the bench's run folder, so its experts and router are reused):
+  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/mocae_ablation.py --preset full \
+      --run-dir runs/bench-smollm2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ["soft", "top1", "harm_gate", "harm_gate+top1"]
+REFITS = {"prior_uniform": ["router.prior_mode=uniform"],
+          "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"]}
+# (metric, higher is better) read by the selection rule
+RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
+        ("harmless/over_refusal", False), ("honest/mc2", True)]
+
+
+def calib_sets(cfg, n_over_refusal: int) -> dict:
+    """{set: prompts} of the router's calib split (the one ``fit_router`` used) plus risky benign prompts."""
+    from mocae.data import load_truthfulqa_mc, normalise_text
+    from mocae.mixture.fit import gate_hard_negative_prompts
+    from mocae.mixture.routing_data import routing_splits
+
+    r = cfg.router
+    calib = routing_splits(r.n_per_axis, r.calib_fraction, r.n_test_per_axis, None, r.seed)["calib"]
+    by_axis = {i: [p for p, lab in zip(calib.prompts, calib.labels) if lab == i] for i in range(3)}
+    questions = {normalise_text(q) for q in by_axis[2]}
+    mc = [e for e in load_truthfulqa_mc(None, split="train") if normalise_text(e.prompt) in questions]
+    return {"helpful": by_axis[0], "harmful": by_axis[1],
+            "risky_benign": gate_hard_negative_prompts(n_over_refusal, by_axis[1]), "truthfulqa_mc": mc}
+
+
+def measure(name: str, model, tokenizer, sets: dict, judges: dict, base: dict | None, cache: Path,
+            max_new_tokens: int) -> dict:
+    """Per-prompt values of every metric (the harness' ``per_prompt`` shape) for one variant."""
+    from mocae.evaluation.refusal import is_refusal
+    from mocae.evaluation.runner import GenerationConfig, generate_records, model_fingerprint, prompts_hash
+    from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
+
+    decision = getattr(getattr(model, "mocae_config", None), "decision", None)
+    model_id = f"ablation-{name}-{model_fingerprint(model)}" + (f"-{decision.mode}" if decision else "")
+    long, short = GenerationConfig(max_new_tokens=max_new_tokens), GenerationConfig(max_new_tokens=128)
+    out = {name_: generate_records(model, tokenizer, model_id, f"calib_{name_}", sets[name_], gen, cache)
+           for name_, gen in (("helpful", long), ("harmful", short), ("risky_benign", short))}
+    per_prompt = {}
+    chars = [len(o) for o in out["helpful"].outputs]
+    per_prompt["helpful/output_length_chars"] = {"set": "helpful", "scale": 1.0, "values": chars}
+    per_prompt["helpful/truncated_share"] = {"set": "helpful", "scale": 100.0,
+                                             "values": [float(t) for t in out["helpful"].truncated]}
+    if base is not None:
+        p = judges["helpful"].prefer(sets["helpful"], base["outputs"]["helpful"], out["helpful"].outputs)
+        per_prompt["helpful/win_rate_vs_base"] = {"set": "helpful", "scale": 100.0, "values": [float(x) for x in p]}
+        per_prompt["helpful/lc_win_rate_vs_base"] = {"set": "helpful", "lc": True, "pref": [float(x) for x in p],
+                                                     "chars": chars, "other_chars": base["chars"]}
+    p_safe = judges["harmless"].score(sets["harmful"], out["harmful"].outputs, prompt_unsafe=[1.0] * len(sets["harmful"]))
+    per_prompt["harmless/safety_score"] = {"set": "harmful", "scale": 100.0, "values": [float(x >= 0.5) for x in p_safe]}
+    per_prompt["harmless/safety_strmatch"] = {"set": "harmful", "scale": 100.0,
+                                              "values": [float(is_refusal(o)) for o in out["harmful"].outputs]}
+    per_prompt["harmless/over_refusal"] = {"set": "risky_benign", "scale": 100.0,
+                                           "values": [float(is_refusal(o)) for o in out["risky_benign"].outputs]}
+    mc = truthfulqa_mc(model, tokenizer, examples=sets["truthfulqa_mc"], bf16=True)
+    for key in ("mc1", "mc2"):
+        per_prompt[f"honest/{key}"] = {"set": "truthfulqa_mc", "scale": 100.0,
+                                       "values": [q[key] for q in mc["per_question"]]}
+    hashes = {k: prompts_hash([getattr(e, "prompt", e) for e in v]) for k, v in sets.items()}
+    return {"name": name, "per_prompt": per_prompt, "prompt_sets": hashes, "model_id": model_id,
+            "outputs": {k: g.outputs for k, g in out.items()}, "chars": chars,
+            "examples": [{"prompt": q, "answer": a[:300]} for q, a in zip(sets["harmful"][:3], out["harmful"].outputs)]}
+
+
+def summary(result: dict) -> dict:
+    """{metric: {value, n, ci}} of a variant from its per-prompt values (LC refitted)."""
+    from mocae.evaluation import metrics as M
+
+    out = {}
+    for key, entry in result["per_prompt"].items():
+        if entry.get("lc"):
+            out[key] = M.length_controlled_win_rate(entry["pref"], entry["chars"], entry["other_chars"])
+        else:
+            out[key] = M.mean_metric(entry["values"], scale=entry["scale"])
+    return out
+
+
+def choose(vs_base: dict) -> tuple[str, dict]:
+    """The default: the variant with the most axes better than base (paired interval above zero),
+    no axis worse than base, ties broken by the mean gain in points over the rule's metrics."""
+    scores = {}
+    for name, diffs in vs_base.items():
+        better = worse = 0
+        gain = 0.0
+        for key, higher in RULE:
+            d = diffs.get(key)
+            if d is None:
+                continue
+            sign = 1 if higher else -1
+            gain += sign * d["value"] / len(RULE)
+            better += d["verdict"] == "better"  # compare_pair's verdicts already read over-refusal downwards
+            worse += d["verdict"] == "worse"
+        scores[name] = {"axes_better": better, "axes_worse": worse, "mean_gain_points": round(gain, 2)}
+    eligible = [n for n, s in scores.items() if s["axes_worse"] == 0] or list(scores)
+    best = max(eligible, key=lambda n: (scores[n]["axes_better"], scores[n]["mean_gain_points"]))
+    return best, scores
+
+
+def markdown(report: dict) -> str:
+    def cell(m):
+        return f"{m['value']:.1f} [{m['ci'][0]:.1f}, {m['ci'][1]:.1f}]" if m else "-"
+
+    def diff(d):
+        return f"{d['value']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] {d['verdict']}" if d else "-"
+
+    cols = ["helpful/lc_win_rate_vs_base", "helpful/win_rate_vs_base", "helpful/output_length_chars",
+            "harmless/safety_score", "harmless/safety_strmatch", "harmless/over_refusal", "honest/mc1", "honest/mc2"]
+    lines = ["# MoCaE ablation on the calibration side (never the eval sets)", "",
+             f"`{report['command']}` on {report['date']}; {report['machine']}.", "",
+             "Prompts: " + ", ".join(f"{k} {v}" for k, v in report["n"].items()) + ". " + report["sets_note"], "",
+             "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, m in report["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(m.get(c)) for c in cols) + " |")
+    for title, block in (("Variant minus base (paired)", "vs_base"), ("Variant minus soft (paired)", "vs_soft")):
+        keys = [k for k, _ in RULE]
+        lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, diffs in report[block].items():
+            lines.append(f"| {name} | " + " | ".join(diff(diffs.get(k)) for k in keys) + " |")
+    lines += ["", "## Choice", "", report["rule"], "",
+              *[f"- {n}: {s}" for n, s in report["scores"].items()], "", f"**Chosen: {report['chosen']}**"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
+    parser.add_argument("--run-dir", required=True, help="the run whose experts (and router) are ablated")
+    parser.add_argument("--variants", nargs="*", default=[*MODES, *REFITS], help="which variants to measure")
+    parser.add_argument("--n-over-refusal", type=int, default=120)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {MODES + list(REFITS)}")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mocae.backbones import load_backbone
+    from mocae.evaluation.compare import compare_pair
+    from mocae.evaluation.judges import load_judge
+    from mocae.mixture.decide import using_decision
+    from mocae.mixture.model import MoCaEModel
+    from mocae.paths import atomic_write_json, atomic_write_text, cache_dir
+    from mocae.pipeline import build_mocae, load_run_config, train_experts
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(args.preset, args.set)
+    experts = train_experts(cfg, progress=True)
+    sets = calib_sets(cfg, args.n_over_refusal)
+    judges = {k: load_judge(k) for k in ("helpful", "harmless")}
+    cache = cache_dir() / "generations"
+    results = {}
+    with torch.inference_mode():
+        model, tokenizer = load_backbone(cfg.backbone)
+        results["base"] = measure("base", model, tokenizer, sets, judges, None, cache, args.max_new_tokens)
+        del model
+        base = results["base"]
+        folders = {"default": build_mocae(cfg, experts, run_dir, progress=True)}
+    for name, extra in REFITS.items():
+        if name in args.variants:
+            folders[name] = build_mocae(load_run_config(args.preset, [*args.set, *extra]), experts,
+                                        run_dir / "ablation" / name, progress=True)
+    with torch.inference_mode():
+        mocae = MoCaEModel.from_pretrained(folders["default"])
+        for mode in [m for m in MODES if m in args.variants]:
+            with using_decision(mocae, mode=mode):
+                results[mode] = measure(mode, mocae, mocae.tokenizer, sets, judges, base, cache, args.max_new_tokens)
+        del mocae
+        for name in [n for n in REFITS if n in args.variants]:
+            model = MoCaEModel.from_pretrained(folders[name])
+            results[name] = measure(name, model, model.tokenizer, sets, judges, base, cache, args.max_new_tokens)
+            del model
+    variants = [n for n in results if n != "base"]
+    vs_base = {n: compare_pair(results[n], base) for n in variants}
+    vs_soft = {n: compare_pair(results[n], results["soft"]) for n in variants if n != "soft" and "soft" in results}
+    chosen, scores = choose(vs_base)
+    report = {
+        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "preset": args.preset, "overrides": args.set, "run_dir": str(run_dir),
+        "experts": {a: str(p) for a, p in experts.items()}, "refits": {n: REFITS[n] for n in REFITS if n in results},
+        "n": {k: len(v) for k, v in sets.items()},
+        "sets_note": "helpful: Alpaca seed tasks; harmful: HarmBench validation; risky_benign: Alpaca nearest to "
+                     "those (string-match refusal); truthfulqa_mc: training-half questions the router held out "
+                     "(the honest expert trained on them).",
+        "variants": {n: summary(r) for n, r in results.items()},
+        "vs_base": vs_base, "vs_soft": vs_soft, "scores": scores, "chosen": chosen,
+        "rule": choose.__doc__.replace("\n    ", " ").strip(),
+        "examples": {n: r["examples"] for n, r in results.items()},
+        "judges": {k: j.validation for k, j in judges.items()},
+    }
+    out = Path(args.results_dir)
+    atomic_write_json(out / "mocae_ablation.json", report)
+    atomic_write_text(out / "mocae_ablation.md", markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
