@@ -138,7 +138,9 @@ def test_presets_load_and_bad_preset_is_named(tmp_path):
         cfg = load_run_config(name)
         assert set(cfg.expert_configs()) == {"helpful", "harmless", "honest"}
         assert "base" in cfg.systems and not cfg.eval.efficiency
-    assert load_run_config("full").systems[-1] == "mocae" and len(load_run_config("full").systems) == 13
+    full = load_run_config("full")  # every system of the bench, MoTE included, MoCaE before the baselines
+    assert len(full.systems) == 14 and full.systems.index("mocae") < full.systems.index("task_arithmetic")
+    assert {e.trainer for e in full.expert_configs().values()} == {"sft", "dpo"}  # DPO where it measured better
     assert load_run_config("h3fusion").expert_configs()["helpful"].target_modules == ["gate_proj", "up_proj",
                                                                                        "down_proj"]
     mote = load_run_config("mote").baselines.mote
