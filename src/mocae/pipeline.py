@@ -423,7 +423,7 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
 
     cfg = load_run_config(preset, overrides)
     from mocae.data.contamination import ensure_clean
-    from mocae.data.readers import resolve_root
+    from mocae.paths import resolve_root
 
     if resolve_root(None) is None:  # Hub users: the check compares local files only
         print("[contamination] no MOCAE_DATA_DIR: the check reads local data files, so it is skipped "

@@ -363,7 +363,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
         A JSON-able report: split sizes, loss curve summary, gamma, and for each calibrator
         {"test": metrics, "shifted": metrics}.
     """
-    from mocae.evaluation.calibration_metrics import calibration_report, reliability_diagrams
+    from mocae.mixture.calibration_metrics import calibration_report, reliability_diagrams
     from mocae.mixture.calibration import build_calibrator
     from mocae.mixture.router import SequenceRouter
     from mocae.mixture.routing_data import routing_splits

