@@ -157,7 +157,7 @@ class RunConfig(BaseModel):
 
 
 def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset by name (``configs/<name>.yaml``) or path, with ``key.path=value`` overrides.
+    """Load a preset by name (the packaged ``mocae/configs/<name>.yaml``) or path, with ``key.path=value`` overrides.
 
     The whole config is validated, the per-axis expert and multi-task configs included.
 

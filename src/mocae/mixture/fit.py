@@ -117,11 +117,16 @@ def extract_features(model, prompts: list[str], batch_size: int = 16, progress: 
     texts = [chat_prompt(model.tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.router.mean.shape[0])
-    model.tokenizer.padding_side = "left"
-    for start in tqdm(range(0, len(order), batch_size), desc="router features", disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        batch = model.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        out[idx] = model.router_features(batch["input_ids"], batch["attention_mask"])
+    side, model.tokenizer.padding_side = model.tokenizer.padding_side, "left"
+    try:  # the caller's padding side is put back, as chat and generate_batch do
+        for start in tqdm(range(0, len(order), batch_size), desc="router features", disable=not progress,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            batch = model.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                                    add_special_tokens=False)
+            out[idx] = model.router_features(batch["input_ids"], batch["attention_mask"])
+    finally:
+        model.tokenizer.padding_side = side
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -162,6 +162,27 @@ class MoCaEModel(PeftBackedModel):
         # Until fit_router fits one, routing probabilities are the plain softmax.
         return cls(peft_model, tokenizer, config, router, calibrator or build_calibrator("none"))
 
+    @classmethod
+    def from_experts(cls, model, tokenizer, experts: dict[str, str | Path], backbone: str | None = None,
+                     **routing) -> "MoCaEModel":
+        """A MoCaE over an already loaded backbone, the way ``PeftModel.from_pretrained(model, path)`` works.
+
+        Args:
+            model, tokenizer: the backbone the experts were trained on (peft wraps ``model`` in place).
+            experts: axis -> peft adapter folder, in router output order.
+            backbone: its name (default: the one the first expert records); every adapter tensor
+                is checked against ``model`` either way.
+            routing: further MoCaEConfig fields (``routing="token"``, ``top_k=2``, ``pooling=...``).
+        """
+        experts = {axis: str(path) for axis, path in experts.items()}
+        if backbone is None:
+            first = Path(next(iter(experts.values())))
+            record, adapter = first / TRAINING_FILE, first / "adapter_config.json"
+            backbone = (read_json(record).get("backbone") if record.is_file() else None) or (
+                read_json(adapter).get("base_model_name_or_path") if adapter.is_file() else None) or (
+                model.config.name_or_path)
+        return cls.build(MoCaEConfig(backbone=backbone, experts=experts, **routing), (model, tokenizer))
+
     # routing ----------------------------------------------------------------------------------
     def _token_hook(self, index: int):
         def hook(module, args, kwargs):
