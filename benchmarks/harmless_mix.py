@@ -42,7 +42,7 @@ def main() -> int:
 
     from mocae.backbones import load_backbone
     from mocae.data import load_harmbench, load_xstest
-    from mocae.evaluation.refusal import refusal_rate
+    from mocae.refusal import refusal_rate
     from mocae.experts.train import train_expert
     from mocae.generation import generate_batch
     from mocae.paths import atomic_write_text
@@ -92,7 +92,7 @@ def main() -> int:
         print(rows[-1], flush=True)
         result = {
             "preset": args.preset, "rows": rows, "examples": args.examples,
-            "metric": "string-match refusal (mocae.evaluation.refusal), greedy, 32 new tokens",
+            "metric": "string-match refusal (mocae.refusal), greedy, 32 new tokens",
             "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }

@@ -4,7 +4,7 @@ Usage:
     OMP_NUM_THREADS=1 python benchmarks/train_judges.py                 # train all four, then report
     OMP_NUM_THREADS=1 python benchmarks/train_judges.py --kind helpful  # train one, report all present
     python benchmarks/train_judges.py --report-only                     # rebuild the report from the cache
-    # a smoke run on fixture files (mocae.evaluation.judges.tiny), nothing written to the real results:
+    # a smoke run on fixture files (tests/helpers/tiny_judges.py), nothing written to the real results:
     python benchmarks/train_judges.py --data-dir FIXTURES --encoder TINY_BERT --results-dir /tmp/r
 
 Writes <results-dir>/judges.json in issue 5's schema ({"helpful": {...}, "harmless": {...},

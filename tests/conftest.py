@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from peft import LoraConfig, get_peft_model
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Test-only helper modules (e.g. tiny_judges): importable by name, and kept out of the package.
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 
 @pytest.fixture(autouse=True)

@@ -167,6 +167,39 @@ def test_overrides_and_system_checks():
         load_run_config("quick", ["eval.n_helpful"])
 
 
+def test_the_mocae_section_selects_routing_pooling_and_top_k_without_moving_default_keys(expert_dirs):
+    from mocae.config import config_hash
+    from mocae.pipeline import mocae_inputs
+    from mocae.stages import stage_key
+
+    experts = {a: Path(p) for a, p in expert_dirs.items()}
+    plain = load_run_config("quick", ["backbone=tiny-random"])
+    assert "mocae" not in plain.model_dump() and "mocae" not in mocae_inputs(plain, experts)["config"]
+    token = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}"])
+    built = token.mocae_config(expert_dirs)
+    assert (built.routing, built.top_k, built.router_input) == ("token", 2, plain.router_input)
+    assert config_hash(token) != config_hash(plain)
+    assert stage_key(mocae_inputs(token, experts)) != stage_key(mocae_inputs(plain, experts))
+    assert load_run_config("quick", ["mocae.pooling=last"]).mocae_config(expert_dirs).pooling == "last"
+    for overrides, message in ((["mocae.pooling=median"], "pooling"), (["mocae.feature_layer=3"], "outside the mocae"),
+                               (["mocae.routing=token", "decision.mode=top1"], "token routing")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config("quick", overrides)
+
+
+def test_a_token_routed_mocae_is_built_and_saved_without_router_fitting(expert_dirs, tmp_path, monkeypatch):
+    import mocae.mixture.fit as fit_module
+    from mocae.mixture.model import MoCaEModel
+    from mocae.pipeline import build_mocae
+
+    monkeypatch.setattr(fit_module, "fit_router", lambda *a, **k: pytest.fail("fit_router trains sequence routers"))
+    cfg = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}"])
+    out = build_mocae(cfg, {a: Path(p) for a, p in expert_dirs.items()}, tmp_path, progress=False)
+    loaded = MoCaEModel.from_pretrained(out)
+    assert loaded.mocae_config.routing == "token" and loaded.router.top_k == 2
+    assert json.loads((tmp_path / "router_calibration.json").read_text())["fitted"] is False
+
+
 def test_multitask_config_is_the_union_of_the_experts_data():
     cfg = load_run_config("quick")
     multitask = cfg.multitask_config()

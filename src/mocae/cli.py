@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "RUN_DIR/eval/results.{json,md}, plots). Interrupt it anywhere and run the same command "
                     "again: finished stages and systems are reused.")
     p.add_argument("--preset", default="quick",
-                   help="preset in configs/ (quick, full, trinityx, alignx, h3fusion, mote) or a YAML file path")
+                   help="a packaged preset (quick, full, dpo, trinityx, alignx, h3fusion, mote) or a YAML file path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. --set eval.n_helpful=64 --set 'systems=[base, mocae]' "
                         "(repeatable; changes the run's hash)")

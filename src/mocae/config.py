@@ -1,4 +1,7 @@
-"""Typed configuration: pydantic models with help text, loaded from YAML presets in ``configs/``.
+"""Typed configuration: pydantic models with help text, loaded from YAML presets.
+
+The presets ship inside the package (``mocae/configs/*.yaml``, read through ``importlib.resources``),
+so they are found after a plain ``pip install`` as well as in a checkout.
 
 A preset's header comment shows the command that runs it. Loading rejects unknown fields and
 wrong types with an error naming the file and the field, so a typo never silently falls back
@@ -9,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
-
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -47,8 +49,13 @@ def validate_config(model_cls: type[M], data: dict, source: str = "<config>") ->
         raise ConfigError(f"{source}: {problems}") from None
 
 
+def presets_dir() -> Path:
+    """The folder of the packaged presets (mocae installs unzipped, so it is a real folder)."""
+    return Path(str(resources.files("mocae") / "configs"))
+
+
 def resolve_preset(name_or_path: str | Path) -> Path:
-    """A preset name (``quick``) maps to ``configs/quick.yaml``; a path is used as is.
+    """A preset name (``quick``) maps to the packaged ``mocae/configs/quick.yaml``; a path is used as is.
 
     Raises:
         FileNotFoundError: listing the presets that exist.
@@ -56,10 +63,10 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} and path.is_file():
         return path
-    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    candidate = presets_dir() / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    known = sorted(p.stem for p in presets_dir().glob("*.yaml"))
     raise FileNotFoundError(f"no preset or YAML file {str(name_or_path)!r}; presets: {known}")
 
 

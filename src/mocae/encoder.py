@@ -79,6 +79,19 @@ def embed(texts: list[str], tokenizer, model, *, max_length: int = 256, batch_si
 _LOADED: dict = {}
 
 
+def _loaded(path: Path | str | None):
+    """(tokenizer, model) of ``path``, loaded once per process."""
+    key = str(path)
+    if key not in _LOADED:
+        _LOADED[key] = load_encoder(path)
+    return _LOADED[key]
+
+
+def sentence_embeddings(texts: list[str]) -> torch.Tensor:
+    """Unit-norm all-MiniLM-L6-v2 embeddings as a tensor (router input, example selection), loaded once."""
+    return torch.from_numpy(embed(list(texts), *_loaded(None)))
+
+
 def sentence_embedder(path: Path | str | None = None, max_length: int = 128):
     """A function ``texts -> unit-norm float32 (N, D) array`` over one loaded encoder (loaded once).
 
@@ -86,10 +99,7 @@ def sentence_embedder(path: Path | str | None = None, max_length: int = 128):
         path: a BERT folder; None means all-MiniLM-L6-v2.
         max_length: tokens read per text.
     """
-    key = str(path)
-    if key not in _LOADED:
-        _LOADED[key] = load_encoder(path)
-    tokenizer, model = _LOADED[key]
+    tokenizer, model = _loaded(path)
 
     def run(texts: list[str]) -> np.ndarray:
         return embed(list(texts), tokenizer, model, max_length=max_length)

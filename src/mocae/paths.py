@@ -33,6 +33,13 @@ def data_dir() -> Path | None:
     return path
 
 
+def resolve_root(given: Path | str | None) -> Path | None:
+    """The data directory to read: ``given``, else ``$MOCAE_DATA_DIR``, else None (use the Hub)."""
+    if given is not None:
+        return Path(given).expanduser()
+    return data_dir()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader never sees a half-written file."""
     path = Path(path)

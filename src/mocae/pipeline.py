@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from mocae import AXES
 from mocae.config import ConfigError, config_hash, load_config, resolve_preset
@@ -87,6 +87,10 @@ class RunConfig(BaseModel):
     feature_layer: int | None = Field(None, description="hidden router input: pooled layer (None = middle)")
     decision: DecisionConfig = Field(default_factory=DecisionConfig, description=(
         "MoCaE routing mode: soft blend, top1, harm gate (threshold fitted on calib to gate_budget) or gate+top1"))
+    mocae: dict = Field(default_factory=dict, description=(
+        "the run's other MoCaEConfig fields, e.g. routing (sequence/token/static), pooling, top_k, "
+        "token_temperature, static_weights, merge_single_request; checked when the preset loads. fit_router "
+        "trains sequence routers only: a token router is saved as initialised (all-zero), a static one as its weights"))
     systems: list[SystemName] = Field(
         ["base", "expert_helpful", "expert_harmless", "expert_honest", "task_arithmetic", "mocae"],
         description=f"systems to build and evaluate, of: {', '.join(SYSTEMS)}")
@@ -105,6 +109,23 @@ class RunConfig(BaseModel):
         # The harness' in-process efficiency would report one process' high-water RSS for all.
         if isinstance(data, dict) and isinstance(data.get("eval", {}), dict):
             data = {**data, "eval": {"efficiency": False, **data.get("eval", {})}}
+        return data
+
+    @field_validator("mocae")
+    @classmethod
+    def _mocae_fields_set_once(cls, fields):
+        elsewhere = sorted(set(fields) & {"backbone", "experts", "router_input", "feature_layer", "decision",
+                                          "calibrator"})
+        if elsewhere:
+            raise ValueError(f"{elsewhere}: set outside the mocae section (by the run's own fields of that name; "
+                             "the calibrator by router.default_calibrator)")
+        return fields
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.mocae:  # added after runs were keyed: left out when empty, so their run and stage keys hold
+            data.pop("mocae", None)
         return data
 
     @field_validator("systems")
@@ -141,6 +162,16 @@ class RunConfig(BaseModel):
         }
 
 
+    def mocae_config(self, experts: dict[str, str]):
+        """The run's MoCaEConfig over these expert folders (axis -> path)."""
+        from mocae.config import validate_config
+        from mocae.mixture.model import MoCaEConfig
+
+        return validate_config(MoCaEConfig, {
+            "backbone": self.backbone, "experts": experts, "router_input": self.router_input,
+            "feature_layer": self.feature_layer, "decision": self.decision.model_copy(), **self.mocae,
+        }, source=f"preset {self.name!r}, mocae")
+
     def multitask_config(self):
         """The multi-task SFT baseline: the shared expert settings on the union of the experts' data."""
         from mocae.config import validate_config
@@ -157,7 +188,7 @@ class RunConfig(BaseModel):
 
 
 def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset by name (``configs/<name>.yaml``) or path, with ``key.path=value`` overrides.
+    """Load a preset by name (the packaged ``mocae/configs/<name>.yaml``) or path, with ``key.path=value`` overrides.
 
     The whole config is validated, the per-axis expert and multi-task configs included.
 
@@ -173,6 +204,7 @@ def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> R
         raise ConfigError(f"preset {cfg.name!r}, field 'backbone': {err}") from None
     cfg.expert_configs()
     cfg.multitask_config()
+    cfg.mocae_config({axis: "" for axis in AXES})  # its fields, before anything trains
     return cfg
 
 
@@ -231,9 +263,10 @@ def mocae_inputs(cfg: RunConfig, experts: dict[str, Path]) -> dict:
     """What the router stage is made of: its settings, the backbone, the experts and its data files."""
     from mocae.mixture.fit import router_data_files
 
+    mocae = {"mocae": cfg.mocae} if cfg.mocae else {}  # absent when empty: earlier keys hold
     return stage_inputs(config={"router": cfg.router, "router_input": cfg.router_input,
                                 "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
-                                "decision": cfg.decision},
+                                "decision": cfg.decision, **mocae},
                         backbone=backbone_fingerprint(cfg.backbone),
                         experts={a: expert_fingerprint(p) for a, p in experts.items()},
                         data=data_fingerprint(router_data_files(cfg.router)))
@@ -246,7 +279,7 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     Reused only when ``mocae/stage.json`` carries this stage's key (see :func:`mocae_inputs`).
     """
     from mocae.mixture.fit import fit_router, format_calibration_table
-    from mocae.mixture.model import MoCaEConfig, MoCaEModel
+    from mocae.mixture.model import MoCaEModel
 
     out = run_dir / "mocae"
     inputs = mocae_inputs(cfg, experts)
@@ -256,11 +289,14 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
             log.note("mocae", key, inputs, computed=False)
         return out
     reason = log.reason("mocae", inputs, read_stage(out)) if log is not None else "no earlier record"
-    print(f"[mocae] fitting the router and calibrators ({reason})", flush=True)
-    model = MoCaEModel.build(MoCaEConfig(
-        backbone=cfg.backbone, experts={a: str(p) for a, p in experts.items()},
-        router_input=cfg.router_input, feature_layer=cfg.feature_layer, decision=cfg.decision.model_copy()))
-    report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
+    model = MoCaEModel.build(cfg.mocae_config({a: str(p) for a, p in experts.items()}))
+    routing = model.mocae_config.routing
+    if routing == "sequence":
+        print(f"[mocae] fitting the router and calibrators ({reason})", flush=True)
+        report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
+    else:  # fit_router trains sequence routers only
+        print(f"[mocae] {routing} routing: saved as built, nothing to fit ({reason})", flush=True)
+        report = {"routing": routing, "fitted": False, "calibrators": {}}
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)
     write_stage(out, "mocae", key, inputs)  # last: the folder and its report are complete
@@ -423,7 +459,7 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
 
     cfg = load_run_config(preset, overrides)
     from mocae.data.contamination import ensure_clean
-    from mocae.data.readers import resolve_root
+    from mocae.paths import resolve_root
 
     if resolve_root(None) is None:  # Hub users: the check compares local files only
         print("[contamination] no MOCAE_DATA_DIR: the check reads local data files, so it is skipped "
@@ -481,7 +517,8 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     sections = []
     if (run_dir / "router_calibration.json").is_file():
         calibration = json.loads((run_dir / "router_calibration.json").read_text())
-        sections.append(("Router calibration", format_calibration_table(calibration)))
+        if calibration["calibrators"]:  # none for a token or static router
+            sections.append(("Router calibration", format_calibration_table(calibration)))
     summary = format_run_summary(results, cfg.name, run_dir, sections)
     atomic_write_text(run_dir / "summary.md", summary)
     print(f"\n{table}\n\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from mocae.errors import read_cached_json
-from mocae.paths import atomic_write_json
+from mocae.paths import atomic_write_json, resolve_root
 
 # Names the split rules of mocae.data.splits and the held-out filter of mocae.data.heldout: bump it
 # when either changes, so that every stage that read a split side (experts, router, evaluation) is
@@ -109,8 +109,6 @@ def data_fingerprint(files: Iterable[str], data_dir: str | Path | None = None) -
     Without a data directory the loaders read the Hub: the files are then named ``hub``. A
     missing file is ``missing`` (its loader fails with the full path when the stage runs).
     """
-    from mocae.data.readers import resolve_root
-
     root = resolve_root(data_dir)
     out = {}
     for rel in sorted(set(files)):

@@ -40,7 +40,7 @@ def preference_data(tmp_path: Path) -> Path:
     """The fixtures plus AlpacaEval annotations covering every side of the split (as in test_preference)."""
     import shutil
 
-    from mocae.evaluation.judges.tiny import write_fixture_data
+    from tiny_judges import write_fixture_data
 
     root = tmp_path / "data"
     shutil.copytree(FIXTURE_DATA, root)

@@ -42,7 +42,7 @@ def dpo_config(**overrides) -> ExpertConfig:
 def preference_data(tmp_path: Path) -> Path:
     """The test fixtures plus an AlpacaEval reference file and GPT-4 annotations large enough that
     every side of THE AlpacaEval split has instructions (the judges' fixture writer makes them)."""
-    from mocae.evaluation.judges.tiny import write_fixture_data
+    from tiny_judges import write_fixture_data
 
     root = tmp_path / "data"
     shutil.copytree(FIXTURE_DATA, root)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mocae.evaluation.calibration_metrics import calibration_report
+from mocae.mixture.calibration_metrics import calibration_report
 from mocae.mixture.calibration import (
     CALIBRATORS,
     Calibrator,

@@ -28,7 +28,9 @@ def test_gating_loss_separates_clusters():
 def test_fit_router_reports_and_installs_default(expert_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
     model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, feature_layer=1))
+    model.tokenizer.padding_side = "right"  # features are read left-padded; the caller's side comes back
     report = fit_router(model, RouterFitConfig(**SMALL), cache=tmp_path / "f", progress=False, plot_dir=tmp_path)
+    assert model.tokenizer.padding_side == "right"
     assert set(report["calibrators"]) == {"none", "temperature", "importance"}
     for result in report["calibrators"].values():
         assert {"accuracy", "ece", "brier", "nll", "n"} <= set(result["test"]) and result["shifted"]["n"] > 0

@@ -1,6 +1,7 @@
 """MoCaEModel on tiny-random: routing invariances, steering, generation, save/load, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,30 @@ def test_generation_returns_routing_and_steering_works(expert_dirs):
     assert tilted[0]["routing"]["honest"] > out[0]["routing"]["honest"]
     with pytest.raises(ValueError, match="unknown axes"):
         model.chat("hello", axis_weights={"funny": 1.0})
+
+
+def test_chat_restores_the_tokenizers_padding_side(expert_dirs):
+    model = build(expert_dirs, router_input="hidden")
+    model.tokenizer.padding_side = "right"  # chat pads on the left for generation, then puts it back
+    assert model.chat(["hello", "what is water"], max_new_tokens=2)
+    assert model.tokenizer.padding_side == "right"
+
+
+def test_from_experts_wraps_a_loaded_backbone_like_build(expert_dirs, tiny):
+    from mocae.backbones import load_backbone
+
+    base, tok = tiny
+    model = MoCaEModel.from_experts(base, tok, {a: Path(p) for a, p in expert_dirs.items()},
+                                    router_input="hidden", pooling="last")
+    assert model.mocae_config.backbone == "tiny-random"  # read from the experts' records
+    assert model.peft_model.get_base_model() is base and model.tokenizer is tok
+    assert model.mocae_config.pooling == "last" and list(model.axes) == list(expert_dirs)
+    built = build(expert_dirs, router_input="hidden", pooling="last")
+    for m in (model, built):
+        randomise_router(m)
+    assert model.chat("hello there", max_new_tokens=4) == built.chat("hello there", max_new_tokens=4)
+    token = MoCaEModel.from_experts(*load_backbone("tiny-random"), expert_dirs, routing="token", top_k=2)
+    assert token.router.top_k == 2 and not token.routes_per_request
 
 
 def test_batch1_merged_generation_equals_unmerged(expert_dirs):

@@ -123,7 +123,7 @@ def build_chains(model, tokenizer, examples: list[tuple[str, str, int]], harmful
     Returns:
         [{"prompt", "completion" (the chain), "axis", "guidance" (bool)}] in example order.
     """
-    from mocae.evaluation.runner import GenerationConfig, generate_cached, model_fingerprint
+    from mocae.generation_cache import GenerationConfig, generate_cached, model_fingerprint
     from mocae.paths import cache_dir as default_cache
 
     cfg = cfg or MoteConfig()

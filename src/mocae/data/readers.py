@@ -14,15 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mocae import paths
 from mocae.data.records import DataError
-
-
-def resolve_root(data_dir: Path | str | None) -> Path | None:
-    """The data directory to read: ``data_dir``, else ``$MOCAE_DATA_DIR``, else None (use the Hub)."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    return paths.data_dir()
+# Defined with the other paths (mocae.stages reads it too); the data loaders import it from here.
+from mocae.paths import resolve_root  # noqa: F401
 
 
 def data_file(root: Path, rel: str) -> Path:

@@ -34,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.evaluation import metrics as M
 from mocae.evaluation.prompt_sets import GPT4, eval_prompts, jailbreak_set  # noqa: F401 (public here too)
-from mocae.evaluation.refusal import is_refusal
+from mocae.refusal import is_refusal
 from mocae.generation import MAX_NEW_TOKENS
-from mocae.evaluation.runner import (GenerationConfig, Generations, cached_scores, generate_records, model_fingerprint,
-                                     prompts_hash, write_alpaca_eval_outputs)
+from mocae.generation_cache import (GenerationConfig, Generations, cached_scores, generate_records, model_fingerprint,
+                                    prompts_hash, write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.

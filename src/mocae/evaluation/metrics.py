@@ -274,7 +274,7 @@ def router_calibration(probs, labels, n_boot: int = 1000, seed: int = 0) -> dict
     Returns:
         {"accuracy", "ece", "brier", "nll"}: values as ``calibration_report`` computes them.
     """
-    from mocae.evaluation.calibration_metrics import calibration_report, expected_calibration_error
+    from mocae.mixture.calibration_metrics import calibration_report, expected_calibration_error
 
     probs, labels = _as_array(probs, "router_calibration"), np.asarray(labels, dtype=np.int64)
     report = calibration_report(probs, labels)

@@ -282,7 +282,7 @@ def write_results(results: dict, out_dir: Path, calibration: dict | None = None)
     Returns:
         {"results_json", "results_md", "plots": [paths]} (as strings).
     """
-    from mocae.evaluation.calibration_metrics import reliability_diagrams
+    from mocae.mixture.calibration_metrics import reliability_diagrams
 
     from mocae.evaluation.compare import compare_systems
 

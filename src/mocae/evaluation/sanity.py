@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mocae.data import load_alpaca_eval, load_harmbench, load_truthfulqa_mc, load_xstest
-from mocae.evaluation.refusal import refusal_rate
+from mocae.refusal import refusal_rate
 from mocae.generation import completion_batch, generate_batch
 from mocae.paths import atomic_write_json
 

@@ -120,7 +120,7 @@ def nearest_examples(candidates: list[Example], anchors: list[str], embed=None, 
 
 @lru_cache(maxsize=4)
 def _minilm_order(prompts: tuple[str, ...], anchors: tuple[str, ...], k: int) -> list[int]:
-    from mocae.mixture.model import sentence_embeddings
+    from mocae.encoder import sentence_embeddings
 
     return _similarity_order(sentence_embeddings, prompts, anchors, k)
 

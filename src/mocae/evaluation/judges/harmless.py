@@ -33,7 +33,7 @@ from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
 from mocae.evaluation.judges.sources import load_hh_harmless, load_pyrit_refusal, load_xstest_completions
 from mocae.evaluation.judges.store import Judge
-from mocae.evaluation.refusal import is_refusal
+from mocae.refusal import is_refusal
 
 HELDOUT_MODEL = "mistralinstruct"  # the one XSTest model that often complies with unsafe prompts
 

@@ -28,7 +28,7 @@ from mocae.evaluation.judges import metrics, training
 from mocae.evaluation.judges.encoder import Scorer, load_encoder, load_scorer, save_scorer
 from mocae.evaluation.judges.sources import ALPACA_EVAL_ANNOTATIONS, load_alpaca_eval_annotations
 from mocae.evaluation.judges.store import Judge
-from mocae.evaluation.refusal import is_refusal
+from mocae.refusal import is_refusal
 
 STYLE_NAMES = ("log_chars", "log_words", "distinct_words", "refusal", "bullets", "numbered", "bold",
                "log_lines", "ends_cleanly", "paragraphs", "as_an_ai", "instruction_overlap",

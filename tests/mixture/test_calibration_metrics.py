@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mocae.evaluation.calibration_metrics import (
+from mocae.mixture.calibration_metrics import (
     calibration_report,
     expected_calibration_error,
     reliability_diagram,

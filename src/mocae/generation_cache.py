@@ -1,4 +1,6 @@
-"""Generation for evaluation, cached so that re-evaluating a system costs nothing.
+"""Generation cached on disk, so that re-evaluating a system (or rebuilding MoTE's chains) costs nothing.
+
+It sits below every package that generates (evaluation, the baselines), so none imports upwards.
 
 Outputs are keyed by (model id, prompt set, generation config, hash of the prompts) and stored
 as one JSON file per key, with each answer's generated-token count and whether it reached EOS;

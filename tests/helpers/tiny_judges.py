@@ -1,6 +1,7 @@
 """A tiny random BERT with a word-piece tokenizer, built in memory: the judges' test encoder.
 
-Tests (and quick smoke runs) pass its folder as ``encoder=`` so no real model is loaded.
+Tests (and quick smoke runs) pass its folder as ``encoder=`` so no real model is loaded. A test
+helper, not package code: tests/conftest.py puts tests/helpers on sys.path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def build_tiny_encoder(folder: Path, texts: list[str] = (), hidden: int = 32, la
         texts: words of these texts (lowercased) make the vocabulary, plus letters and digits.
 
     Returns:
-        ``folder``, loadable with ``mocae.evaluation.judges.encoder.load_encoder``.
+        ``folder``, loadable with ``mocae.encoder.load_encoder``.
     """
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mocae.evaluation.runner import GenerationConfig, generate_cached, model_fingerprint, write_alpaca_eval_outputs
+from mocae.generation_cache import GenerationConfig, generate_cached, model_fingerprint, write_alpaca_eval_outputs
 
 
 class ExplodingModel:
@@ -128,7 +128,7 @@ def test_a_mismatched_entry_is_a_miss(tiny, tmp_path, field, value):
 
 def test_truncated_share_is_exact(tiny, tmp_path):
     """Token counts and EOS per answer, checked against one unbatched generate per prompt."""
-    from mocae.evaluation.runner import generate_records
+    from mocae.generation_cache import generate_records
     from mocae.generation import chat_prompt
 
     model, tokenizer = tiny

@@ -1,6 +1,6 @@
 import pytest
 
-from mocae.evaluation.refusal import is_refusal, refusal_rate
+from mocae.refusal import is_refusal, refusal_rate
 
 
 @pytest.mark.parametrize("answer", [
