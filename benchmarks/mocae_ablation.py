@@ -62,8 +62,8 @@ def calib_sets(cfg, n_over_refusal: int) -> dict:
 def measure(name: str, model, tokenizer, sets: dict, judges: dict, base: dict | None, cache: Path,
             max_new_tokens: int) -> dict:
     """Per-prompt values of every metric (the harness' ``per_prompt`` shape) for one variant."""
-    from mocae.evaluation.refusal import is_refusal
-    from mocae.evaluation.runner import GenerationConfig, generate_records, model_fingerprint, prompts_hash
+    from mocae.refusal import is_refusal
+    from mocae.generation_cache import GenerationConfig, generate_records, model_fingerprint, prompts_hash
     from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
 
     decision = getattr(getattr(model, "mocae_config", None), "decision", None)
