@@ -96,6 +96,21 @@ def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
     return copied
 
 
+def land_experts(land_to: Path, folders) -> list[Path]:
+    """Copy finished expert folders (not their resume checkpoints) into ``land_to/experts/``; returns them.
+
+    Called as soon as the experts are trained, before any system is evaluated: they are the
+    longest stage, and every later system is built from these very weights.
+    """
+    landed = []
+    for path in folders:
+        dst = Path(land_to) / "experts" / Path(path).name
+        if not dst.exists():
+            _copy_tree(Path(path), dst)
+        landed.append(dst)
+    return landed
+
+
 def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
     """Copy system ``name``'s finished evaluation (and the experts, once) into ``land_to``.
 
@@ -131,11 +146,7 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
             _copy_file(src, land_to / "base" / src.name)
             landed.append(land_to / "base" / src.name)
     systems = json.loads((run_dir / "systems.json").read_text(encoding="utf-8"))
-    for path in systems.get("experts", {}).values():
-        dst = land_to / "experts" / Path(path).name
-        if not dst.exists():
-            _copy_tree(Path(path), dst)
-        landed.append(dst)
+    landed += land_experts(land_to, systems.get("experts", {}).values())
     manifest_path = land_to / "landed.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     result = results["systems"][name]

@@ -96,3 +96,12 @@ def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, mon
     run = _run(tmp_path, tmp_path / "cache")
     with pytest.raises(KeyError, match="mocae"):
         landing.land(tmp_path / "landed", run, "mocae", "s")
+
+
+def test_experts_land_before_any_system(landing, tmp_path):
+    expert = tmp_path / "cache" / "harmless-k"
+    _write(expert / "adapter_model.safetensors", "w")
+    _write(expert / "checkpoints" / "checkpoint-1" / "x", "resume point")
+    landed = landing.land_experts(tmp_path / "landed", [expert])
+    assert landed == [tmp_path / "landed" / "experts" / "harmless-k"]
+    assert (landed[0] / "adapter_model.safetensors").read_text() == "w" and not (landed[0] / "checkpoints").exists()
