@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_script
 from mocae.evaluation.compare import compare_systems
 
-ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = ["lc_win_rate", "lc_win_rate_vs_base", "win_rate_vs_reference", "win_rate_vs_base", "output_chars_mean",
             "truncated_share", "reference_nll_gpt4", "safety_score", "safety_jailbreak", "over_refusal", "mc1", "mc2",
             "ti", "mc1_chat", "mc2_chat"]
@@ -18,10 +17,7 @@ REQUIRED = ["lc_win_rate", "lc_win_rate_vs_base", "win_rate_vs_reference", "win_
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def _metric(values, scale=100.0):
@@ -117,9 +113,7 @@ def test_markdown_names_the_headline_and_says_better_worse_or_within_noise(bench
 
 
 def test_summary_renders_new_bench_files_and_refuses_old_ones(bench):
-    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    summarize = load_script("summarize")
     lines = summarize.bench(bench.build_report(_results(), META))
     assert any("length-controlled win rate" in line for line in lines)
     old = summarize.bench({"systems": {"base": {}}, "mocae_vs_base": {}})

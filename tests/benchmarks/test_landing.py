@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def landing():
-    spec = importlib.util.spec_from_file_location("landing", ROOT / "benchmarks" / "landing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["landing"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("landing")
 
 
 def _write(path: Path, payload) -> None:
