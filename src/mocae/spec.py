@@ -33,8 +33,8 @@ class Capabilities:
     """What the harness, the MC scorer and the server may ask of a loaded system.
 
     Args:
-        router: exposes ``axes`` and ``route`` / ``routing_probs`` (:class:`Router`): its routing
-            and router calibration are reported.
+        router: exposes ``axes`` and ``route`` / ``routing_probs`` (:class:`Router`): scoring routes
+            on the prompt alone.
         per_request_routing: ``route`` gives one weight vector per request and ``routing_override``
             is honoured (scoring routes each MC context on its question alone).
         step_decoding: writes a reasoning chain before the answer (:class:`StepDecoder`): the
@@ -42,6 +42,8 @@ class Capabilities:
         kv_cache: a forward with ``past_key_values`` gives the logits of a full forward (the MC
             scorer's shared-prefix cache may be used).
         bf16_autocast: its forward runs under bf16 autocast (else scoring stays in fp32).
+        routing_report: a router's per-prompt probabilities and their calibration are reported
+            (False for fixed or steered weights, whose calibration means nothing).
     """
 
     router: bool = False
@@ -49,6 +51,7 @@ class Capabilities:
     step_decoding: bool = False
     kv_cache: bool = True
     bf16_autocast: bool = True
+    routing_report: bool = True
 
 
 PLAIN = Capabilities()
@@ -75,8 +78,9 @@ class StepDecoder(Protocol):
     def final_answer(self, text: str) -> str: ...
 
 
-def declare(model, capabilities: Capabilities):
-    """Record ``capabilities`` on a built model (one attribute) and return the model."""
+def declare(model, capabilities: Capabilities | None):
+    """Record ``capabilities`` on a built model (one attribute) and return the model; None goes back
+    to what the model's class or interface says."""
     setattr(model, ATTRIBUTE, capabilities)
     return model
 

@@ -300,7 +300,8 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
 def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
     """Per-prompt routing probabilities of a routed system (``Capabilities.router``; None for others,
     a note for token routing)."""
-    if not capabilities_of(model).router:
+    caps = capabilities_of(model)
+    if not (caps.router and caps.routing_report):
         return None
     from mocae.generation import chat_prompt
 

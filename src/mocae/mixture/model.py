@@ -340,10 +340,16 @@ class MoCaEModel(PeftBackedModel):
 
     @property
     def mocae_capabilities(self):
-        """A router over ``axes``, per request unless it routes per token (``mocae.spec``)."""
+        """A router over ``axes``, per request unless it routes per token (``mocae.spec``); a caller
+        that steers the routing may declare others (``mocae.spec.declare``)."""
         from mocae.spec import Capabilities
 
-        return Capabilities(router=True, per_request_routing=self.routes_per_request)
+        declared = self.__dict__.get("_declared_capabilities")
+        return declared or Capabilities(router=True, per_request_routing=self.routes_per_request)
+
+    @mocae_capabilities.setter
+    def mocae_capabilities(self, value) -> None:
+        self.__dict__["_declared_capabilities"] = value
 
     # save / load --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
