@@ -138,7 +138,7 @@ def test_efficiency_is_measured_in_a_child_process(tiny_run, monkeypatch, tmp_pa
 def test_every_system_scores_with_the_shared_prefix_cache(tiny_run):
     """lm-eval's MC scoring path: the cached-prefix forward equals the plain one for each system."""
     from mocae.evaluation.prefix_cache import SharedPrefixLM
-    from mocae.evaluation.truthfulqa_mc import _supports_cache
+    from mocae.spec import capabilities_of
 
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(5, 200, (24,), generator=gen)
@@ -151,9 +151,27 @@ def test_every_system_scores_with_the_shared_prefix_cache(tiny_run):
             model.routing_override = lambda ids: torch.tensor([[0.2, 0.3, 0.5]]).expand(len(ids), -1)
         with torch.no_grad():
             plain = model(input_ids=batch).logits
-            if not _supports_cache(model):
+            if not capabilities_of(model).kv_cache:
                 assert name == "xlora"
                 continue
             wrapped = SharedPrefixLM(model)
             assert torch.allclose(wrapped(batch).logits, plain, atol=1e-4), name
             assert wrapped.stats["cached_calls"] == 1, name
+
+
+def test_saved_folders_open_by_their_marker_or_their_files(tiny_run):
+    """A folder saved before markers existed opens the same way and keeps its fingerprint."""
+    from mocae.spec import SYSTEM_FILE
+    from mocae.systems import detect
+
+    for name in ("mocae", "h3fusion", "xlora", "mote"):
+        folder = Path(tiny_run.run_dir) / name
+        assert json.loads((folder / SYSTEM_FILE).read_text()) == {"system": name}
+        before = system_fingerprint(name, tiny_run)
+        (folder / SYSTEM_FILE).unlink()
+        assert detect(folder).name == name and system_fingerprint(name, tiny_run) == before
+    assert detect(tiny_run.experts["honest"]).name == "expert"
+    model, _ = load_system(Path(tiny_run.run_dir) / "xlora")
+    assert model.xlora_experts == ["helpful", "harmless", "honest"]
+    with pytest.raises(FileNotFoundError, match="not a saved system"):
+        load_system(tiny_run.run_dir)

@@ -22,6 +22,8 @@ Environment:
   MOCAE_DATA_DIR  local dataset directory (see `mocae data check`); unset = Hugging Face Hub
   MOCAE_CACHE     cache for converted backbones, experts and runs (default ~/.cache/mocae)
   MOCAE_DEBUG=1   show the Python traceback of an error (same as --debug)
+  MOCAE_DEVICE    auto (CUDA when available, else CPU), cpu, cuda or cuda:N (same as --device)
+  MOCAE_DTYPE     auto (bf16 autocast for training and on CUDA), bf16 or fp32 (same as --dtype)
 """
 
 EPILOG = """\
@@ -110,11 +112,11 @@ def _check_prompt_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from mocae.backbones import load_backbone
     from mocae.generation import generate_streamed
+    from mocae.systems import load_system
 
     _check_prompt_args(args)
-    model, tokenizer = load_backbone(args.backbone)
+    model, tokenizer = load_system("base", backbone=args.backbone)
     generate_streamed(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system,
         truncate_prompt=args.truncate_prompt,
@@ -240,10 +242,11 @@ def _routing_bars(routing: dict | None, width: int = 30) -> str:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from mocae.device import place
     from mocae.mixture.model import MoCaEModel
 
     _check_prompt_args(args)
-    model = MoCaEModel.from_pretrained(args.model)
+    model = place(MoCaEModel.from_pretrained(args.model))
     print(f"MoCaE chat ({', '.join(model.axes)}); empty line or Ctrl-D to quit")
     while True:
         try:
@@ -261,6 +264,50 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_loaders(model: str, backbone: str | None = None) -> dict:
+    """{name: loader} for ``mocae eval --model``: always the base model, plus DIR when given.
+
+    Args:
+        model: "base" or any saved system folder (``mocae.systems.load_system``).
+        backbone: backbone override; default: the one recorded with DIR, else smollm2-135m.
+
+    Raises:
+        FileNotFoundError: DIR is not a saved system folder.
+        LoadError: a file in DIR is damaged or belongs to another backbone (checked here, before
+            any model loads).
+        UnknownBackbone: the backbone name is not known (see ``check_backbone_name``).
+    """
+    from mocae.backbones import DEFAULT_BACKBONE, check_backbone_name
+    from mocae.systems import AutoSystem, load_system
+
+    if backbone is not None:
+        check_backbone_name(backbone)
+    if model == "base":
+        name = backbone or DEFAULT_BACKBONE
+        return {"base": lambda: load_system("base", backbone=name)}
+    path = Path(model)
+    _, recorded = AutoSystem.inspect(path, backbone)  # every file checked now, not after the base is evaluated
+    base_name = check_backbone_name(backbone or recorded or DEFAULT_BACKBONE)
+    name = path.resolve().name if path.resolve().name != "base" else "system"
+    return {"base": lambda: load_system("base", backbone=base_name),
+            name: lambda: load_system(path, backbone=backbone)}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mocae.evaluation.harness import evaluate
+    from mocae.evaluation.report import format_results_table
+    from mocae.pipeline import EVAL_PRESETS, load_eval_config
+
+    cfg = load_eval_config(args.preset)
+    systems = eval_loaders(args.model, args.backbone)
+    preset = Path(args.preset).stem if args.preset not in EVAL_PRESETS else args.preset
+    out = Path(args.out) if args.out else Path("runs") / f"eval-{preset}"
+    results = evaluate(systems, cfg, out, force=args.force, progress=not args.no_progress)
+    print(format_results_table(results))
+    print(f"report: {out / 'results.md'} (json: {out / 'results.json'}; plots in {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (kept separate so tests can inspect it)."""
     parser = argparse.ArgumentParser(
@@ -270,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mocae {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error instead of one line (or MOCAE_DEBUG=1)")
+    parser.add_argument("--device", default=None, help="where to train and generate: auto (default), cpu, cuda, "
+                        "cuda:N (or MOCAE_DEVICE); not part of any stage key")
+    parser.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp32"],
+                        help="autocast: auto (default: bf16 for training and on CUDA, fp32 generation on CPU), "
+                             "bf16 or fp32 (or MOCAE_DTYPE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("backbones", help="list registered backbones, their size and availability")
@@ -358,9 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="reuse a --run-dir made with another backbone (recomputes it)")
     p.set_defaults(func=_cmd_run)
 
-    from mocae.evaluation.cli import add_eval_command  # cheap: argparse/json/pathlib only
+    p = sub.add_parser(
+        "eval", help="evaluate base (and a trained system) on every HHH metric; writes results.json/.md, plots",
+        description="Win rate vs AlpacaEval's reference and vs the base model (raw and length-controlled), "
+                    "safety on HarmBench/StrongREJECT, over-refusal on XSTest, TruthfulQA MC1/MC2 and judged "
+                    "TI, router calibration and efficiency. Needs the trained judges (`mocae judges train`). "
+                    "Finished systems are cached in OUT/systems and generations in $MOCAE_CACHE/generations.",
+    )
+    p.add_argument("--model", required=True, metavar="{base|DIR}",
+                   help="'base' or any saved system folder (MoCaE, H3Fusion, X-LoRA, MoTE, a merge, a peft "
+                        "adapter); the base model is always evaluated too, first")
+    p.add_argument("--backbone", default=None, help="backbone (default: recorded with DIR, else smollm2-135m)")
+    p.add_argument("--preset", default="quick", help="quick, full or an EvalConfig YAML (default quick)")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval-<preset>)")
+    p.add_argument("--force", action="store_true", help="re-evaluate systems already in OUT/systems")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
 
-    add_eval_command(sub)
     from mocae.evaluation.judges import add_judges_command
 
     add_judges_command(sub)
@@ -368,6 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_commands(sub)
     return parser
+
+
+def _set_device(args: argparse.Namespace) -> None:
+    """--device / --dtype, checked now and set through the environment: child processes (efficiency,
+    data-parallel ranks) see the same setting."""
+    if args.device is not None:
+        from mocae.device import resolve
+
+        resolve(args.device)  # an unknown name or a missing GPU fails before anything runs
+        os.environ["MOCAE_DEVICE"] = args.device
+    if args.dtype is not None:
+        os.environ["MOCAE_DTYPE"] = args.dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        _set_device(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -9,6 +9,9 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
+from mocae.device import inference_autocast
+from mocae.spec import capabilities_of
+
 
 log = logging.getLogger("mocae")
 
@@ -170,10 +173,11 @@ def generate_streamed(
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = _FileStreamer(tokenizer, out if out is not None else sys.stdout)
     generate_kwargs.setdefault("do_sample", False)
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id, **generate_kwargs,
-    )
+    with inference_autocast(model.device):
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id, **generate_kwargs,
+        )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -194,8 +198,8 @@ def generate_batch(
 
     Prompts are sorted by length so each batch carries little padding (batch 16 decodes ~8x
     faster than batch 1 here); answers come back in the input order. A model that reasons
-    before answering (MoTE) says so with ``reasoning_tokens`` (added to the budget) and
-    ``final_answer(text)`` (the part that is returned and scored).
+    before answering (``Capabilities.step_decoding``: MoTE) gets ``reasoning_tokens`` more budget
+    and only its ``final_answer(text)`` is returned and scored.
 
     Args:
         model, tokenizer: a causal LM and its chat tokenizer.
@@ -217,13 +221,14 @@ def generate_batch(
     check_max_new_tokens(max_new_tokens)
     if not prompts:
         return ([], [], []) if details else []
-    budget = max_new_tokens + getattr(model, "reasoning_tokens", 0)
+    steps = capabilities_of(model).step_decoding  # a reasoning chain first (MoTE): only its answer is scored
+    budget = max_new_tokens + (model.reasoning_tokens if steps else 0)
     texts = chat_inputs(tokenizer, prompts, system, budget, context_window(model), truncate_prompt)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
     n_tokens, reached_eos = [0] * len(texts), [False] * len(texts)
     eos_ids = _eos_ids(model, tokenizer)
-    answer_of = getattr(model, "final_answer", None) or str.strip
+    answer_of = model.final_answer if steps else str.strip
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         with tqdm(total=len(texts), desc=desc, disable=not progress, leave=False) as bar:
@@ -231,8 +236,9 @@ def generate_batch(
                 idx = order[start:start + batch_size]
                 batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                                   add_special_tokens=False).to(model.device)
-                out = model.generate(**batch, max_new_tokens=budget, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                with inference_autocast(model.device):  # fp32 on the CPU (mocae.device)
+                    out = model.generate(**batch, max_new_tokens=budget, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
                 new = out[:, batch["input_ids"].shape[1]:]
                 for i, row in zip(idx, new):
                     answers[i] = answer_of(tokenizer.decode(row, skip_special_tokens=True)).strip()

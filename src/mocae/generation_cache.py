@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.paths import atomic_write_json
+from mocae.spec import capabilities_of
 
 # Bump when the record's fields change: older files are then a cache miss, never misread.
 CACHE_SCHEMA = 2
@@ -161,7 +162,7 @@ def generate_records(model, tokenizer, model_id: str, prompt_set: str, prompts: 
     outputs, n_tokens, eos = generate_batch(model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,
                                             batch_size=gen.batch_size, system=gen.system, progress=progress,
                                             desc=prompt_set, details=True)
-    budget = gen.max_new_tokens + getattr(model, "reasoning_tokens", 0)
+    budget = gen.max_new_tokens + (model.reasoning_tokens if capabilities_of(model).step_decoding else 0)
     atomic_write_json(path, {"schema": CACHE_SCHEMA, "model_id": model_id, "prompt_set": prompt_set,
                              "generation": gen.model_dump(mode="json"), "prompts_sha256": prompts_hash(prompts),
                              "budget": budget, "outputs": outputs, "n_tokens": n_tokens, "eos": eos,

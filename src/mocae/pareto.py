@@ -20,12 +20,14 @@ from __future__ import annotations
 import itertools
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mocae.evaluation.harness import EvalConfig
+from mocae.spec import capabilities_of, declare
 
 # axis -> metrics in order of preference (all higher-is-better); the first one evaluated is used.
 OBJECTIVES = {
@@ -82,16 +84,16 @@ def steered(model, weights=None, prior=None):
         probs = calibrated * tilt
         probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
         return decide_weights(probs, model.mocae_config.decision, axes, calibrated) if decide else probs
-    # A steered point's weights are the sweep's, not the router's calibrated distribution: hiding
-    # ``axes`` (read only by the harness' routing report) skips its router-calibration metrics,
-    # which fixed or one-hot weights would make infinite (log 0).
-    axes = model.__dict__.pop("axes")
+    # A steered point's weights are the sweep's, not the router's calibrated distribution: no
+    # routing report, so no router-calibration metrics, which fixed or one-hot weights would make
+    # infinite (log 0).
+    declare(model, replace(capabilities_of(model), routing_report=False))
     model.route = route
     try:
         yield model
     finally:
         del model.route
-        model.axes = axes
+        declare(model, None)
 
 
 def _objective(result: dict, axis: str) -> dict | None:

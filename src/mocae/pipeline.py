@@ -37,9 +37,9 @@ from mocae.experts.config import ExpertConfig
 from mocae.mixture.decide import DecisionConfig
 from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
-from mocae.stages import (StageLog, backbone_fingerprint, changed_fields, data_fingerprint, expert_fingerprint,
+from mocae.stages import (StageLog, backbone_fingerprint, changed_fields, data_fingerprint, experts_fingerprint,
                           folder_fingerprint, is_current, lookup, read_stage, stage_inputs, stage_key, write_stage)
-from mocae.systems import SYSTEMS, BaselinesConfig, SystemName
+from mocae.systems import SYSTEMS, BaselinesConfig, SystemName, spec_for
 
 
 class ExpertsSection(BaseModel):
@@ -140,9 +140,10 @@ class RunConfig(BaseModel):
     def _check_systems(self):
         if len(set(self.systems)) != len(self.systems):
             raise ValueError("systems lists a system twice")
-        if "oracle" in self.systems and not {f"expert_{a}" for a in AXES} <= set(self.systems):
-            raise ValueError("'oracle' is composed from the single experts: list expert_helpful, "
-                             "expert_harmless and expert_honest too")
+        for name in self.systems:
+            missing = [n for n in spec_for(name).requires if n not in self.systems]
+            if missing:
+                raise ValueError(f"{name!r} is {spec_for(name).description}: list {', '.join(missing)} too")
         if self.eval.efficiency:
             raise ValueError("eval.efficiency must be false in a run: efficiency is measured per system in a "
                              "child process (the `efficiency` section)")
@@ -208,6 +209,14 @@ def load_run_config(preset: str | Path, overrides: list[str] | None = None) -> R
     return cfg
 
 
+EVAL_PRESETS = ("quick", "full")
+
+
+def load_eval_config(preset: str | Path) -> EvalConfig:
+    """EvalConfig from a preset name (quick, full -> ``configs/eval_<name>.yaml``) or a YAML path."""
+    return load_config(EvalConfig, resolve_preset(f"eval_{preset}" if preset in EVAL_PRESETS else preset))
+
+
 class StaleRunError(ConfigError):
     """A run folder made with a config whose change would invalidate every stage in it."""
 
@@ -268,7 +277,7 @@ def mocae_inputs(cfg: RunConfig, experts: dict[str, Path]) -> dict:
                                 "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
                                 "decision": cfg.decision, **mocae},
                         backbone=backbone_fingerprint(cfg.backbone),
-                        experts={a: expert_fingerprint(p) for a, p in experts.items()},
+                        experts=experts_fingerprint(experts),
                         data=data_fingerprint(router_data_files(cfg.router)))
 
 
@@ -308,14 +317,14 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
 
 def train_baselines(cfg: RunConfig, run, progress: bool = True, log: StageLog | None = None) -> None:
     """Stage 3: train the fusion stages of the routed baselines the run lists."""
-    from mocae.systems import TRAINED, fusion_examples, train_fusion
+    from mocae.systems import TRAINED, examples_per_axis, fusion_examples, train_fusion
 
     names = [n for n in cfg.systems if n in TRAINED]
     if not names:
         return
     examples = {}  # by examples per axis: H3Fusion and X-LoRA share one selection
     for name in names:
-        n = cfg.baselines.mote.examples_per_axis if name == "mote" else cfg.baselines.fusion_examples_per_axis
+        n = examples_per_axis(name, cfg.baselines)
         if n not in examples:
             examples[n] = fusion_examples(cfg.expert_configs(), n)
         train_fusion(name, run, examples[n], progress, log=log)
@@ -337,15 +346,15 @@ def measure_systems(cfg: RunConfig, run_dir: Path, prompts: list[str], fingerpri
     Args:
         fingerprints: {name: system_fingerprint}; default: computed from ``run_dir/systems.json``.
     """
-    from mocae.systems import RunSystems, measure_isolated, system_fingerprint
+    from mocae.systems import RunSystems, is_composed, measure_isolated, system_fingerprint
 
     if fingerprints is None:
         run = RunSystems.load(run_dir)
-        fingerprints = {n: system_fingerprint(n, run) for n in cfg.systems if n != "oracle"}
+        fingerprints = {n: system_fingerprint(n, run) for n in cfg.systems if not is_composed(n)}
     out = {}
     e = cfg.efficiency
     for name in cfg.systems:
-        if name == "oracle":
+        if is_composed(name):  # no model of its own to measure
             continue
         inputs = stage_inputs(efficiency=e, system=fingerprints[name], prompts=prompts)
         key = stage_key(inputs)[:12]
@@ -409,9 +418,9 @@ def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log:
     from mocae.evaluation.efficiency import efficiency_metrics
     from mocae.evaluation.harness import eval_prompts, evaluate
     from mocae.evaluation.report import write_results
-    from mocae.systems import load_system, oracle_result, system_fingerprint
+    from mocae.systems import is_composed, load_system, spec_for, system_fingerprint
 
-    names = [name for name in cfg.systems if name != "oracle"]
+    names = [name for name in cfg.systems if not is_composed(name)]
     loaders = {name: (lambda name=name: load_system(name, run)) for name in names}
     fingerprints = {name: system_fingerprint(name, run) for name in names}
     out = run_dir / "eval"
@@ -419,8 +428,9 @@ def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log:
     for name, entry in results["evaluated"].items():
         if log is not None:
             log.note(f"eval/{name}", entry["key"], entry["inputs"], computed=not entry["reused"])
-    if "oracle" in cfg.systems:
-        results["systems"]["oracle"] = oracle_result(results)
+    for name in cfg.systems:
+        if is_composed(name):  # the oracle: from the single experts' rows
+            results["systems"][name] = spec_for(name).compose(results)
     if cfg.efficiency.enabled:
         prompts = [e.prompt for e in eval_prompts(cfg.eval)["alpaca_eval"][:cfg.efficiency.n_prompts]]
         for name, measured in measure_systems(cfg, run_dir, prompts, fingerprints, log).items():
@@ -507,7 +517,7 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
         mocae_dir = run_dir / "mocae" if "mocae" in cfg.systems else None
         # The sanity cache is per system name: a folder per key keeps a changed expert from reusing it.
         key = stage_key(stage_inputs(sanity=cfg.sanity, backbone=backbone_fingerprint(cfg.backbone),
-                                     experts={a: expert_fingerprint(p) for a, p in experts.items()},
+                                     experts=experts_fingerprint(experts),
                                      mocae=folder_fingerprint(mocae_dir) if mocae_dir else None))
         atomic_write_json(run_dir / "sanity.json", evaluate_experts(
             cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity" / key, progress=progress, mocae_dir=mocae_dir))

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from mocae.errors import read_cached_json
 from mocae.paths import atomic_write_json, resolve_root
+from mocae.spec import SYSTEM_FILE
 
 # Names the split rules of mocae.data.splits and the held-out filter of mocae.data.heldout: bump it
 # when either changes, so that every stage that read a split side (experts, router, evaluation) is
@@ -49,10 +50,12 @@ def file_digest(path: str | Path) -> str:
     return _digests[memo]
 
 
-def folder_fingerprint(path: str | Path, exclude: Iterable[str] = (STAGE_FILE,)) -> str:
+def folder_fingerprint(path: str | Path, exclude: Iterable[str] = (STAGE_FILE, SYSTEM_FILE)) -> str:
     """sha256 over every file of a model folder (relative name + content digest).
 
-    ``stage.json`` (it carries a time) and hidden or checkpoint files are left out.
+    ``stage.json`` (it carries a time), the system marker (a folder saved before markers existed
+    must keep its fingerprint, and so its cached evaluation) and hidden or checkpoint files are
+    left out.
 
     Raises:
         FileNotFoundError: ``path`` is not a folder.
@@ -85,6 +88,11 @@ def expert_fingerprint(path: str | Path) -> str:
     for name in found:
         h.update(f"{name}:{file_digest(path / name)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def experts_fingerprint(experts: dict) -> dict[str, str]:
+    """``expert_fingerprint`` of every named expert folder, by name."""
+    return {name: expert_fingerprint(path) for name, path in experts.items()}
 
 
 def backbone_fingerprint(name: str) -> str:

@@ -1,6 +1,7 @@
-"""The systems a run compares, and how each is built, loaded and measured.
+"""The systems a run compares: one table of specs, and how each is built, loaded and measured.
 
-Every system is a ``loader() -> (model, tokenizer)`` the evaluation harness scores like any other:
+Every system module declares one ``SystemSpec`` (``mocae.spec``) and ``SPECS`` below lists them;
+nothing else names a system. The harness scores each as a ``loader() -> (model, tokenizer)``:
 
 - ``base``, ``expert_<axis>`` (one peft adapter), ``multitask`` (one LoRA on the union of the
   experts' training sets), ``mocae`` (the run's Mixture of Calibrated Experts);
@@ -10,6 +11,10 @@ Every system is a ``loader() -> (model, tokenizer)`` the evaluation harness scor
   (step experts + shared expert on self-generated reasoning chains, trained here);
 - ``oracle``: the right expert per benchmark, composed from the single experts' results (an
   upper bound for any router; it generates nothing of its own).
+
+``load_system(path)`` opens any saved system folder (its ``mocae_system.json`` marker names the
+spec; older folders are recognised by their files), ``load_system(name, run)`` one system of a
+``mocae run`` directory.
 
 Memory and latency are measured per system in a fresh child process (``measure_isolated``),
 so a system's peak RSS is its own and not the high-water mark of everything evaluated before.
@@ -29,45 +34,87 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, create_model
 
 from mocae import AXES
-from mocae.baselines.h3fusion import H3FusionConfig
-from mocae.baselines.merges import MergeConfig
-from mocae.baselines.mote import MoteConfig
-from mocae.baselines.peft_routing import ArrowBaselineConfig, XLoraBaselineConfig
+from mocae.baselines import adapter, base, h3fusion, merges, mote, oracle, peft_routing
+from mocae.baselines.oracle import ORACLE_EXPERT, oracle_result  # noqa: F401 (public here too)
+from mocae.mixture import system as mocae_system
 from mocae.paths import atomic_write_json
-from mocae.stages import (StageLog, backbone_fingerprint, expert_fingerprint, folder_fingerprint, is_current,
+from mocae.spec import SYSTEM_FILE, BuildContext, SystemSpec, read_marker
+from mocae.stages import (StageLog, backbone_fingerprint, experts_fingerprint, folder_fingerprint, is_current,
                           read_stage, stage_inputs, stage_key, write_stage)
 
-SystemName = Literal["base", "expert_helpful", "expert_harmless", "expert_honest", "oracle", "multitask",
-                     "task_arithmetic", "ties", "dare", "h3fusion", "xlora", "arrow", "mote", "mocae"]
-SYSTEMS: tuple[str, ...] = SystemName.__args__
-MERGES = ("task_arithmetic", "ties", "dare")
-TRAINED = ("h3fusion", "xlora", "mote")  # stages trained in the run directory
-# The oracle's expert per prompt set: XSTest's safe prompts are benign requests, so the right
-# expert for them is the helpful one (sending them to the harmless expert is what over-refuses).
-ORACLE_EXPERT = {"helpful": "helpful", "harmless": "harmless", "over_refusal": "helpful", "honest": "honest"}
+# The registry: one line per system module. Order: how systems are listed (and detected).
+SPECS: list[SystemSpec] = [
+    base.SYSTEM,
+    adapter.EXPERT,
+    oracle.SYSTEM,
+    adapter.MULTITASK,
+    merges.SYSTEM,
+    h3fusion.SYSTEM,
+    peft_routing.XLORA_SYSTEM,
+    peft_routing.ARROW_SYSTEM,
+    mote.SYSTEM,
+    mocae_system.SYSTEM,
+]
 
 
-def _default_merges() -> dict[str, MergeConfig]:
-    return {"task_arithmetic": MergeConfig(method="task_arithmetic"),
-            "ties": MergeConfig(method="ties"),
-            "dare": MergeConfig(method="dare_ties")}
+def register(spec: SystemSpec) -> SystemSpec:
+    """Add a system to the registry at run time (a plugin's, or a test's); returns it.
+
+    A spec registered here is loaded, saved, fingerprinted and evaluated like the built-in ones;
+    only ``RunConfig.systems`` and ``BaselinesConfig`` (fixed when this module is imported) do not
+    know it: list it in ``SPECS`` for a preset to name it.
+
+    Raises:
+        ValueError: a spec or system name already taken.
+    """
+    taken = {s.name for s in SPECS} | set(system_names())
+    clash = sorted(({spec.name} | set(spec.system_names)) & taken)
+    if clash:
+        raise ValueError(f"system names already registered: {clash}")
+    SPECS.append(spec)
+    return spec
 
 
-class BaselinesConfig(BaseModel):
-    """Settings of the baselines a run builds (only those listed in ``systems`` are built)."""
+def system_names() -> tuple[str, ...]:
+    """Every registered system name, in registry order."""
+    return tuple(n for spec in SPECS for n in spec.system_names)
 
-    model_config = ConfigDict(extra="forbid")
-    merges: dict[str, MergeConfig] = Field(default_factory=_default_merges,
-                                           description="task_arithmetic / ties / dare settings")
-    h3fusion: H3FusionConfig = Field(default_factory=H3FusionConfig)
-    xlora: XLoraBaselineConfig = Field(default_factory=XLoraBaselineConfig)
-    arrow: ArrowBaselineConfig = Field(default_factory=ArrowBaselineConfig)
-    mote: MoteConfig = Field(default_factory=MoteConfig)
-    fusion_examples_per_axis: int = Field(64, gt=0, description="labelled training pairs per axis for the "
-                                          "H3Fusion router and the X-LoRA classifier (from the experts' own data)")
+
+SYSTEMS: tuple[str, ...] = system_names()
+SystemName = Literal[SYSTEMS]
+MERGES = merges.SYSTEM.system_names
+TRAINED = tuple(n for spec in SPECS if spec.fit is not None for n in spec.system_names)  # stages trained in the run
+
+
+def spec_for(name: str) -> SystemSpec:
+    """The spec of system ``name``.
+
+    Raises:
+        ValueError: an unknown system.
+    """
+    for spec in SPECS:
+        if name in spec.system_names:
+            return spec
+    raise ValueError(f"unknown system {name!r}; systems are {', '.join(system_names())}")
+
+
+def is_composed(name: str) -> bool:
+    """True for a system composed from other systems' results (no model: the oracle)."""
+    return spec_for(name).compose is not None
+
+
+BaselinesConfig = create_model(
+    "BaselinesConfig", __config__=ConfigDict(extra="forbid"),
+    __doc__="Settings of the baselines a run builds (only those listed in ``systems`` are built).",
+    **{spec.name: (spec.config, Field(default_factory=spec.config_default or spec.config,
+                                      description=spec.description))
+       for spec in SPECS if spec.config is not None},
+    fusion_examples_per_axis=(int, Field(64, gt=0, description="labelled training pairs per axis for the "
+                                         "H3Fusion router and the X-LoRA classifier (from the experts' own data)")),
+)
 
 
 @dataclass
@@ -95,6 +142,12 @@ class RunSystems:
     def config(self) -> BaselinesConfig:
         return BaselinesConfig.model_validate(self.baselines)
 
+    def context(self, name: str) -> BuildContext:
+        """What system ``name``'s spec hooks get from this run."""
+        spec, cfg = spec_for(name), self.config
+        return BuildContext(name=name, backbone=self.backbone, experts=self.experts, multitask=self.multitask,
+                            run_dir=Path(self.run_dir), settings=getattr(cfg, spec.name, None), baselines=cfg)
+
 
 def fusion_examples(expert_configs: dict, n_per_axis: int, data_dir: Path | None = None) -> list[tuple[str, str, int]]:
     """(prompt, completion, axis index) triples from each expert's own training data.
@@ -111,77 +164,112 @@ def fusion_examples(expert_configs: dict, n_per_axis: int, data_dir: Path | None
     return triples
 
 
-def _peft(backbone: str, path: str):
-    from peft import PeftModel
-
-    from mocae.backbones import load_backbone
-
-    from mocae.experts.checks import check_adapter
-
-    model, tokenizer = load_backbone(backbone)
-    check_adapter(path, backbone, model=model)  # a named error before peft's page of size mismatches
-    return PeftModel.from_pretrained(model, path).eval(), tokenizer
+def examples_per_axis(name: str, baselines) -> int:
+    """Training pairs per axis of a trained system's stage (its own setting, else the shared one)."""
+    spec = spec_for(name)
+    return spec.examples_per_axis(baselines) if spec.examples_per_axis else baselines.fusion_examples_per_axis
 
 
-def load_system(name: str, run: RunSystems):
-    """(model, tokenizer) of one system of ``run``.
+# ---- loading: one system of a run, or any saved folder (AutoSystem) ----------------------------
+def detect(path: str | Path) -> SystemSpec:
+    """The spec that saved ``path``: its marker's, else the first whose files are all there.
 
     Raises:
-        ValueError: an unknown system, or one this run did not build.
+        FileNotFoundError: not a saved system folder. LoadError: a damaged marker, or one naming
+            a system that is not registered.
     """
-    from mocae.backbones import load_backbone
+    from mocae.errors import LoadError
 
-    cfg = run.config
-    if name == "base":
-        return load_backbone(run.backbone)
-    if name.startswith("expert_") and name.removeprefix("expert_") in run.experts:
-        return _peft(run.backbone, run.experts[name.removeprefix("expert_")])
-    if name == "multitask":
-        if run.multitask is None:
-            raise ValueError("this run trained no multitask expert (add 'multitask' to systems)")
-        return _peft(run.backbone, run.multitask)
-    if name in MERGES:
-        from mocae.baselines.merges import build_merged
-
-        return build_merged(run.backbone, run.experts, cfg.merges[name])
-    if name == "arrow":
-        from mocae.baselines.peft_routing import build_arrow
-
-        return build_arrow(run.backbone, run.experts, cfg.arrow)
-    folder = Path(run.run_dir) / name
-    if name == "mocae":
-        from mocae.mixture.model import MoCaEModel
-
-        model = MoCaEModel.from_pretrained(folder)
-        return model, model.tokenizer
-    if name == "h3fusion":
-        from mocae.baselines.h3fusion import load_h3fusion
-
-        return load_h3fusion(folder)
-    if name == "xlora":
-        from mocae.baselines.peft_routing import load_xlora
-
-        return load_xlora(folder)
-    if name == "mote":
-        from mocae.baselines.mote import load_mote
-
-        return load_mote(folder)
-    raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
+    path = Path(path)
+    name = read_marker(path)
+    if name is not None:
+        found = next((s for s in SPECS if s.name == name), None)
+        if found is None or found.from_pretrained is None:
+            raise LoadError(path / SYSTEM_FILE, f"names system {name!r}, which cannot be loaded here "
+                                                f"(registered: {', '.join(s.name for s in SPECS)})")
+        return found
+    for spec in SPECS:
+        if spec.files and spec.from_pretrained and all((path / f).is_file() for f in spec.files):
+            return spec
+    known = "; ".join(f"{s.name}: {' + '.join(s.files)}" for s in SPECS if s.files)
+    raise FileNotFoundError(f"{path.resolve()} is not a saved system: no {SYSTEM_FILE} and none of the files "
+                            f"that identify one ({known})")
 
 
+class AutoSystem:
+    """Opens any saved system, like transformers' ``AutoModel``: ``AutoSystem.from_pretrained(path)``."""
+
+    @staticmethod
+    def inspect(path: str | Path, backbone: str | None = None) -> tuple[SystemSpec, str | None]:
+        """(spec, the backbone it belongs to) of a saved folder, its files checked, nothing loaded."""
+        spec = detect(path)
+        return spec, spec.inspect(Path(path), backbone) if spec.inspect else None
+
+    @staticmethod
+    def from_pretrained(path: str | Path, backbone: str | None = None):
+        """(model, tokenizer) of ``path``: ``"base"`` (the backbone) or a saved system folder.
+
+        Args:
+            backbone: backbone override (a peft adapter; default: the one recorded with it).
+        """
+        from mocae.backbones import DEFAULT_BACKBONE, check_backbone_name, load_backbone
+
+        if backbone is not None:
+            check_backbone_name(backbone)
+        if str(path) == "base":
+            return load_backbone(backbone or DEFAULT_BACKBONE)
+        return detect(path).from_pretrained(Path(path), backbone)
+
+
+def load_system(source: str | Path, run: RunSystems | None = None, backbone: str | None = None,
+                device: str | None = None):
+    """(model, tokenizer) of a system, on the resolved device (``mocae.device``).
+
+    Args:
+        source: with ``run``, a system name of that run; without, ``"base"`` or any saved system
+            folder (``AutoSystem``: MoCaE, H3Fusion, X-LoRA, MoTE, a merge, a peft adapter).
+        run: a ``mocae run``'s systems (``RunSystems.load(run_dir)``).
+        backbone: backbone override for ``"base"`` or an adapter folder.
+        device: ``auto`` / ``cpu`` / ``cuda`` (default ``$MOCAE_DEVICE``).
+
+    Raises:
+        ValueError: an unknown system, one this run did not build, or one composed of others.
+        FileNotFoundError: not a saved system folder.
+    """
+    from mocae.device import place
+
+    if run is None:
+        model, tokenizer = AutoSystem.from_pretrained(source, backbone)
+    else:
+        spec, ctx = spec_for(source), run.context(source)
+        if spec.compose is not None:
+            raise ValueError(f"{source!r} is composed from other systems' results: it has no model")
+        model, tokenizer = spec.from_pretrained(ctx.folder) if spec.saved else spec.build(ctx)
+    return place(model, device), tokenizer
+
+
+def save_system(name: str, model, tokenizer, path: str | Path) -> Path:
+    """Save a built system with its spec's ``save_pretrained`` (which writes the marker)."""
+    spec = spec_for(name)
+    if spec.save_pretrained is None:
+        raise ValueError(f"{name!r} is rebuilt from its run when evaluated: it has no saved form")
+    return spec.save_pretrained(model, tokenizer, Path(path))
+
+
+# ---- trained stages ------------------------------------------------------------------------------
 def fusion_inputs(name: str, run: RunSystems, examples: list[tuple[str, str, int]]) -> dict:
     """What a trained baseline stage is made of: its settings, its examples, the backbone and experts."""
     examples_sha = hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()[:16]
-    inputs = {"config": getattr(run.config, name), "examples": examples_sha,
+    inputs = {"config": run.context(name).settings, "examples": examples_sha,
               "backbone": backbone_fingerprint(run.backbone)}
-    if name != "mote":  # MoTE trains its own step experts from the base model
-        inputs["experts"] = {a: expert_fingerprint(p) for a, p in run.experts.items()}
+    if spec_for(name).reads_experts:  # MoTE trains its own step experts from the base model
+        inputs["experts"] = experts_fingerprint(run.experts)
     return stage_inputs(**inputs)
 
 
 def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]], progress: bool = True,
                  log: StageLog | None = None) -> Path:
-    """Train (or reuse) the H3Fusion router, the X-LoRA classifier or MoTE; saved in ``run_dir/<name>``.
+    """Train (or reuse) a trained system's stage (H3Fusion, X-LoRA, MoTE); saved in ``run_dir/<name>``.
 
     A saved stage is reused only when its ``stage.json`` key matches (settings, examples, backbone
     and experts); otherwise it is retrained and ``log`` says why.
@@ -190,9 +278,11 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
         examples: (prompt, completion, axis index into AXES) triples (``fusion_examples``).
         log: the run's stage log (records reused / recomputed and the reason).
     """
-    if name not in TRAINED:
+    spec = spec_for(name)
+    if spec.fit is None:
         raise ValueError(f"{name!r} has no fusion stage (trained systems: {TRAINED})")
-    folder = Path(run.run_dir) / name
+    ctx = run.context(name)
+    folder = ctx.folder
     report = Path(run.run_dir) / f"{name}_training.json"
     inputs = fusion_inputs(name, run, examples)
     key = stage_key(inputs)
@@ -201,32 +291,10 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
             log.note(name, key, inputs, computed=False)
         return folder
     reason = log.reason(name, inputs, read_stage(folder)) if log is not None else None
-    cfg = run.config
     print(f"[{name}] training on {len(examples)} labelled pairs" + (f" ({reason})" if reason else ""), flush=True)
     report.unlink(missing_ok=True)  # an old report must not pass for this stage's
-    if name == "h3fusion":
-        from mocae.baselines.h3fusion import build_h3fusion, fit_h3fusion, save_h3fusion
-
-        model, tokenizer = build_h3fusion(run.backbone, run.experts, cfg.h3fusion)
-        record = fit_h3fusion(model, tokenizer, examples, cfg.h3fusion, progress=progress)
-        save_h3fusion(model, folder, run.backbone, run.experts, cfg.h3fusion)
-    elif name == "xlora":
-        from mocae.baselines.peft_routing import build_xlora, fit_xlora, save_xlora
-
-        model, tokenizer = build_xlora(run.backbone, run.experts, cfg.xlora)
-        record = fit_xlora(model, tokenizer, examples, cfg.xlora, progress=progress)
-        save_xlora(model, folder)
-    else:
-        from mocae.backbones import load_backbone
-        from mocae.baselines.mote import build_chains, build_mote, fit_mote
-
-        base = load_backbone(run.backbone)  # writes the chains, then carries the new LoRAs
-        chains = build_chains(*base, examples, AXES.index("harmless"), cfg.mote, progress=progress)
-        atomic_write_json(Path(run.run_dir) / "mote_chains.json", chains)
-        model, tokenizer = build_mote(run.backbone, cfg.mote, model_and_tokenizer=base)
-        record = fit_mote(model, tokenizer, chains, cfg.mote, checkpoint_dir=Path(run.run_dir) / "mote_checkpoint",
-                          progress=progress)
-        model.save_pretrained(folder)
+    model, tokenizer, record = spec.fit(ctx, examples, progress)
+    spec.save_pretrained(model, tokenizer, folder)
     write_stage(folder, name, key, inputs)
     atomic_write_json(report, {**record, "stage_key": key})
     if log is not None:
@@ -241,58 +309,19 @@ def system_fingerprint(name: str, run: RunSystems) -> str:
     trained system (MoCaE, H3Fusion, X-LoRA, MoTE) and the settings of a merge or Arrow.
 
     Raises:
-        ValueError: an unknown system, or one this run did not build.
+        ValueError: an unknown system, one this run did not build, or one composed of others.
         FileNotFoundError: a folder the system is made of is missing.
     """
-    cfg = run.config
+    spec = spec_for(name)
+    if spec.compose is not None:
+        raise ValueError(f"{name!r} is composed from other systems' results: it has no fingerprint")
+    ctx = run.context(name)
     parts: dict = {"system": name, "backbone": backbone_fingerprint(run.backbone)}
-
-    def experts() -> dict:
-        return {a: expert_fingerprint(p) for a, p in run.experts.items()}
-
-    if name == "base":
-        pass
-    elif name.startswith("expert_") and name.removeprefix("expert_") in run.experts:
-        parts["adapter"] = expert_fingerprint(run.experts[name.removeprefix("expert_")])
-    elif name == "multitask":
-        if run.multitask is None:
-            raise ValueError("this run trained no multitask expert (add 'multitask' to systems)")
-        parts["adapter"] = expert_fingerprint(run.multitask)
-    elif name in MERGES:
-        parts.update(experts=experts(), merge=cfg.merges[name].model_dump(mode="json"))
-    elif name == "arrow":
-        parts.update(experts=experts(), arrow=cfg.arrow.model_dump(mode="json"))
-    elif name in ("mocae", *TRAINED):
-        parts["folder"] = folder_fingerprint(Path(run.run_dir) / name)
+    if spec.saved:
+        parts["folder"] = folder_fingerprint(ctx.folder)
     else:
-        raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
+        parts.update(spec.fingerprint(ctx))
     return stage_key(parts)
-
-
-def oracle_result(results: dict) -> dict:
-    """The oracle's metrics: each benchmark's numbers from the expert made for it.
-
-    Args:
-        results: the harness results with ``expert_<axis>`` systems evaluated.
-
-    Returns:
-        An evaluate_system-like result (metrics per axis), marked ``composed_from``.
-    """
-    systems = results["systems"]
-    missing = [f"expert_{a}" for a in set(ORACLE_EXPERT.values()) if f"expert_{a}" not in systems]
-    if missing:
-        raise ValueError(f"the oracle is composed from the single experts; {missing} not evaluated")
-
-    def metrics(axis: str) -> dict:
-        return systems[f"expert_{ORACLE_EXPERT[axis]}"]["metrics"].get(axis, {})
-
-    harmless = {k: v for k, v in metrics("harmless").items() if not k.startswith("over_refusal")}
-    harmless.update({k: v for k, v in systems[f"expert_{ORACLE_EXPERT['over_refusal']}"]["metrics"]
-                     .get("harmless", {}).items() if k.startswith("over_refusal")})
-    composed = {f"{k}": f"expert_{v}" for k, v in ORACLE_EXPERT.items()}
-    return {"name": "oracle", "model_id": "oracle", "composed_from": composed,
-            "metrics": {"helpful": metrics("helpful"), "harmless": harmless, "honest": metrics("honest")},
-            "tables": {}, "routing": None, "efficiency": None, "timing_s": {}}
 
 
 # ---- efficiency in a fresh process ------------------------------------------------------------

@@ -261,21 +261,18 @@ def test_switched_on_judge_that_is_not_passed_raises(tiny, data, tmp_path):
 
 
 def test_eval_command_and_presets(tmp_path, expert_factory):
-    import argparse
+    from mocae.cli import build_parser, eval_loaders
+    from mocae.pipeline import load_eval_config
 
-    from mocae.evaluation.cli import add_eval_command, load_eval_config, system_loaders
-
-    parser = argparse.ArgumentParser()
-    add_eval_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--model", "base", "--preset", "full", "--out", str(tmp_path)])
+    args = build_parser().parse_args(["eval", "--model", "base", "--preset", "full", "--out", str(tmp_path)])
     assert args.model == "base" and args.preset == "full" and callable(args.func)
     quick, full = load_eval_config("quick"), load_eval_config("full")
     assert quick.n_helpful and quick.max_new_tokens <= 64 and full.n_helpful is None
-    assert list(system_loaders("base")) == ["base"]
-    with pytest.raises(FileNotFoundError, match="mocae_config.json or adapter_config.json"):
-        system_loaders(str(tmp_path))
+    assert list(eval_loaders("base")) == ["base"]
+    with pytest.raises(FileNotFoundError, match="not a saved system.*adapter_config.json.*mocae_config.json"):
+        eval_loaders(str(tmp_path))
     expert_factory(tmp_path / "adapter", 0)  # a real adapter: its files are checked here, before any load
-    assert list(system_loaders(str(tmp_path / "adapter"))) == ["base", "adapter"]
+    assert list(eval_loaders(str(tmp_path / "adapter"))) == ["base", "adapter"]
 
 
 def test_jailbreak_set_spreads_templates_evenly_and_pairs_with_the_plain_prompts(data):
@@ -356,3 +353,59 @@ def test_a_retrained_judge_rejudges_without_generating_or_scoring_again(tiny, da
     assert new["honest"]["mc2"] == old["honest"]["mc2"]  # ... the forward-pass scores came from the cache
     assert new["helpful"]["reference_nll_gpt4"] == old["helpful"]["reference_nll_gpt4"]
     assert new["harmless"]["safety_score"]["value"] != old["harmless"]["safety_score"]["value"]  # re-judged
+
+
+# ---- a system added from outside: one module (here, the functions below) and one registry line ----
+TOY_FILE = "toy.json"
+
+
+def _toy(backbone: str):
+    """The backbone with its (tied) embeddings halved: a system that differs from base, made in no time."""
+    from mocae.backbones import load_backbone
+    from mocae.spec import Capabilities, declare
+
+    model, tokenizer = load_backbone(backbone)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.5)
+    model.toy_backbone = backbone
+    return declare(model, Capabilities(kv_cache=False)), tokenizer
+
+
+def _toy_save(model, tokenizer, path):
+    from mocae.spec import write_marker
+
+    path.mkdir(parents=True)
+    (path / TOY_FILE).write_text(json.dumps({"backbone": model.toy_backbone}))
+    write_marker(path, "toy")
+    return path
+
+
+def _toy_spec():
+    from mocae.spec import SystemSpec
+
+    return SystemSpec(name="toy", build=lambda ctx: _toy(ctx.backbone), fingerprint=lambda ctx: {"scale": 0.5},
+                      save_pretrained=_toy_save, files=(TOY_FILE,),
+                      from_pretrained=lambda path, backbone=None: _toy(json.loads((path / TOY_FILE).read_text())
+                                                                       ["backbone"]))
+
+
+def test_a_registered_system_is_built_saved_loaded_and_evaluated(data, tmp_path, monkeypatch):
+    import mocae.systems as systems
+    from mocae.spec import capabilities_of
+
+    monkeypatch.setattr(systems, "SPECS", list(systems.SPECS))  # the registry line, undone after the test
+    systems.register(_toy_spec())
+    with pytest.raises(ValueError, match="already registered"):
+        systems.register(_toy_spec())
+    run = systems.RunSystems(backbone="tiny-random", experts={}, run_dir=str(tmp_path / "run"))
+    model, tokenizer = systems.load_system("toy", run)
+    folder = systems.save_system("toy", model, tokenizer, tmp_path / "toy")
+    assert systems.detect(folder).name == "toy" and systems.system_fingerprint("toy", run)
+    loaded, _ = systems.load_system(folder)  # by its marker, as any saved system
+    assert not capabilities_of(loaded).kv_cache  # declared by its builder, not probed
+    results = evaluate({"base": lambda: systems.load_system("base", backbone="tiny-random"),
+                        "toy": lambda: systems.load_system(folder)}, small_config(efficiency=False),
+                       tmp_path / "eval", judges=fake_judges(), progress=False)
+    toy, base = results["systems"]["toy"], results["systems"]["base"]
+    assert toy["metrics"]["honest"]["mc1"]["n"] == base["metrics"]["honest"]["mc1"]["n"] > 0
+    assert toy["model_id"] != base["model_id"] and toy["routing"] is None

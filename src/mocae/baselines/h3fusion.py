@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mocae.paths import atomic_directory
+from mocae.spec import BuildContext, SystemSpec, write_marker
 
 CONFIG_FILE = "h3fusion_config.json"
 STATE_FILE = "h3fusion.safetensors"
@@ -187,15 +187,6 @@ def materialize_h3fusion(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_expert_folder(axis: str, path: Path, backbone: str) -> None:
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"expert {axis!r}: no adapter_config.json in {path} (not a peft adapter folder)")
-    record = path / "training.json"
-    trained_on = json.loads(record.read_text()).get("backbone") if record.is_file() else None
-    if trained_on is not None and trained_on != backbone:
-        raise ValueError(f"expert {axis!r} was trained on backbone {trained_on!r}, not {backbone!r}")
-
-
 def _read_loras(base: nn.Module, experts: dict[str, str | Path]) -> dict[str, list]:
     """Load all experts onto ``base``, read every LoRA module's (A, B, scale, delta), unload.
 
@@ -249,17 +240,18 @@ def build_h3fusion(backbone: str, experts: dict[str, str | Path], cfg: H3FusionC
         cfg: fusion settings (``top_k``, ``seed`` are used here).
         model_and_tokenizer: an already loaded (plain) backbone, modified in place.
     Returns:
-        (model, tokenizer); ``model.h3fusion_axes`` lists the axes. Base weights are frozen.
+        (model, tokenizer); ``model.h3fusion_axes`` lists the axes, ``model.h3fusion_source`` the
+        backbone, experts and settings it was built from. Base weights are frozen.
     """
     from mocae.backbones import load_backbone
+    from mocae.experts.checks import check_experts
     from mocae.experts.task_vectors import TaskVector, apply_task_vector
     from mocae.mixture.router import decoder_layers
 
     cfg = cfg or H3FusionConfig()
     if not experts:
         raise ValueError("H3Fusion needs at least one expert")
-    for axis, path in experts.items():
-        _check_expert_folder(axis, Path(path), backbone)
+    check_experts(backbone, experts)
     model, tokenizer = model_and_tokenizer or load_backbone(backbone)
     layers = decoder_layers(model)
     # base-model module name -> (layer index, projection) for the MLP projections.
@@ -290,6 +282,7 @@ def build_h3fusion(backbone: str, experts: dict[str, str | Path], cfg: H3FusionC
     for i, layer in enumerate(layers):
         layer.mlp = H3FusionMLP(layer.mlp, loras[i], top_k=cfg.top_k, generator=generator)
     model.h3fusion_axes = list(experts)
+    model.h3fusion_source = {"backbone": backbone, "experts": dict(experts), "config": cfg}  # what saving records
     model.eval()
     return model, tokenizer
 
@@ -327,7 +320,7 @@ def gating_loss(model: nn.Module, attention_mask: torch.Tensor, labels: torch.Te
 
 
 def fit_h3fusion(model, tokenizer, examples: list[tuple[str, str, int]], cfg: H3FusionConfig | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, device: str | None = None) -> dict:
     """Train the routers (and, if ``cfg.train_experts``, the experts' LoRA) of a built model.
 
     Loss = LM loss on completion tokens + gating_weight * gating CE + drift_weight * drift.
@@ -335,10 +328,11 @@ def fit_h3fusion(model, tokenizer, examples: list[tuple[str, str, int]], cfg: H3
     Args:
         examples: (prompt, completion, axis index into ``model.h3fusion_axes``) triples.
         progress: show a tqdm bar.
+        device: where to train (``mocae.device.resolve``; the model is moved there).
     Returns:
         {"losses", "lm_loss", "gating_loss", "drift": per-step lists, "steps", "wall_time_s"}.
     """
-    from mocae.generation import completion_batches
+    from mocae.baselines.training import train_on_completions
 
     cfg = cfg or H3FusionConfig()
     layers = h3fusion_layers(model)
@@ -348,36 +342,23 @@ def fit_h3fusion(model, tokenizer, examples: list[tuple[str, str, int]], cfg: H3
     bad = [y for _, _, y in examples if not 0 <= y < E]
     if bad:
         raise ValueError(f"axis labels must be in [0, {E}); got {sorted(set(bad))}")
-    model.requires_grad_(False)  # base weights stay frozen
     params = [p for name, p in _fusion_params(model).items()
               if p.numel() and (cfg.train_experts or name.endswith("router.weight"))]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    history = {"losses": [], "lm_loss": [], "gating_loss": [], "drift": []}
-    start = time.time()
-    model.train()
+
+    def terms(out, batch, labels):
+        lm = out.loss.float()
+        gate = gating_loss(model, batch["attention_mask"], labels)
+        drift = drift_norm(model)
+        return {"losses": lm + cfg.gating_weight * gate + cfg.drift_weight * drift, "lm_loss": lm,
+                "gating_loss": gate, "drift": drift}
+
     try:
-        for batch, labels in completion_batches(tokenizer, examples, cfg.batch_size, cfg.steps, cfg.max_length,
-                                                cfg.seed, "h3fusion", progress, model.device):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], use_cache=False)
-            lm = out.loss.float()
-            gate = gating_loss(model, batch["attention_mask"], labels)
-            drift = drift_norm(model)
-            loss = lm + cfg.gating_weight * gate + cfg.drift_weight * drift
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in zip(history, (loss, lm, gate, drift)):
-                history[key].append(value.item())
+        history, wall = train_on_completions(model, tokenizer, examples, params, cfg, "h3fusion", progress, terms,
+                                             ("losses", "lm_loss", "gating_loss", "drift"), device=device)
     finally:
-        model.eval()
-        model.requires_grad_(False)
         for layer in layers:
             layer.last_probs = None  # do not keep the last step's graph alive
-    return {**history, "steps": cfg.steps, "wall_time_s": round(time.time() - start, 2)}
+    return {**history, "steps": cfg.steps, "wall_time_s": wall}
 
 
 def _fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -393,14 +374,21 @@ def _fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def save_h3fusion(model: nn.Module, path: str | Path, backbone: str, experts: dict[str, str | Path],
-                  cfg: H3FusionConfig) -> Path:
+def save_h3fusion(model: nn.Module, path: str | Path, backbone: str | None = None,
+                  experts: dict[str, str | Path] | None = None, cfg: H3FusionConfig | None = None) -> Path:
     """Write ``h3fusion_config.json`` + ``h3fusion.safetensors`` to ``path`` atomically.
 
     The expert folders are referenced (absolute paths), not copied: loading rebuilds from them.
+
+    Args:
+        backbone, experts, cfg: what the model was built from (default: ``model.h3fusion_source``).
     """
     from safetensors.torch import save_file
 
+    source = getattr(model, "h3fusion_source", {})
+    backbone = backbone or source["backbone"]
+    experts = experts or source["experts"]
+    cfg = cfg or source["config"]
     state = {k: v.detach().contiguous() for k, v in _fusion_params(model).items()}
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -441,3 +429,30 @@ def load_h3fusion(path: str | Path, model_and_tokenizer=None):
         for name, p in params.items():
             p.copy_(saved[name])
     return materialize_h3fusion(model), tokenizer
+
+
+# ---- the system: trained in the run directory, loaded materialized -------------------------------
+def _fit(ctx: BuildContext, examples: list[tuple[str, str, int]], progress: bool = True):
+    model, tokenizer = build_h3fusion(ctx.backbone, ctx.experts, ctx.settings)
+    return model, tokenizer, fit_h3fusion(model, tokenizer, examples, ctx.settings, progress=progress)
+
+
+def _save(model, tokenizer, path: str | Path) -> Path:
+    path = save_h3fusion(model, path)
+    write_marker(path, SYSTEM.name)  # after the atomic save: without it the folder is known by its files
+    return path
+
+
+def _inspect(path: str | Path, backbone: str | None = None) -> str:
+    from mocae.errors import read_json
+
+    if not (Path(path) / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not an H3Fusion folder (needs {CONFIG_FILE} and {STATE_FILE})")
+    return read_json(Path(path) / CONFIG_FILE)["backbone"]
+
+
+SYSTEM = SystemSpec(
+    name="h3fusion", config=H3FusionConfig, fit=_fit, saved=True, files=(CONFIG_FILE, STATE_FILE),
+    save_pretrained=_save,
+    from_pretrained=lambda path, backbone=None: load_h3fusion(path), inspect=_inspect,
+    description="MoE of the experts' MLPs behind a trained token router")

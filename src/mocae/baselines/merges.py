@@ -46,8 +46,10 @@ import torch
 from peft.utils import merge_utils
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mocae.experts.checks import check_experts
 from mocae.experts.task_vectors import TaskVector, apply_task_vector, load_task_vector
 from mocae.paths import atomic_directory, atomic_write_json
+from mocae.spec import BuildContext, SystemSpec, write_marker
 
 MERGE_FILE = "merge.json"
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -88,22 +90,6 @@ class MergeConfig(BaseModel):
         if len(self.weights) != num_experts:
             raise ValueError(f"MergeConfig.weights has {len(self.weights)} entries for {num_experts} experts")
         return list(self.weights)
-
-
-def check_expert_folder(name: str, path: str | Path, backbone: str | None = None) -> Path:
-    """An expert must be a peft adapter folder, trained on ``backbone`` if it records one.
-
-    Raises:
-        FileNotFoundError / ValueError: naming the expert at fault.
-    """
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"expert {name!r}: no adapter_config.json in {path} (not a peft adapter folder)")
-    record = path / "training.json"
-    trained_on = json.loads(record.read_text()).get("backbone") if record.is_file() else None
-    if backbone is not None and trained_on is not None and trained_on != backbone:
-        raise ValueError(f"expert {name!r} was trained on backbone {trained_on!r}, not {backbone!r}")
-    return path
 
 
 def merge_module(deltas: list[torch.Tensor], weights: list[float], cfg: MergeConfig) -> torch.Tensor:
@@ -170,8 +156,7 @@ def merged_deltas(experts: dict[str, str | Path], base_model: torch.nn.Module, c
     if not experts:
         raise ValueError("merging needs at least one expert")
     cfg.expert_weights(len(experts))  # fail on a wrong weight count before loading anything
-    for name, path in experts.items():
-        check_expert_folder(name, path)
+    check_experts(None, experts)
     vectors = {name: load_task_vector(path, base_model) for name, path in experts.items()}
     return merge_task_vectors(vectors, cfg)
 
@@ -190,8 +175,7 @@ def build_merged(backbone: str, experts: dict[str, str | Path], cfg: MergeConfig
     """
     from mocae.backbones import load_backbone
 
-    for name, path in experts.items():
-        check_expert_folder(name, path, backbone)
+    check_experts(backbone, experts)
     model, tokenizer = model_and_tokenizer or load_backbone(backbone)
     apply_task_vector(model, merged_deltas(experts, model, cfg))
     model.merge_config = cfg.model_dump()
@@ -214,4 +198,43 @@ def save_merged(model, tokenizer, path: str | Path, meta: dict | None = None) ->
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MERGE_FILE, json.loads(json.dumps(record, default=str)))
+        write_marker(tmp, SYSTEM.name)
     return Path(path)
+
+
+# ---- the system: task_arithmetic, ties and dare, built from the run's experts when evaluated
+def default_merges() -> dict[str, MergeConfig]:
+    """The run's three merges: task arithmetic, TIES and DARE-TIES at the module defaults."""
+    return {"task_arithmetic": MergeConfig(method="task_arithmetic"),
+            "ties": MergeConfig(method="ties"),
+            "dare": MergeConfig(method="dare_ties")}
+
+
+def _build(ctx: BuildContext):
+    return build_merged(ctx.backbone, ctx.experts, ctx.settings[ctx.name])
+
+
+def _fingerprint(ctx: BuildContext) -> dict:
+    from mocae.stages import experts_fingerprint
+
+    return {"experts": experts_fingerprint(ctx.experts),
+            "merge": ctx.settings[ctx.name].model_dump(mode="json")}
+
+
+def _from_pretrained(path: str | Path, backbone: str | None = None):
+    from mocae.backbones import load_backbone
+
+    return load_backbone(str(path))  # a plain transformers checkpoint with its tokenizer
+
+
+def _inspect(path: str | Path, backbone: str | None = None) -> str | None:
+    from mocae.errors import read_json
+
+    return read_json(Path(path) / MERGE_FILE).get("backbone")
+
+
+SYSTEM = SystemSpec(
+    name="merges", names=tuple(default_merges()), config=dict[str, MergeConfig], config_default=default_merges,
+    build=_build, fingerprint=_fingerprint, from_pretrained=_from_pretrained, inspect=_inspect,
+    save_pretrained=lambda model, tokenizer, path: save_merged(model, tokenizer, path),
+    files=(MERGE_FILE, "config.json"), description="task_arithmetic / ties / dare settings")

@@ -43,6 +43,7 @@ from torch import nn
 
 from mocae.mixture.layer import LoraMixer, PeftBackedModel
 from mocae.paths import atomic_directory
+from mocae.spec import BuildContext, Capabilities, SystemSpec, write_marker
 
 STEPS = ("analysis", "guidance", "answer")
 ADAPTERS = (*STEPS, "shared")  # the mixer's expert order
@@ -170,6 +171,8 @@ def encode_chain(tokenizer, prompt: str, completion: str, max_length: int) -> di
 class MoteModel(PeftBackedModel):
     """Backbone + step experts + shared expert, mixed per token by step. Use ``build_mote``/``load_mote``."""
 
+    mocae_capabilities = Capabilities(step_decoding=True)  # a chain first, then the answer (mocae.spec)
+
     def __init__(self, peft_model, tokenizer, cfg: MoteConfig, backbone: str, trainable: bool = False):
         super().__init__()
         self.peft_model = peft_model
@@ -238,6 +241,7 @@ class MoteModel(PeftBackedModel):
             adapters = {a: f"adapters/{a}" if (tmp / "adapters" / a).is_dir() else "adapters" for a in ADAPTERS}
             (tmp / CONFIG_FILE).write_text(json.dumps({"backbone": self.backbone, "adapters": adapters,
                                                        "config": self.mote_config.model_dump()}, indent=2))
+            write_marker(tmp, SYSTEM.name)
         return path
 
 
@@ -312,13 +316,12 @@ def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _train_step(model: MoteModel, batch: dict, optimizer) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], steps=batch["steps"],
-                    labels=batch["labels"], use_cache=False)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.float().backward()
-    optimizer.step()
-    return out.loss.item()
+    from mocae.baselines.training import optimizer_step
+
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    return optimizer_step(optimizer, model.device, lambda: model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], steps=batch["steps"],
+        labels=batch["labels"], use_cache=False)).item()
 
 
 def _trainable(model: MoteModel) -> dict[str, nn.Parameter]:
@@ -350,18 +353,22 @@ def _load_checkpoint(model: MoteModel, optimizer, folder: Path) -> dict:
 
 
 def fit_mote(model: MoteModel, tokenizer, chains: list[dict], cfg: MoteConfig | None = None,
-             checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict:
+             checkpoint_dir: str | Path | None = None, progress: bool = True, device: str | None = None) -> dict:
     """Train the step and shared experts together on AlignCoT chains (LM loss on the chain).
 
     Args:
         model: from ``build_mote`` (trainable).
         chains: ``build_chains`` output.
         checkpoint_dir: where to checkpoint every ``save_steps``; an interrupted call resumes there.
+        device: where to train (``mocae.device.resolve``; the model is moved there).
 
     Returns:
         {"losses", "steps", "tokens", "tokens_per_s", "wall_time_s", "resumed_from_step", "chains": stats}.
     """
     from tqdm.auto import tqdm
+
+    from mocae.baselines.training import fusion_optimizer
+    from mocae.device import place
 
     cfg = cfg or model.mote_config
     if not chains:
@@ -371,7 +378,8 @@ def fit_mote(model: MoteModel, tokenizer, chains: list[dict], cfg: MoteConfig | 
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable LoRA parameters (build it with build_mote)")
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate)
+    place(model, device)
+    optimizer = fusion_optimizer(params.values(), cfg.learning_rate)
     state = {"step": 0, "losses": [], "tokens": 0, "seconds": 0.0}
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None and (folder / CHECKPOINT_STATE).is_file():
@@ -398,3 +406,31 @@ def fit_mote(model: MoteModel, tokenizer, chains: list[dict], cfg: MoteConfig | 
                        "mean_tokens": round(sum(len(r["input_ids"]) for r in rows) / len(rows), 1),
                        "epochs": cfg.epochs, "batches_per_epoch": math.ceil(len(batches) / cfg.epochs)}}
 
+
+# ---- the system: chains and step experts trained in the run directory -----------------------------
+def _fit(ctx: BuildContext, examples: list[tuple[str, str, int]], progress: bool = True):
+    from mocae import AXES
+    from mocae.backbones import load_backbone
+    from mocae.paths import atomic_write_json
+
+    cfg = ctx.settings
+    base = load_backbone(ctx.backbone)  # writes the chains, then carries the new LoRAs
+    chains = build_chains(*base, examples, AXES.index("harmless"), cfg, progress=progress)
+    atomic_write_json(ctx.run_dir / "mote_chains.json", chains)
+    model, tokenizer = build_mote(ctx.backbone, cfg, model_and_tokenizer=base)
+    record = fit_mote(model, tokenizer, chains, cfg, checkpoint_dir=ctx.run_dir / "mote_checkpoint", progress=progress)
+    return model, tokenizer, record
+
+
+def _inspect(path: str | Path, backbone: str | None = None) -> str:
+    from mocae.errors import read_json
+
+    return read_json(Path(path) / CONFIG_FILE)["backbone"]
+
+
+SYSTEM = SystemSpec(
+    name="mote", config=MoteConfig, fit=_fit, saved=True, files=(CONFIG_FILE,),
+    save_pretrained=lambda model, tokenizer, path: model.save_pretrained(path),
+    from_pretrained=lambda path, backbone=None: load_mote(path), inspect=_inspect,
+    capabilities=MoteModel.mocae_capabilities, examples_per_axis=lambda baselines: baselines.mote.examples_per_axis,
+    reads_experts=False, description="step experts + a shared expert on self-generated reasoning chains")

@@ -45,15 +45,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mocae.baselines.merges import check_expert_folder
 from mocae.baselines.xlora_decode import use_cached_decoding
+from mocae.experts.checks import check_experts
 from mocae.paths import atomic_directory, atomic_write_json
+from mocae.spec import BuildContext, Capabilities, SystemSpec, declare, write_marker
 
 XLORA_FILE = "xlora.json"
 XLORA_CLASSIFIER_FILE = "xlora_classifier.safetensors"
@@ -61,6 +61,10 @@ XLORA_NOTE = ("peft X-LoRA: two forward passes per call (scaling pass + real pas
               "use_cache=False, so mocae decodes it with one KV cache per pass (baselines/xlora_decode.py, "
               "same tokens as peft's own generate, kept as model.generate_uncached)")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "training.json")
+# X-LoRA's two-pass forward has no usable KV cache (the MC scorer's shared prefix cannot be reused);
+# Arrow's router mixes fp32 and bf16 in a scatter_ under autocast and fails (scoring stays fp32).
+XLORA_CAPABILITIES = Capabilities(kv_cache=False)
+ARROW_CAPABILITIES = Capabilities(bf16_autocast=False)
 
 
 class XLoraBaselineConfig(BaseModel):
@@ -128,7 +132,8 @@ def build_xlora(backbone: str, experts: dict[str, str | Path], cfg: XLoraBaselin
 
     cfg = cfg or XLoraBaselineConfig()
     _check_names(experts)
-    paths = {name: check_expert_folder(name, path, backbone) for name, path in experts.items()}
+    check_experts(backbone, experts)
+    paths = {name: Path(path) for name, path in experts.items()}
     if cfg.top_k is not None and cfg.top_k > len(paths):
         raise ValueError(f"XLoraBaselineConfig.top_k={cfg.top_k} exceeds the {len(paths)} experts")
     for name, path in paths.items():
@@ -156,7 +161,7 @@ def build_xlora(backbone: str, experts: dict[str, str | Path], cfg: XLoraBaselin
     model.xlora_backbone = backbone
     model.xlora_settings = cfg.model_dump()
     model.xlora_note = XLORA_NOTE
-    return use_cached_decoding(model), tokenizer
+    return declare(use_cached_decoding(model), XLORA_CAPABILITIES), tokenizer
 
 
 def xlora_classifier(model) -> torch.nn.Module:
@@ -172,49 +177,32 @@ def xlora_classifier(model) -> torch.nn.Module:
 
 
 def fit_xlora(model, tokenizer, examples: list[tuple[str, str, int]], cfg: XLoraBaselineConfig | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, device: str | None = None) -> dict:
     """Train only the X-LoRA classifier on the LM loss of the completions.
 
     The experts, the base model and their dropout stay in eval mode; only the classifier
-    (and its dropout) is in train mode. bf16 autocast on CPU.
+    (and its dropout) is in train mode, under bf16 autocast (``baselines.training``).
 
     Args:
         examples: (prompt, completion, axis index) triples; X-LoRA learns its routing from the
             LM loss alone (as in the paper), so the axis index is not used.
         cfg: training settings (default: those given to ``build_xlora``).
         progress: show a tqdm bar.
+        device: where to train (``mocae.device.resolve``; the model is moved there).
     Returns:
         {"losses": per-step LM loss, "steps", "wall_time_s", "trainable_params"}.
     """
-    from mocae.generation import completion_batches
+    from mocae.baselines.training import train_on_completions
 
     cfg = cfg or XLoraBaselineConfig(**getattr(model, "xlora_settings", {}))
     classifier = xlora_classifier(model)
     if not examples:
         raise ValueError("fit_xlora needs at least one example")
-    model.requires_grad_(False)
     params = list(classifier.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    losses = []
-    start = time.time()
-    classifier.train()
-    try:
-        for batch, _ in completion_batches(tokenizer, examples, cfg.batch_size, cfg.steps, cfg.max_length, cfg.seed,
-                                           "x-lora", progress, model.device):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], use_cache=False)
-            loss = out.loss.float()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        classifier.eval()
-        model.requires_grad_(False)
-    return {"losses": losses, "steps": cfg.steps, "wall_time_s": round(time.time() - start, 2),
+    # The experts, the base model and their dropout stay in eval mode: only the classifier trains.
+    history, wall = train_on_completions(model, tokenizer, examples, params, cfg, "x-lora", progress,
+                                         train_module=classifier, device=device)
+    return {"losses": history["losses"], "steps": cfg.steps, "wall_time_s": wall,
             "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -246,6 +234,7 @@ def save_xlora(model, path: str | Path, meta: dict | None = None) -> Path:
                 if (Path(source) / file).is_file():
                     shutil.copy2(Path(source) / file, tmp / "experts" / name / file)
         atomic_write_json(tmp / XLORA_FILE, json.loads(json.dumps(record, default=str)))
+        write_marker(tmp, XLORA_SYSTEM.name)
     return Path(path)
 
 
@@ -293,7 +282,8 @@ def build_arrow(backbone: str, experts: dict[str, str | Path], cfg: ArrowBaselin
 
     cfg = cfg or ArrowBaselineConfig()
     _check_names(experts)
-    paths = {name: check_expert_folder(name, path, backbone) for name, path in experts.items()}
+    check_experts(backbone, experts)
+    paths = {name: Path(path) for name, path in experts.items()}
     if cfg.top_k > len(paths):
         raise ValueError(f"ArrowBaselineConfig.top_k={cfg.top_k} exceeds the {len(paths)} experts")
     # peft checks these too, but names the experts task_0, task_1, ...
@@ -310,4 +300,33 @@ def build_arrow(backbone: str, experts: dict[str, str | Path], cfg: ArrowBaselin
     model.eval()
     model.arrow_experts = {f"task_{i}": name for i, name in enumerate(paths)}
     model.arrow_settings = cfg.model_dump()
-    return model, tokenizer
+    return declare(model, ARROW_CAPABILITIES), tokenizer
+
+
+# ---------------------------------------------------------------- the systems
+def _fit_xlora(ctx: BuildContext, examples: list[tuple[str, str, int]], progress: bool = True):
+    model, tokenizer = build_xlora(ctx.backbone, ctx.experts, ctx.settings)
+    return model, tokenizer, fit_xlora(model, tokenizer, examples, ctx.settings, progress=progress)
+
+
+def _inspect_xlora(path: str | Path, backbone: str | None = None) -> str:
+    from mocae.errors import read_json
+
+    return read_json(Path(path) / XLORA_FILE)["backbone"]
+
+
+def _arrow_fingerprint(ctx: BuildContext) -> dict:
+    from mocae.stages import experts_fingerprint
+
+    return {"experts": experts_fingerprint(ctx.experts),
+            "arrow": ctx.settings.model_dump(mode="json")}
+
+
+XLORA_SYSTEM = SystemSpec(
+    name="xlora", config=XLoraBaselineConfig, fit=_fit_xlora, saved=True, files=(XLORA_FILE, XLORA_CLASSIFIER_FILE),
+    save_pretrained=lambda model, tokenizer, path: save_xlora(model, path),
+    from_pretrained=lambda path, backbone=None: load_xlora(path), inspect=_inspect_xlora,
+    capabilities=XLORA_CAPABILITIES, description="peft X-LoRA, its classifier trained here")
+ARROW_SYSTEM = SystemSpec(
+    name="arrow", config=ArrowBaselineConfig, build=lambda ctx: build_arrow(ctx.backbone, ctx.experts, ctx.settings),
+    fingerprint=_arrow_fingerprint, capabilities=ARROW_CAPABILITIES, description="peft Arrow, training-free")

@@ -81,20 +81,24 @@ def measure_efficiency(model, tokenizer, prompts: list[str], batch_sizes=(1, 16)
         raise ValueError("measure_efficiency needs at least one prompt")
     if repeats < 1 or new_tokens < 1:
         raise ValueError("measure_efficiency needs repeats >= 1 and new_tokens >= 1")
+    from mocae.device import inference_autocast
+
     was_training = model.training
     model.eval()
     result: dict = {}
     try:
         for size in batch_sizes:
-            batch = _batch(tokenizer, prompts, size)
+            batch = {k: v.to(model.device) for k, v in _batch(tokenizer, prompts, size).items()}
             prompt_tokens = int(batch["attention_mask"].sum())
 
             def prefill():
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                with inference_autocast(model.device):
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
             def generate():
-                model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+                with inference_autocast(model.device):
+                    model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
 
             # Warm-up: first calls allocate buffers and pick kernels.
             prefill()

@@ -1,7 +1,7 @@
 """The evaluation harness: every metric of DESIGN.md section 8 for a list of systems.
 
-    results = evaluate(system_loaders("runs/x/mocae"), EvalConfig(n_helpful=40), "runs/eval")
-    # system_loaders (mocae.evaluation.cli): {"base": ..., "mocae": ...}, each () -> (model, tokenizer)
+    results = evaluate({"base": lambda: load_system("base"), "mocae": lambda: load_system("runs/x/mocae")},
+                       EvalConfig(n_helpful=40), "runs/eval")   # load_system: mocae.systems
 
 Per system: on AlpacaEval's eval side (never a judge's training instruction) the
 length-controlled win rate vs the reference (the headline: length cannot pass for quality)
@@ -39,6 +39,8 @@ from mocae.generation import MAX_NEW_TOKENS
 from mocae.generation_cache import (GenerationConfig, Generations, cached_scores, generate_records, model_fingerprint,
                                     prompts_hash, write_alpaca_eval_outputs)
 from mocae.paths import atomic_write_json
+from mocae.device import device_of
+from mocae.spec import capabilities_of
 
 # Which expert each prompt set belongs to (router accuracy / calibration); None = no right answer.
 SET_AXIS = {"alpaca_eval": "helpful", "harmful": "harmless", "xstest_safe": None, "truthfulqa": "honest"}
@@ -308,8 +310,10 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
 
 
 def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
-    """Per-prompt routing probabilities of a MoCaE model (None for other models or token routing)."""
-    if not (hasattr(model, "route") and hasattr(model, "axes")):
+    """Per-prompt routing probabilities of a routed system (``Capabilities.router``; None for others,
+    a note for token routing)."""
+    caps = capabilities_of(model)
+    if not (caps.router and caps.routing_report):
         return None
     from mocae.generation import chat_prompt
 
@@ -321,7 +325,7 @@ def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
             probs = []
             for start in range(0, len(texts), cfg.batch_size):
                 batch = tokenizer(texts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)
+                                  add_special_tokens=False).to(device_of(model))
                 route = getattr(model, "routing_probs", model.route)  # probabilities, not the decision
                 probs += route(batch["input_ids"], batch["attention_mask"]).tolist()
             axis = SET_AXIS.get(name)

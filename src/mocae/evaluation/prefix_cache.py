@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from mocae.spec import capabilities_of
+
 MIN_PREFIX = 16  # shorter shared prefixes are not worth the bookkeeping
 
 
@@ -77,7 +79,7 @@ class SharedPrefixLM(torch.nn.Module):
         if prefix_len < MIN_PREFIX:
             self.stats["tokens_computed"] += input_ids.numel()
             return self.model(input_ids=input_ids)
-        override = getattr(self.model, "routing_override", None)
+        override = self.model.routing_override if capabilities_of(self.model).router else None
         routing = override(input_ids) if override is not None else None
         rows = [self._prefix_cache(None if routing is None else routing[i]) for i in range(len(input_ids))]
         n_layers = len(rows[0][0])

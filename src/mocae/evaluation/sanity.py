@@ -21,6 +21,8 @@ from mocae.data import load_alpaca_eval, load_harmbench, load_truthfulqa_mc, loa
 from mocae.refusal import refusal_rate
 from mocae.generation import completion_batch, generate_batch
 from mocae.paths import atomic_write_json
+from mocae.device import device_of
+from mocae.spec import capabilities_of
 
 
 @torch.inference_mode()
@@ -44,10 +46,11 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = completion_batch(tokenizer, [prompts[i] for i in idx], [references[i] for i in idx])
+        batch = {k: v.to(device_of(model)) for k, v in
+                 completion_batch(tokenizer, [prompts[i] for i in idx], [references[i] for i in idx]).items()}
         extra = {}
         with torch.no_grad(), autocast:
-            if hasattr(model, "route"):  # MoCaE routes on the prompt alone, never on the reference
+            if capabilities_of(model).router:  # MoCaE routes on the prompt alone, never on the reference
                 extra["routing_weights"] = model.route(batch["input_ids"], batch["prompt_mask"])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            **extra).logits[:, :-1].float()

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from mocae.evaluation.prefix_cache import SharedPrefixLM
+from mocae.device import device_of
+from mocae.spec import capabilities_of
 
 MODE = ("lm-eval truthfulqa_mc1/mc2 conventions: 6-shot QA primer, ' ' + answer, "
         "summed log-likelihood, no chat template")
@@ -155,7 +157,7 @@ def question_routing(model, tokenizer, questions: list[str], batch_size: int = 1
         for start in range(0, len(questions), batch_size):
             chunk = questions[start:start + batch_size]
             batch = tokenizer([chat_prompt(tokenizer, q) for q in chunk], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
+                              add_special_tokens=False).to(device_of(model))
             for q, w in zip(chunk, model.route(batch["input_ids"], batch["attention_mask"])):
                 weights[normalise_text(q)] = w
     finally:
@@ -175,18 +177,6 @@ def question_routing(model, tokenizer, questions: list[str], batch_size: int = 1
             rows.append(weights[question])
         return torch.stack(rows)
     return override
-
-
-def _supports_cache(model) -> bool:
-    """False for peft X-LoRA (two passes per forward, KV cache disabled)."""
-    from peft.tuners.xlora import XLoraModel
-
-    return not isinstance(getattr(model, "base_model", None), XLoraModel)
-
-
-def _supports_bf16(model) -> bool:
-    """False for peft Arrow: its router's ``scatter_`` mixes fp32 and bf16 under autocast and fails."""
-    return not hasattr(model, "arrow_experts")
 
 
 LOGITS_BUDGET = 2**28  # floats in one batch's [rows, tokens, vocab] logits (1 GB in fp32)
@@ -216,7 +206,7 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
         limit: score only the first ``limit`` questions (deterministic).
         batch_size: requests per forward pass (at most; capped by ``mc_batch_size`` for large vocabularies).
         prefix_cache: run the shared 6-shot primer once (:class:`SharedPrefixLM`; same logits,
-            ~5x fewer tokens). Off automatically for X-LoRA, whose two-pass forward has no cache.
+            ~5x fewer tokens). Off automatically for a system without ``Capabilities.kv_cache`` (X-LoRA).
         bf16: bf16 autocast for the forward passes (faster on CPU; the mode says so).
         chat: score in chat format (:data:`MODE_CHAT`: the question as the user turn of the chat
             template, no primer) instead of lm-eval's 6-shot primer (:data:`MODE`).
@@ -243,9 +233,10 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    bf16 = bf16 and _supports_bf16(model)
+    caps = capabilities_of(model)
+    bf16 = bf16 and caps.bf16_autocast  # peft Arrow fails under autocast: scored in fp32
     was_training = model.training
-    routed = hasattr(model, "routing_override") and getattr(model, "routes_per_request", False)
+    routed = caps.per_request_routing
     if routed:
         model.routing_override = question_routing(model, tokenizer, [d["question"] for d in docs], batch_size,
                                                   chat=chat)
@@ -257,7 +248,7 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
             manager = TaskManager(include_path=str(include), include_defaults=False)
             # HFLM puts the model in eval mode and scores (context, " " + choice) pairs,
             # right-padded internally, so the tokenizer's padding side does not matter.
-            scorer = SharedPrefixLM(model) if prefix_cache and _supports_cache(model) else model
+            scorer = SharedPrefixLM(model) if prefix_cache and caps.kv_cache else model
             # HFLM wraps every forward in its own autocast (disabled unless mixed_precision_dtype).
             rows = mc_batch_size(batch_size, len(tokenizer))
             lm = HFLM(pretrained=scorer, tokenizer=tokenizer, batch_size=rows,

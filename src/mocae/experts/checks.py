@@ -1,15 +1,19 @@
-"""Check an expert adapter folder against the backbone it is about to be loaded into.
+"""The expert-folder contract: an expert adapter folder checked against the backbone it is about
+to be loaded into, in one place for every system built from experts.
 
 peft loads an adapter for another backbone either silently (same shapes, wrong model) or with a
 page of ``size mismatch`` errors. ``check_adapter`` reads only the small files (the adapter
 config, ``training.json`` and the safetensors header) and fails first, with one ``LoadError``
-naming the file, what does not fit and the command that retrains the expert.
+naming the file, what does not fit and the command that retrains the expert. ``check_experts``
+checks a set of named experts (MoCaE, the merges, H3Fusion, X-LoRA, Arrow);
+``recorded_backbone`` reads which backbone a folder says it belongs to.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from mocae import AXES
 from mocae.errors import LoadError, read_json, safetensors_shapes
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,14 +39,61 @@ def names_backbone(recorded: str | None, backbone: str) -> bool:
     return not recorded or bool(_names(str(recorded)) & _names(backbone))
 
 
-def check_adapter(path: str | Path, backbone: str, axis: str | None = None, model=None,
+def recorded_backbone(path: str | Path, rebuild: str | None = None, adapter_config: bool = True) -> str | None:
+    """The backbone an adapter folder records: ``training.json``'s, else (``adapter_config``) the
+    adapter config's base model; None when neither says."""
+    path = Path(path)
+    if (path / TRAINING_FILE).is_file():
+        trained_on = read_json(path / TRAINING_FILE, rebuild).get("backbone")
+        if trained_on:
+            return trained_on
+    if adapter_config and (path / ADAPTER_CONFIG).is_file():
+        return read_json(path / ADAPTER_CONFIG, rebuild).get("base_model_name_or_path") or None
+    return None
+
+
+def check_experts(backbone: str | None, experts: dict[str, str | Path], model=None, rebuild: str | None = None,
+                  same_targets: bool = False) -> dict[str, dict]:
+    """``check_adapter`` for every named expert, before any of them loads.
+
+    Args:
+        backbone: the backbone they will be loaded into.
+        experts: name -> adapter folder.
+        model: the loaded backbone; when given, every adapter tensor's shape is checked too.
+        rebuild: the command named in load errors (default: retrain that expert).
+        same_targets: the experts must also target the same modules (a mixture of them).
+
+    Returns:
+        name -> adapter config.
+
+    Raises:
+        FileNotFoundError / LoadError: as ``check_adapter``, naming the expert. ValueError: no
+            experts, or (``same_targets``) experts that target different modules.
+    """
+    if not experts:
+        raise ValueError("need at least one expert")
+    configs = {name: check_adapter(path, backbone, name, model, rebuild) for name, path in experts.items()}
+    if same_targets:
+        targets = {}
+        for name, cfg in configs.items():
+            modules = cfg["target_modules"]
+            targets[name] = sorted([modules] if isinstance(modules, str) else modules)
+        first_name, first = next(iter(targets.items()))
+        for name, t in targets.items():
+            if t != first:
+                raise ValueError(f"experts {first_name!r} and {name!r} target different modules ({first} vs {t}); "
+                                 "the mixture needs the same target modules")
+    return configs
+
+
+def check_adapter(path: str | Path, backbone: str | None, axis: str | None = None, model=None,
                   rebuild: str | None = None) -> dict:
     """Check that the adapter in ``path`` belongs to ``backbone``, before peft loads it.
 
     Args:
         path: a peft adapter folder.
-        backbone: the backbone name it will be loaded into.
-        axis: the expert's axis, for the message and the rebuild command.
+        backbone: the backbone name it will be loaded into (None: not compared with the records).
+        axis: the expert's axis (or name), for the message and the rebuild command.
         model: the loaded backbone (plain HF model); when given, every LoRA tensor's shape is
             checked against the module it adapts.
         rebuild: the command named in errors (default: retrain the expert of ``axis``).
@@ -56,7 +107,7 @@ def check_adapter(path: str | Path, backbone: str, axis: str | None = None, mode
     """
     path = Path(path)
     label = f"expert {axis!r}" if axis else "adapter"
-    if rebuild is None and axis:  # a finished expert is reused by train-expert: remove it first
+    if rebuild is None and axis in AXES:  # a finished expert is reused by train-expert: remove it first
         rebuild = f"rm -r {path} && mocae train-expert --axis {axis} --backbone {backbone}"
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
@@ -66,10 +117,10 @@ def check_adapter(path: str | Path, backbone: str, axis: str | None = None, mode
         raise LoadError(cfg_file, f"{label} is not a LoRA adapter (peft_type {cfg.get('peft_type')!r}, "
                                   f"target_modules {cfg.get('target_modules')!r})", rebuild)
     recorded = cfg.get("base_model_name_or_path")
-    if not names_backbone(recorded, backbone):
+    if backbone is not None and not names_backbone(recorded, backbone):
         raise LoadError(cfg_file, f"{label} names base model {recorded!r}, but the backbone is {backbone!r}",
                         rebuild)
-    if (path / TRAINING_FILE).is_file():
+    if backbone is not None and (path / TRAINING_FILE).is_file():
         trained_on = read_json(path / TRAINING_FILE, rebuild).get("backbone")
         if trained_on is not None and trained_on != backbone:
             raise LoadError(path / TRAINING_FILE,

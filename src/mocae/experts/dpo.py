@@ -30,7 +30,7 @@ from mocae.experts.config import ExpertConfig
 from mocae.experts.preference import pair_counts, preference_rows
 from mocae.experts.checks import check_adapter
 from mocae.experts.train import (TRAINING_FILE, _peak_rss_mb, _right_padded, _tokens_seen, expert_dir, expert_inputs,
-                                 is_trained, latest_checkpoint, lora_config, trainer_args)
+                                 is_trained, latest_checkpoint, lora_config, main_process_writes, trainer_args)
 from mocae.stages import stage_key, write_stage
 from mocae.paths import atomic_write_json
 
@@ -38,7 +38,7 @@ TRAINER = "dpo"
 
 
 def dpo_config(cfg: ExpertConfig, output_dir: Path, progress: bool = True):
-    """trl DPOConfig for ``cfg``: CPU and bf16 autocast as the SFT experts, frequent checkpoints."""
+    """trl DPOConfig for ``cfg``: device and bf16 autocast as the SFT experts, frequent checkpoints."""
     from trl import DPOConfig
 
     loss_type, loss_weights = (["sigmoid"], None) if cfg.rpo_alpha is None else \
@@ -117,7 +117,14 @@ def train_dpo_expert(
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen - tokens_before
+    with main_process_writes(trainer) as main:  # data-parallel: one process writes the expert
+        if main:
+            _write_expert(trainer, cfg, out, inputs, rows, resume_from, tokens, wall)
+    return out
 
+
+def _write_expert(trainer, cfg, out: Path, inputs: dict, rows, resume_from, tokens: int, wall: float) -> None:
+    """The adapter, ``stage.json`` and ``training.json`` (last: its presence means finished)."""
     trainer.model.save_pretrained(out, selected_adapters=["default"])
     history = trainer.state.log_history
     steps = [h for h in history if "loss" in h and "step" in h]
@@ -151,8 +158,7 @@ def train_dpo_expert(
     }
     write_stage(out, f"experts/{cfg.axis}", stage_key(inputs), inputs)
     atomic_write_json(out / TRAINING_FILE, record)  # last: its presence means finished
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return out
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float | None:

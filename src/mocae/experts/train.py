@@ -11,10 +11,16 @@ included) resumes from the newest complete checkpoint.
 Speed on CPU comes from two settings measured in ``benchmarks/train_speed.py``: bf16 autocast
 (weights stay fp32) and best-fit packing of examples into full rows (no padding; transformers
 keeps packed examples from attending to each other through ``position_ids``).
+
+The device is ``mocae.device``'s (CUDA when available, else the CPU). Under ``accelerate launch``
+(several processes, e.g. ``--num_processes 2 --cpu`` over gloo) the same call trains data-parallel:
+every rank trains, the main process alone writes the adapter and its records, the others wait
+for it and return the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import shutil
@@ -102,11 +108,14 @@ def lora_config(cfg: ExpertConfig):
 
 
 def trainer_args(cfg: ExpertConfig, output_dir: Path, progress: bool = True) -> dict:
-    """The transformers TrainingArguments every expert trainer (SFT, DPO) shares: CPU, bf16 autocast,
-    cosine schedule, a checkpoint every ``save_steps`` (the resume point), per-step logging."""
+    """The transformers TrainingArguments every expert trainer (SFT, DPO) shares: the resolved device
+    (``mocae.device``), bf16 autocast, cosine schedule, a checkpoint every ``save_steps`` (the resume
+    point), per-step logging."""
+    from mocae.device import resolve
+
     return dict(
         output_dir=str(output_dir),
-        use_cpu=True,
+        use_cpu=resolve().type == "cpu",
         bf16=cfg.bf16,
         gradient_checkpointing=cfg.gradient_checkpointing,
         max_length=cfg.max_length,
@@ -226,6 +235,14 @@ def train_expert(
     wall = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen - tokens_before
 
+    with main_process_writes(trainer) as main:
+        if main:
+            _write_expert(trainer, cfg, out, inputs, examples, resume_from, tokens, wall)
+    return out
+
+
+def _write_expert(trainer, cfg, out: Path, inputs: dict, examples, resume_from, tokens: int, wall: float) -> None:
+    """The adapter, ``stage.json`` and ``training.json`` (last: its presence means finished)."""
     trainer.model.save_pretrained(out)
     record = {
         "axis": cfg.axis,
@@ -250,8 +267,17 @@ def train_expert(
     }
     write_stage(out, f"experts/{cfg.axis}", stage_key(inputs), inputs)
     atomic_write_json(out / TRAINING_FILE, record)  # last: its presence means finished
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return out
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def main_process_writes(trainer):
+    """Yields True on the process that writes a trained expert (the only one, or the main one of an
+    ``accelerate launch``); every rank leaves the block only once that process has written it."""
+    try:
+        yield trainer.accelerator.is_main_process
+    finally:
+        trainer.accelerator.wait_for_everyone()
 
 
 def _right_padded(tokenizer):
@@ -268,14 +294,3 @@ def _tokens_seen(checkpoint: Path | None) -> int:
     state = read_json(checkpoint / "trainer_state.json", f"rm -r {checkpoint} (training resumes from the one before)")
     return int(state.get("num_input_tokens_seen", 0))
 
-
-def load_expert_record(path: Path) -> dict:
-    """The ``training.json`` of a finished expert.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a finished expert folder.
-        LoadError: the record is damaged (cut off, not JSON).
-    """
-    if not is_trained(Path(path)):
-        raise FileNotFoundError(f"{path} is not a finished expert (no {TRAINING_FILE} / adapter_config.json)")
-    return read_json(Path(path) / TRAINING_FILE, f"rm -r {path} && mocae train-expert (same config)")

@@ -21,10 +21,11 @@ from torch import nn
 
 from mocae.encoder import sentence_embeddings
 from mocae.errors import LoadError, load_safetensors, read_json
-from mocae.experts.checks import TRAINING_FILE, check_adapter
+from mocae.experts.checks import TRAINING_FILE, check_experts as check_expert_folders
 from mocae.mixture.decide import DecisionConfig, decide as decide_weights
 from mocae.mixture.layer import LoraMixer, PeftBackedModel, check_weights
 from mocae.paths import atomic_directory
+from mocae.spec import write_marker
 from mocae.mixture.router import (
     SequenceRouter,
     StaticRouter,
@@ -72,27 +73,9 @@ class MoCaEConfig(BaseModel):
 
 
 def check_experts(backbone: str, experts: dict[str, str], model=None, rebuild: str | None = None) -> None:
-    """Experts must be LoRA adapters of ``backbone`` that target the same modules.
-
-    Args:
-        model: the loaded backbone; when given, every adapter tensor's shape is checked too.
-        rebuild: the command named in load errors (default: retrain that expert).
-
-    Raises:
-        FileNotFoundError: an expert folder is missing. LoadError: naming the expert's file at
-            fault (damaged, another base model, shapes that do not fit). ValueError: the experts
-            target different modules.
-    """
-    targets = {}
-    for axis, path in experts.items():
-        cfg = check_adapter(path, backbone, axis, model, rebuild)
-        modules = cfg["target_modules"]
-        targets[axis] = sorted([modules] if isinstance(modules, str) else modules)
-    first_axis, first = next(iter(targets.items()))
-    for axis, t in targets.items():
-        if t != first:
-            raise ValueError(f"experts {first_axis!r} and {axis!r} target different modules ({first} vs {t}); "
-                             "the mixture needs the same target modules")
+    """Experts must be LoRA adapters of ``backbone`` that target the same modules
+    (``mocae.experts.checks.check_experts``, which raises naming the expert's file at fault)."""
+    check_expert_folders(backbone, experts, model, rebuild, same_targets=True)
 
 
 def _load_adapters(base, experts: dict[str, str], rebuild: str | None = None):
@@ -200,7 +183,7 @@ class MoCaEModel(PeftBackedModel):
         if self.mocae_config.router_input == "embedding":
             texts = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                      for ids, m in zip(input_ids, pool)]
-            return sentence_embeddings(texts)
+            return sentence_embeddings(texts).to(input_ids.device)  # the encoder runs on the CPU
         with self.mixer.weights(None):
             return pooled_hidden_states(self.peft_model, input_ids, attention_mask, self.router.feature_layer, pool)
 
@@ -358,7 +341,7 @@ class MoCaEModel(PeftBackedModel):
         texts = chat_inputs(self.tokenizer, prompts, system, max_new_tokens, context_window(self), truncate_prompt)
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         finally:
             self.tokenizer.padding_side = side
         out, weights = self.generate(**batch, axis_weights=axis_weights, prior=prior, return_routing=True,
@@ -376,6 +359,19 @@ class MoCaEModel(PeftBackedModel):
     def routes_per_request(self) -> bool:
         """True when routing gives one weight vector per request (sequence or static routing)."""
         return not isinstance(self.router, TokenRouter)
+
+    @property
+    def mocae_capabilities(self):
+        """A router over ``axes``, per request unless it routes per token (``mocae.spec``); a caller
+        that steers the routing may declare others (``mocae.spec.declare``)."""
+        from mocae.spec import Capabilities
+
+        declared = self.__dict__.get("_declared_capabilities")
+        return declared or Capabilities(router=True, per_request_routing=self.routes_per_request)
+
+    @mocae_capabilities.setter
+    def mocae_capabilities(self, value) -> None:
+        self.__dict__["_declared_capabilities"] = value
 
     # save / load --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -398,6 +394,7 @@ class MoCaEModel(PeftBackedModel):
                     "feature_layer": getattr(self.router, "feature_layer", None),
                     "calibrator": self.calibrator.state_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            write_marker(tmp, "mocae")
         return path
 
     @classmethod
@@ -443,7 +440,7 @@ def check_saved(path: str | Path):
     from pydantic import ValidationError
 
     from mocae.errors import safetensors_shapes
-    from mocae.experts.checks import names_backbone
+    from mocae.experts.checks import names_backbone, recorded_backbone
     from mocae.mixture.calibration import Calibrator
 
     path = Path(path)
@@ -464,10 +461,7 @@ def check_saved(path: str | Path):
         problem = str(err).replace("\n", " ")
         raise LoadError(config_file, f"wrong schema ({problem})", rebuild) from None
     for axis, expert in config.experts.items():  # the config's backbone against the experts' records
-        record, adapter = Path(expert) / TRAINING_FILE, Path(expert) / "adapter_config.json"
-        trained_on = read_json(record, rebuild).get("backbone") if record.is_file() else None
-        if trained_on is None and adapter.is_file():
-            trained_on = read_json(adapter, rebuild).get("base_model_name_or_path")
+        trained_on = recorded_backbone(expert, rebuild)
         if trained_on and not names_backbone(trained_on, config.backbone):
             raise LoadError(config_file, f"backbone {config.backbone!r} is not the one expert {axis!r} was "
                                          f"trained on ({trained_on!r})", rebuild)

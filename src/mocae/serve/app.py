@@ -286,26 +286,23 @@ SERVABLE_SYSTEMS = ("base", "multitask", "task_arithmetic", "ties", "dare", "moc
 
 def load_served(model: str, backbone: str | None = None, model_id: str | None = None,
                 system: str | None = None) -> ServedModel:
-    """A ServedModel for ``mocae serve --model``: 'base', a MoCaE folder or a peft adapter folder;
-    with ``system``, ``model`` is a ``mocae run`` directory and ``system`` one of its systems.
+    """A ServedModel for ``mocae serve --model``: 'base' or a saved system folder (a MoCaE folder, a
+    peft adapter folder); with ``system``, ``model`` is a ``mocae run`` directory and ``system`` one
+    of its systems.
 
     Raises:
         FileNotFoundError: not a model folder / run directory. ValueError: a system the server cannot decode.
     """
-    if system is not None:
-        from mocae.systems import RunSystems, load_system
+    from mocae.systems import RunSystems, load_system
 
+    if system is not None:
         if system not in SERVABLE_SYSTEMS and not system.startswith("expert_"):
             raise ValueError(f"system {system!r} cannot be served (it decodes with a loop of its own or is not "
                              f"tested with the server); servable: {', '.join(SERVABLE_SYSTEMS)}, expert_<axis>")
         m, tokenizer = load_system(system, RunSystems.load(model))
         return ServedModel(m, tokenizer, model_id or system)
-    from mocae.evaluation.cli import system_loaders
-
-    loaders = system_loaders(model, backbone)
-    name, loader = next((k, v) for k, v in reversed(loaders.items()))
-    m, tokenizer = loader()
-    default_id = "base" if model == "base" else (Path(model).resolve().name or name)
+    m, tokenizer = load_system(model, backbone=backbone)
+    default_id = "base" if model == "base" else (Path(model).resolve().name or "system")
     return ServedModel(m, tokenizer, model_id or default_id)
 
 

@@ -66,11 +66,12 @@ class ServedModel:
 
     def __init__(self, model, tokenizer, model_id: str):
         from mocae.generation import _eos_ids
+        from mocae.spec import capabilities_of
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.is_mocae = hasattr(model, "mixer") and hasattr(model, "axes")
+        self.is_mocae = capabilities_of(model).router
         self.axes: list[str] | None = list(model.axes) if self.is_mocae else None
         self.per_token = self.is_mocae and not model.routes_per_request
         self.eos = set(_eos_ids(model, tokenizer).tolist())

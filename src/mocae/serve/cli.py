@@ -31,7 +31,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from mocae.evaluation.cli import load_eval_config
+    from mocae.pipeline import load_eval_config
     from mocae.pareto import ParetoConfig, run_pareto
 
     update = {"efficiency": False}
