@@ -141,9 +141,10 @@ def build_results(command: str, timings: dict) -> dict:
     out["machine"] = _machine()
     out["train_seconds"] = timings
     out["details"] = reports
-    out["notes"] = ("every judge trained by this script with its defaults (the same as `mocae judges train "
-                    "--kind K`); helpful figures are eval-side AlpacaEval instructions only, honest ones eval-side "
-                    "TruthfulQA questions only")
+    out["notes"] = ("the judges in $MOCAE_CACHE/judges as trained (by this script or `mocae judges train`): each "
+                    "one's settings, steps and whether a time budget stopped it are under details.<kind>.training; "
+                    "helpful figures are eval-side AlpacaEval instructions only, honest ones eval-side TruthfulQA "
+                    "questions only")
     return out
 
 
