@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "fixtures" / "behaviour" / "record.py"
 RECORDED = HERE / "fixtures" / "behaviour" / "pre_refactor.json"
@@ -34,3 +32,18 @@ def test_every_bench_system_behaves_as_before_the_refactor(tmp_path):
         if diff:
             changed[name] = {k: v if k.startswith("logits_") else "differs" for k, v in diff.items()}
     assert not changed, f"systems that behave differently from {before['recorded_with']}: {changed}"
+
+
+def test_a_mocae_folder_saved_before_the_refactor_loads_and_behaves_the_same():
+    """``pre_refactor_mocae`` is the tiny run's ``mocae`` folder as c0665e8 saved it (no system marker yet):
+    it opens by its files and gives the fingerprint recorded for it."""
+    import importlib.util
+
+    from mocae.systems import load_system
+
+    spec = importlib.util.spec_from_file_location("behaviour_record", RECORD)
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    model, tokenizer = load_system(RECORDED.parent / "pre_refactor_mocae")
+    assert model.axes == ["helpful", "harmless", "honest"]
+    assert record.fingerprint(model.eval(), tokenizer) == json.loads(RECORDED.read_text())["systems"]["mocae"]
