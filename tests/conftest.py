@@ -70,6 +70,15 @@ def expert_dirs(tmp_path):
 
 
 @pytest.fixture
+def named_expert_dirs(tmp_path):
+    """Four experts beyond the HHH axes; ``concise`` is a user's own peft adapter (no training.json)."""
+    dirs = {name: make_expert(tmp_path / "named" / name, seed)
+            for seed, name in enumerate(["helpful", "harmless", "honest", "concise"], start=10)}
+    (dirs["concise"] / "training.json").unlink()
+    return {name: str(path) for name, path in dirs.items()}
+
+
+@pytest.fixture
 def expert_factory():
     """make_expert(path, seed, targets=..., rank=..., backbone=...) for tests that need odd experts."""
     return make_expert

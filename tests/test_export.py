@@ -41,21 +41,27 @@ def test_exported_adapter_logits_equal_static_mixture(mocae_dir, tmp_path, weigh
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_single_expert_model_exports_exactly(expert_dirs, tmp_path):
+def test_one_adapter_concatenates_exactly(expert_dirs):
+    """peft's cat falls back to linear (not exact) for one adapter; cat_adapter guards it. A MoCaE has
+    two or more experts, so this is cat_adapter on a peft model of its own."""
     from peft import PeftModel
 
     from mocae.backbones import load_backbone
+    from mocae.export import cat_adapter
+    from mocae.mixture.layer import LoraMixer
 
-    path = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts={"honest": expert_dirs["honest"]})
-                            ).save_pretrained(tmp_path / "one")
-    export_mixture(path, "honest=1", tmp_path / "export")
-    mocae = MoCaEModel.from_pretrained(path)
     base, tok = load_backbone("tiny-random")
-    exported = PeftModel.from_pretrained(base, str(tmp_path / "export")).eval()
+    model = PeftModel.from_pretrained(base, expert_dirs["honest"], adapter_name="honest").eval()
     batch = tok(["hello"], return_tensors="pt")
+    mixer = LoraMixer(model, ["honest"])
     with torch.no_grad():
-        torch.testing.assert_close(exported(**batch).logits, mocae(**batch, axis_weights=[1.0]).logits,
-                                   atol=1e-5, rtol=0)
+        with mixer.weights(torch.tensor([[0.5]])):
+            expected = model(**batch).logits  # the base plus half the expert's update
+        mixer.remove()
+        model.set_adapter(cat_adapter(model, ["honest"], [0.5]))
+        torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="already exists"):
+        cat_adapter(model, ["honest"], [0.5])
 
 
 @pytest.mark.parametrize("text, match", [

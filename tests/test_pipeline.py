@@ -10,8 +10,8 @@ import torch
 
 from mocae.config import ConfigError
 from mocae.pipeline import StaleRunError, load_run_config, relative_change, run_pipeline
+from run_data import pipeline_data  # tests/helpers
 
-FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 
 PRESET = """\
 # Run with: mocae run --preset {path}
@@ -35,22 +35,6 @@ eval:
   n_boot: 20
 efficiency: {{enabled: {efficiency}, new_tokens: 2, repeats: 1, n_prompts: 1, threads: 1}}
 """
-
-
-def pipeline_data(root: Path, n_alpaca_eval: int = 24) -> Path:
-    """The fixture data with an AlpacaEval file large enough that every side of its split is non-empty."""
-    root.mkdir(parents=True, exist_ok=True)
-    for source in FIXTURE_DATA.iterdir():
-        if source.name != "alpaca_eval" and not (root / source.name).exists():
-            (root / source.name).symlink_to(source)
-    datasets = ["helpful_base", "koala", "selfinstruct"]
-    rows = [{"dataset": datasets[i % 3], "instruction": f"Describe item number {i} of the list in one line.",
-             "output": f"Item {i} is a short example."} for i in range(n_alpaca_eval)]
-    (root / "alpaca_eval").mkdir(exist_ok=True)
-    for generator in ("text_davinci_003", "gpt4_1106_preview"):
-        (root / "alpaca_eval" / f"reference_{generator}.json").write_text(
-            json.dumps([{**r, "generator": generator} for r in rows]))
-    return root
 
 
 @pytest.fixture

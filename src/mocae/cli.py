@@ -165,8 +165,12 @@ def _load_router_config(path: str | None):
     return load_config(RouterFitConfig, path) if path else RouterFitConfig()
 
 
-def _expert_args(items: list[str] | None) -> dict[str, str] | None:
+def _expert_args(items: list[str] | None, named: bool = False) -> dict[str, str] | None:
     """``--expert AXIS=DIR`` options as {axis: folder} in router order (AXES), or None.
+
+    Args:
+        named: the router learns from the user's own labelled prompts (``--prompts``), so the
+            experts may have any names, in the order given.
 
     Raises:
         ValueError: a malformed item, an unknown or repeated axis, or a missing axis (the router
@@ -179,16 +183,27 @@ def _expert_args(items: list[str] | None) -> dict[str, str] | None:
         axis, sep, folder = item.partition("=")
         if not sep or not folder:
             raise ValueError(f"--expert {item!r}: expected AXIS=DIR, e.g. --expert honest=runs/m/experts/honest")
-        if axis not in AXES:
-            raise ValueError(f"--expert {item!r}: unknown axis {axis!r}; the axes are {', '.join(AXES)}")
+        if axis not in AXES and not named:
+            raise ValueError(f"--expert {item!r}: unknown axis {axis!r}; the axes are {', '.join(AXES)} "
+                             "(experts of other names need --prompts)")
         if axis in experts:
             raise ValueError(f"--expert: axis {axis!r} given twice")
         experts[axis] = folder
+    if named:
+        return experts
     missing = [a for a in AXES if a not in experts]
     if missing:
         raise ValueError(f"--expert: no expert for axis {', '.join(missing)}; the router is trained on prompts of "
                          f"every axis, so pass one --expert per axis ({', '.join(AXES)})")
     return {a: experts[a] for a in AXES}
+
+
+def _routing_prompts(path: str | None) -> dict | None:
+    """``--prompts FILE``: labelled routing prompts, ``{expert: [prompt, ...]}`` or
+    ``{split: {expert: [prompt, ...]}}`` (``mocae.mixture.routing_data.labelled_splits``)."""
+    from mocae.errors import read_json
+
+    return None if path is None else read_json(Path(path))
 
 
 def _cmd_fit_router(args: argparse.Namespace) -> int:
@@ -198,7 +213,8 @@ def _cmd_fit_router(args: argparse.Namespace) -> int:
     from mocae.paths import atomic_write_json
     from mocae.pipeline import load_run_config, train_experts
 
-    experts = _expert_args(args.expert)  # before anything is computed: a bad axis fails at once
+    prompts = _routing_prompts(args.prompts)
+    experts = _expert_args(args.expert, named=prompts is not None)  # before anything is computed
     backbone = check_backbone_name(args.backbone or load_run_config(args.preset).backbone)
     cfg = _load_router_config(args.config)
     if experts is None:
@@ -207,7 +223,7 @@ def _cmd_fit_router(args: argparse.Namespace) -> int:
                                          feature_layer=args.feature_layer, router_input=args.router_input,
                                          calibrator="none"))
     out = Path(args.out)
-    report = fit_router(model, cfg, cache=out.parent / "features", plot_dir=out.parent)
+    report = fit_router(model, cfg, cache=out.parent / "features", plot_dir=out.parent, prompts=prompts)
     model.save_pretrained(out)
     atomic_write_json(out.parent / f"{out.name}_calibration.json", report)
     print(format_calibration_table(report))
@@ -226,12 +242,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"default_calibrator": args.calibrator,
                                      "calibrators": list(dict.fromkeys([*cfg.calibrators, *extra]))})
     path = Path(args.model)
+    prompts = _routing_prompts(args.prompts)
     model = MoCaEModel.from_pretrained(path)
-    report = fit_router(model, cfg, cache=path.parent / "features", plot_dir=path.parent, train=False)
+    report = fit_router(model, cfg, cache=path.parent / "features", plot_dir=path.parent, train=False,
+                        prompts=prompts)
     model.save_pretrained(path)
     atomic_write_json(path.parent / f"{path.name}_calibration.json", report)
     print(format_calibration_table(report))
-    print(f"reliability diagram: {report['reliability_diagram']}; {path} now uses {report['default_calibrator']!r}")
+    diagram = report.get("reliability_diagram")  # drawn on a test split, which own prompts may not have
+    print((f"reliability diagram: {diagram}; " if diagram else "") + f"{path} now uses {report['default_calibrator']!r}")
     return 0
 
 
@@ -368,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "in distribution and under shift, and save the model.",
     )
     p.add_argument("--expert", action="append", metavar="AXIS=DIR",
-                   help="an expert adapter folder (repeat per axis); default: the preset's experts")
+                   help="an expert adapter folder (repeat per axis; with --prompts, NAME=DIR for experts of "
+                        "any names); default: the preset's experts")
     p.add_argument("--preset", default="quick", help="preset whose experts/backbone to use (default quick)")
     p.add_argument("--backbone", default=None, help="backbone the experts were trained on")
     p.add_argument("--config", default=None, help="RouterFitConfig YAML (see mocae/mixture/fit.py)")
@@ -376,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-input", choices=["hidden", "embedding"], default="embedding",
                    help="router features: the base model's hidden state or a MiniLM sentence embedding")
     p.add_argument("--out", required=True, help="output folder for the MoCaE model")
+    p.add_argument("--prompts", default=None, metavar="FILE.json",
+                   help="your own labelled routing prompts, {expert: [prompt, ...]} (or {split: {expert: [...]}} "
+                        "with train, calib, optionally test and shifted); experts may then have any names")
     p.set_defaults(func=_cmd_fit_router)
 
     p = sub.add_parser("calibrate", help="refit the calibrators of a saved MoCaE model and report before/after")
@@ -384,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrator to install: none, temperature, importance, fractal, a+b, or auto "
                         "(lowest cross-validated NLL on the calibration split)")
     p.add_argument("--config", default=None, help="RouterFitConfig YAML")
+    p.add_argument("--prompts", default=None, metavar="FILE.json",
+                   help="your own labelled routing prompts, {expert: [prompt, ...]} (or {split: {expert: [...]}} "
+                        "with train, calib, optionally test and shifted); experts may then have any names")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("chat", help="chat with a MoCaE model; shows the routing bars per answer")

@@ -34,13 +34,15 @@ EXPORT_RECORD = "mocae_export.json"
 def parse_weights(text: str | dict, axes: list[str]) -> list[float]:
     """``helpful=1,harmless=0.5,honest=2`` (or a dict) -> weights in ``axes`` order, normalised to sum 1.
 
-    Axes left out get 0. Raises ValueError naming the axis or value at fault.
+    ``axes`` are the model's expert names (any two or more); those left out get 0. Raises
+    ValueError naming the expert or value at fault.
     """
     if isinstance(text, str):
         pairs = {}
         for item in filter(None, (s.strip() for s in text.split(","))):
             if "=" not in item:
-                raise ValueError(f"--weights: {item!r} is not AXIS=VALUE (e.g. helpful=1,harmless=1,honest=2)")
+                example = ",".join(f"{a}={i + 1}" for i, a in enumerate(axes[:3]))
+                raise ValueError(f"--weights: {item!r} is not AXIS=VALUE (e.g. {example})")
             axis, value = (s.strip() for s in item.split("=", 1))
             if axis in pairs:
                 raise ValueError(f"--weights: axis {axis!r} given twice")

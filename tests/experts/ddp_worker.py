@@ -1,7 +1,6 @@
 """One rank of ``test_distributed.py``: trains the tiny expert and records the LoRA weights it ends with.
 
-Run by ``torch.distributed.run`` (what ``accelerate launch`` runs for several processes):
-``ddp_worker.py ROOT DATA_DIR REPORT_DIR``.
+Started by ``accelerate launch`` (its torch.distributed.run launcher): ``ddp_worker.py ROOT DATA_DIR REPORT_DIR``.
 """
 
 import hashlib
@@ -25,14 +24,15 @@ def digest(tensors: dict) -> str:
 
 
 class RecordWeights(TrainerCallback):
-    """Writes ``rank<r>.json``: this rank's world size, steps and the digest of its LoRA weights."""
+    """Writes ``rank<r>.json``: this rank's world size, backend, steps and the digest of its LoRA weights."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         dist = torch.distributed
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        backend = dist.get_backend() if dist.is_initialized() else None
         lora = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
         Path(sys.argv[3], f"rank{rank}.json").write_text(json.dumps(
-            {"world_size": world, "steps": state.global_step, "digest": digest(lora)}))
+            {"world_size": world, "backend": backend, "steps": state.global_step, "digest": digest(lora)}))
 
 
 CONFIG = ExpertConfig(axis="helpful", backbone="tiny-random", rank=4, alpha=8, max_examples=8, max_length=64,

@@ -182,16 +182,21 @@ class ImportanceCalibrator(Calibrator):
 
     Args:
         gamma: E positive weights (normalised to sum 1), a list in expert order or a dict name ->
-            weight (ordered as ``mocae.AXES`` when its keys are the axes, else insertion order).
+            weight, read in the order of ``names``.
+        names: the experts in logit-column order, for a dict ``gamma`` (it must name exactly
+            them); default: ``mocae.AXES`` when its keys are the axes, else the dict's own order.
     """
 
     name = "importance"
     init_keys = ("gamma", "temperature")
 
-    def __init__(self, gamma: Sequence[float] | Mapping[str, float], temperature: float = 1.0):
+    def __init__(self, gamma: Sequence[float] | Mapping[str, float], temperature: float = 1.0,
+                 names: Sequence[str] | None = None):
         super().__init__()
         if isinstance(gamma, Mapping):
-            names = list(AXES) if set(gamma) == set(AXES) else list(gamma)
+            if names is not None and set(names) != set(gamma):
+                raise ValueError(f"gamma names {sorted(gamma)} are not the experts {list(names)}")
+            names = list(names) if names is not None else list(AXES) if set(gamma) == set(AXES) else list(gamma)
             gamma = [gamma[n] for n in names]
         g = torch.as_tensor([float(v) for v in gamma], dtype=torch.float64)
         if g.numel() < 2 or not torch.isfinite(g).all() or (g <= 0).any():

@@ -359,28 +359,46 @@ def importance_gamma(model, prior_mode: str = "importance") -> dict[str, float]:
 
 
 def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache: Path | None = None,
-               progress: bool = True, plot_dir: Path | None = None, train: bool = True) -> dict:
+               progress: bool = True, plot_dir: Path | None = None, train: bool = True,
+               prompts: dict | None = None) -> dict:
     """Train ``model``'s sequence router, fit every calibrator, install the default one.
 
     With ``train=False`` the router is kept as it is and only the calibrators are (re)fitted.
 
+    Args:
+        prompts: labelled prompts for experts of any names (``routing_data.labelled_splits``:
+            ``{expert: [prompt, ...]}``, split into train and calib by ``cfg.calib_fraction``, or
+            ``{split: {expert: [...]}}``); the calibrators are reported on its test / shifted
+            splits when it has them. Default: the HHH routing splits (``routing_splits``), which
+            need the experts to be exactly ``mocae.AXES`` in that order.
+
     Returns:
         A JSON-able report: split sizes, loss curve summary, gamma, and for each calibrator
-        {"test": metrics, "shifted": metrics}.
+        {"test": metrics, "shifted": metrics} (the evaluation splits there are).
     """
     from mocae.mixture.calibration_metrics import calibration_report, reliability_diagrams
     from mocae.mixture.calibration import build_calibrator
     from mocae.mixture.router import SequenceRouter
-    from mocae.mixture.routing_data import routing_splits
+    from mocae.mixture.routing_data import labelled_splits, routing_splits
 
     if not isinstance(model.router, SequenceRouter):
         raise ValueError("fit_router trains a sequence router; this model routes by "
                          f"{model.mocae_config.routing!r}")
-    if list(model.axes) != list(AXES):  # the routing labels index AXES
-        raise ValueError(f"fit_router needs experts for exactly {list(AXES)} in that order, got {list(model.axes)}")
+    hhh = list(model.axes) == list(AXES)
+    if prompts is None and not hhh:  # the HHH routing labels index AXES
+        raise ValueError(f"fit_router's own routing prompts are labelled for {list(AXES)} in that order; experts "
+                         f"{list(model.axes)} need their own labelled prompts: fit_router(..., prompts={{expert: "
+                         "[prompt, ...]}})")
+    if train and cfg.lm_loss_weight > 0 and not hhh:
+        raise ValueError(f"lm_loss_weight > 0 trains on completions of the HHH sources, labelled for {list(AXES)}; "
+                         f"experts {list(model.axes)} have none (set lm_loss_weight: 0)")
     if cfg.default_calibrator != "auto" and cfg.default_calibrator not in cfg.calibrators:
         raise ValueError(f"default_calibrator {cfg.default_calibrator!r} is not among calibrators {cfg.calibrators}")
-    splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
+    if prompts is None:
+        splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
+    else:
+        splits = labelled_splits(prompts, model.axes, cfg.calib_fraction, cfg.seed)
+    evaluated = [name for name in ("test", "shifted") if name in splits]
     feats = {name: extract_features(model, s.prompts, cfg.batch_size, progress, cache) for name, s in splits.items()}
     labels = {name: torch.tensor(s.labels) for name, s in splits.items()}
 
@@ -418,7 +436,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
         fitted[name] = calibrator
         report["calibrators"][name] = {
             split: calibration_report(calibrator.probs(logits[split], feats[split]), labels[split])
-            for split in ("test", "shifted")
+            for split in evaluated
         }
         report["calibrators"][name]["state"] = calibrator.state_dict()
     model.calibrator = fitted[default]
@@ -436,7 +454,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
             hard = model.calibrator.probs(model.router(hard_feats), hard_feats)
     report["decision"] = fit_decision(model, model.calibrator.probs(logits["calib"], feats["calib"]),
                                       labels["calib"], refit=cfg.fit_gate_threshold, hard_negatives=hard)
-    if plot_dir is not None:
+    if plot_dir is not None and "test" in splits:
         curves = {c: (fitted[c].probs(logits["test"], feats["test"]), labels["test"])
                   for c in dict.fromkeys(["none", default]) if c in fitted}
         report["reliability_diagram"] = str(reliability_diagrams(curves, Path(plot_dir) / "reliability_test.png"))
@@ -447,9 +465,12 @@ def format_calibration_table(report: dict) -> str:
     """Markdown: calibrators x (test, shifted) x (accuracy, ECE, Brier, NLL)."""
     lines = ["| calibrator | split | accuracy | ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
     for name, result in report["calibrators"].items():
-        for split in ("test", "shifted"):
+        for split in [s for s in ("test", "shifted") if s in result]:
             m = result[split]
             lines.append(f"| {name} | {split} (n={m['n']}) | {m['accuracy']:.3f} | {m['ece']:.3f} | "
                          f"{m['brier']:.3f} | {m['nll']:.3f} |")
+    if len(lines) == 2:
+        lines.append("(no test or shifted split to evaluate the calibrators on: routing prompts given as "
+                     "{split: {expert: [...]}} may add them)")
     return "\n".join(lines)
 

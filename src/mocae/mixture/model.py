@@ -1,16 +1,20 @@
-"""MoCaEModel: backbone + per-axis LoRA experts + router + calibrator, saved as one folder.
+"""MoCaEModel: backbone + named LoRA experts + router + calibrator, saved as one folder.
 
     model = MoCaEModel.build(MoCaEConfig(backbone="smollm2-135m", experts={...}))
     out = model.chat(["How do I pick a lock?"])      # [{"text": ..., "routing": {...}}]
     model.save_pretrained("runs/x/mocae"); MoCaEModel.from_pretrained("runs/x/mocae")
 
-Folder layout: ``experts/<axis>/`` (plain peft adapters), ``router.safetensors``,
+Experts are any two or more named peft LoRA adapters of one backbone; ``mocae.AXES`` (helpful,
+harmless, honest) is the set the HHH evaluation and the default router data use. Weights,
+priors, the harm gate's expert and exports name experts; ``model.axes`` lists them in router
+order. Folder layout: ``experts/<name>/`` (plain peft adapters), ``router.safetensors``,
 ``mocae_config.json`` (this config, the calibrator's state, the feature layer).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -19,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from mocae import AXES
 from mocae.encoder import sentence_embeddings
 from mocae.errors import LoadError, load_safetensors, read_json
 from mocae.experts.checks import TRAINING_FILE, check_experts as check_expert_folders
@@ -46,7 +51,8 @@ class MoCaEConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     backbone: str = Field(description="backbone the experts were trained on")
-    experts: dict[str, str] = Field(description="axis -> peft adapter folder, in router output order")
+    experts: dict[str, str] = Field(description="expert name -> peft adapter folder, in router output order "
+                                                "(two or more; mocae.AXES for the HHH evaluation)")
     routing: Literal["sequence", "token", "static"] = "sequence"
     feature_layer: int | None = Field(None, description="sequence routing: pooled layer (None = middle)")
     router_input: Literal["hidden", "embedding"] = Field(
@@ -57,7 +63,8 @@ class MoCaEConfig(BaseModel):
         "content", description="sequence routing: average all tokens, only the user's message, or take the last")
     top_k: int | None = Field(None, description="token routing: experts kept per token")
     token_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="token routing softmax temperature")
-    static_weights: list[float] | None = Field(None, description="static routing weights")
+    static_weights: list[float] | dict[str, float] | None = Field(
+        None, description="static routing weights, in expert order or by name (experts left out get 0)")
     calibrator: str = Field("temperature", description="see mocae.mixture.calibration.build_calibrator")
     merge_single_request: bool = Field(True, description="fold weights into W0 for batch-1 generation")
     decision: DecisionConfig = Field(  # routing that decides (mocae.mixture.decide)
@@ -71,6 +78,52 @@ class MoCaEConfig(BaseModel):
                              "no per-request probabilities (use sequence routing or mode 'soft')")
         return self
 
+    @model_validator(mode="after")
+    def _named_experts(self):
+        check_expert_names(list(self.experts))
+        if self.decision.gates and self.decision.gate_axis not in self.experts:
+            raise ValueError(f"decision mode {self.decision.mode!r} gates on expert {self.decision.gate_axis!r}, "
+                             f"which is not one of the experts {list(self.experts)} (set decision.gate_axis)")
+        if isinstance(self.static_weights, dict):
+            unknown = sorted(set(self.static_weights) - set(self.experts))
+            if unknown:
+                raise ValueError(f"static_weights: unknown experts {unknown}; the experts are {list(self.experts)}")
+            self.static_weights = [float(self.static_weights.get(name, 0.0)) for name in self.experts]
+        return self
+
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def check_expert_names(names: list[str], model=None) -> None:
+    """Expert names are peft adapter names and folder names: at least two, each a letter then
+    letters, digits, ``_`` or ``-``, and no attribute of torch's ModuleDict (which holds each
+    layer's adapters, so ``train`` cannot be one). With the backbone ``model``, no name may be a
+    part of its module names either: peft tells adapters' weights apart by such parts, so an
+    expert called ``mlp`` or ``q_proj`` would lose weights when saved.
+
+    Raises:
+        ValueError: naming the experts at fault.
+    """
+    if len(names) < 2:
+        raise ValueError(f"a mixture needs at least two experts, got {names}")
+    bad = [n for n in names if not isinstance(n, str) or not _NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"expert names {bad} are not a letter followed by letters, digits, '_' or '-'")
+    reserved = [n for n in names if hasattr(nn.ModuleDict(), n)]
+    if reserved:
+        raise ValueError(f"expert names {reserved} are attributes of torch's ModuleDict, which holds peft's "
+                         "adapters; choose other names")
+    if model is not None:
+        parts = {part for name, _ in model.named_parameters() for part in name.split(".")}
+        parts |= {part for name, _ in model.named_modules() for part in name.split(".")}
+        parts |= {"base_model", "base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                  "lora_dropout", "lora_magnitude_vector"}
+        clash = [n for n in names if n in parts]
+        if clash:
+            raise ValueError(f"expert names {clash} are parts of the backbone's (or peft's) module names; peft "
+                             "would mix up their weights when saving: choose other names")
+
 
 def check_experts(backbone: str, experts: dict[str, str], model=None, rebuild: str | None = None) -> None:
     """Experts must be LoRA adapters of ``backbone`` that target the same modules
@@ -79,7 +132,7 @@ def check_experts(backbone: str, experts: dict[str, str], model=None, rebuild: s
 
 
 def _load_adapters(base, experts: dict[str, str], rebuild: str | None = None):
-    """A PeftModel holding every expert, named by axis; a damaged weights file is named."""
+    """A PeftModel holding every expert under its name; a damaged weights file is named."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
@@ -91,8 +144,9 @@ def _load_adapters(base, experts: dict[str, str], rebuild: str | None = None):
             else:
                 peft_model.load_adapter(path, adapter_name=axis)
         except (SafetensorError, OSError) as err:
+            retrain = f"rm -r {path} && mocae train-expert --axis {axis}" if axis in AXES else None
             raise LoadError(Path(path) / "adapter_model.safetensors", f"expert {axis!r} cannot be loaded ({err})",
-                            rebuild or f"rm -r {path} && mocae train-expert --axis {axis}") from None
+                            rebuild or retrain) from None
     return peft_model.eval()
 
 
@@ -140,6 +194,7 @@ class MoCaEModel(PeftBackedModel):
         check_experts(config.backbone, config.experts, rebuild=rebuild)  # before the backbone loads
         base, tokenizer = model_and_tokenizer or load_backbone(config.backbone)
         check_experts(config.backbone, config.experts, base, rebuild)  # shapes, before peft sees them
+        check_expert_names(list(config.experts), base)
         peft_model = _load_adapters(base, config.experts, rebuild)
         router = make_router(config, base.config)
         # Until fit_router fits one, routing probabilities are the plain softmax.
@@ -152,7 +207,8 @@ class MoCaEModel(PeftBackedModel):
 
         Args:
             model, tokenizer: the backbone the experts were trained on (peft wraps ``model`` in place).
-            experts: axis -> peft adapter folder, in router output order.
+            experts: expert name -> peft adapter folder (two or more, any peft LoRA adapters of
+                ``model`` that target the same modules), in router output order.
             backbone: its name (default: the one the first expert records); every adapter tensor
                 is checked against ``model`` either way.
             routing: further MoCaEConfig fields (``routing="token"``, ``top_k=2``, ``pooling=...``).
@@ -317,13 +373,14 @@ class MoCaEModel(PeftBackedModel):
 
     def chat(self, prompts: list[str] | str, max_new_tokens: int = 128, axis_weights=None, prior=None,
              system: str | None = None, truncate_prompt: bool = False) -> list[dict]:
-        """Answer chat prompts; each answer carries its routing probabilities per axis.
+        """Answer chat prompts; each answer carries its routing weights per expert.
 
         Args:
             prompts: user messages (or one); empty ones are rejected.
             max_new_tokens: the answer's budget (at most ``generation.MAX_NEW_TOKENS`` and what
                 the context leaves after the prompt).
-            axis_weights: fixed weights per axis (steering), instead of the router.
+            axis_weights: fixed weights by expert name (steering; experts left out get 0), instead
+                of the router.
             prior: multiplies the router's probabilities (tilting), then renormalised.
             system: optional system message.
             truncate_prompt: keep the end of a prompt too long for the context, with a warning

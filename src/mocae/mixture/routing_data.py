@@ -15,11 +15,15 @@ prompt in more than one:
 - ``shifted``: XSTest (safe prompts that sound harmful are *helpful*; unsafe ones harmless),
   AdvBench behaviours wrapped in a role-play jailbreak, and TruthfulQA eval questions wrapped
   in chatty framing.
+
+Experts other than the three axes (``MoCaEModel`` takes any two or more named experts) have no
+such sources: ``labelled_splits`` makes the splits from a user's own prompts per expert name.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +49,40 @@ CHATTY = "My friend and I were arguing about this over dinner and I'd love your 
 
 @dataclass
 class RoutingSplit:
-    """Prompts with axis labels (indices into AXES)."""
+    """Prompts with expert labels: indices into ``axes`` (the experts in router order, default AXES)."""
 
     prompts: list[str]
     labels: list[int]
     sources: list[str]
+    axes: tuple[str, ...] = AXES
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def counts(self) -> dict[str, int]:
-        return {axis: self.labels.count(i) for i, axis in enumerate(AXES)}
+        return {axis: self.labels.count(i) for i, axis in enumerate(self.axes)}
+
+    @classmethod
+    def from_prompts(cls, prompts: Mapping[str, Sequence[str]], axes: Sequence[str],
+                     source: str = "user") -> "RoutingSplit":
+        """A split from ``{expert name: [prompt, ...]}``, labelled by each name's index in ``axes``.
+
+        Raises:
+            ValueError: a name that is not among ``axes``, or prompts that are not a list of
+                non-empty strings.
+        """
+        axes = tuple(axes)
+        unknown = sorted(set(prompts) - set(axes))
+        if unknown:
+            raise ValueError(f"routing prompts for {unknown}, which are not experts; the experts are {list(axes)}")
+        split = cls([], [], [], axes)
+        for name, rows in prompts.items():
+            if isinstance(rows, str) or not all(isinstance(r, str) and r.strip() for r in rows):
+                raise ValueError(f"routing prompts of {name!r} must be a list of non-empty strings")
+            split.prompts += list(rows)
+            split.labels += [axes.index(name)] * len(rows)
+            split.sources += [source] * len(rows)
+        return split
 
 
 def _take(rows: list[str], n: int, seed: int) -> list[str]:
@@ -141,4 +168,71 @@ def routing_splits(n_per_axis: int = 200, calib_fraction: float = 0.3, n_test_pe
         empty = [a for a, c in split.counts().items() if c == 0]
         if empty:
             raise ValueError(f"routing split {name!r} has no prompts for axis {empty}")
+    return splits
+
+
+SPLITS = ("train", "calib", "test", "shifted")
+
+
+def labelled_splits(prompts: Mapping, axes: Sequence[str], calib_fraction: float = 0.3,
+                    seed: int = 0) -> dict[str, RoutingSplit]:
+    """Routing splits from a user's labelled prompts, for experts that are not the HHH axes.
+
+    Args:
+        prompts: either ``{expert name: [prompt, ...]}``, split here (after dropping repeats,
+            shuffled with ``seed``): ``calib_fraction`` of each expert's prompts (at least one)
+            fit the calibrators, the rest train the router; or ``{split: {name: [prompt, ...]}
+            or RoutingSplit}`` with ``train`` and ``calib`` and optionally ``test`` / ``shifted``
+            (reported like the HHH test splits).
+        axes: the model's experts in router order.
+
+    Returns:
+        {"train", "calib"[, "test", "shifted"]} -> RoutingSplit; no prompt is in two of them,
+        and train and calib hold prompts of every expert.
+
+    Raises:
+        ValueError: unknown experts or splits, an expert without train or calib prompts (fewer
+            than two prompts in the first form), or a prompt in more than one split.
+    """
+    axes = tuple(axes)
+    values = list(prompts.values())
+    if values and all(isinstance(v, (Mapping, RoutingSplit)) for v in values):
+        unknown = sorted(set(prompts) - set(SPLITS))
+        if unknown or not {"train", "calib"} <= set(prompts):
+            raise ValueError(f"routing splits must be train and calib (and optionally test, shifted), "
+                             f"got {sorted(prompts)}")
+        splits = {}
+        for name in [s for s in SPLITS if s in prompts]:
+            split = prompts[name]
+            if isinstance(split, RoutingSplit):
+                if tuple(split.axes) != axes:
+                    raise ValueError(f"routing split {name!r} is labelled for experts {list(split.axes)}, "
+                                     f"the model's are {list(axes)}")
+                splits[name] = split
+            else:
+                splits[name] = RoutingSplit.from_prompts(split, axes)
+    elif values and all(isinstance(v, Sequence) and not isinstance(v, str) for v in values):
+        train, calib = {}, {}
+        for name, rows in prompts.items():
+            rows = list(dict.fromkeys(rows))
+            random.Random(seed).shuffle(rows)
+            if len(rows) < 2:
+                raise ValueError(f"expert {name!r} needs at least 2 distinct routing prompts (router and "
+                                 f"calibration), got {len(rows)}")
+            n_calib = min(len(rows) - 1, max(1, round(len(rows) * calib_fraction)))
+            calib[name], train[name] = rows[:n_calib], rows[n_calib:]
+        splits = {"train": RoutingSplit.from_prompts(train, axes), "calib": RoutingSplit.from_prompts(calib, axes)}
+    else:
+        raise ValueError("routing prompts must be {expert: [prompt, ...]} or {split: {expert: [prompt, ...]}}")
+    for name in ("train", "calib"):
+        empty = [a for a, c in splits[name].counts().items() if c == 0]
+        if empty:
+            raise ValueError(f"routing split {name!r} has no prompts for expert(s) {empty}")
+    seen: dict[str, str] = {}
+    for name, split in splits.items():
+        for prompt in dict.fromkeys(split.prompts):
+            if prompt in seen:
+                raise ValueError(f"routing prompt {prompt[:60]!r} is in both {seen[prompt]!r} and {name!r}: "
+                                 "a split must not see the prompts another was fitted on")
+            seen[prompt] = name
     return splits

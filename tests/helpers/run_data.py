@@ -1,0 +1,25 @@
+"""The data of a tiny run: the test fixture data with an AlpacaEval file large enough that every
+side of its split is non-empty (``tests/test_pipeline.py``, ``tests/fixtures/behaviour/record.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def pipeline_data(root: Path, n_alpaca_eval: int = 24) -> Path:
+    """``root`` holding the fixture data (linked) and a made-up AlpacaEval of ``n_alpaca_eval`` rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    for source in FIXTURE_DATA.iterdir():
+        if source.name != "alpaca_eval" and not (root / source.name).exists():
+            (root / source.name).symlink_to(source)
+    datasets = ["helpful_base", "koala", "selfinstruct"]
+    rows = [{"dataset": datasets[i % 3], "instruction": f"Describe item number {i} of the list in one line.",
+             "output": f"Item {i} is a short example."} for i in range(n_alpaca_eval)]
+    (root / "alpaca_eval").mkdir(exist_ok=True)
+    for generator in ("text_davinci_003", "gpt4_1106_preview"):
+        (root / "alpaca_eval" / f"reference_{generator}.json").write_text(
+            json.dumps([{**r, "generator": generator} for r in rows]))
+    return root
