@@ -251,7 +251,9 @@ def train_experts(cfg: RunConfig, progress: bool = True, log: StageLog | None = 
     """Stage 1: train or reuse the three experts. Returns their adapter folders by axis."""
     paths = {}
     for axis, expert_cfg in cfg.expert_configs().items():
-        print(f"[experts] {axis}: {expert_cfg.max_examples} examples max, rank {expert_cfg.rank}", flush=True)
+        size = (f"DPO, {expert_cfg.max_pairs or 'all'} pairs max" if expert_cfg.trainer == "dpo"
+                else f"SFT, {expert_cfg.max_examples or 'all'} examples max")
+        print(f"[experts] {axis}: {size}, rank {expert_cfg.rank}", flush=True)
         paths[axis] = _expert_stage(f"experts/{axis}", expert_cfg, log, progress)
     return paths
 
