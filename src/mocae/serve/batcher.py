@@ -7,10 +7,11 @@ each row's expert weights go through the mixer's unmerged path as a (B, E) tenso
 forward pass serves every mixture at the cost of one rank-E*r LoRA. A batch of one (alone from
 the start, or the last row left) gets the merged fast path (the mixture folded into W0) when
 nobody waits to join and its remaining budget makes the merge pay (``LoraMixer.merge_pays``).
-Rows leave the batch (and its KV cache) as they finish, time out or their client disconnects. With ``continuous`` (default), requests arriving
-mid-decode are prefilled on their own and join the running batch at the next step (their KV
-cache left-padded to the batch's, or the batch's to theirs; a merged batch of one is unmerged
-first); caches other than plain ``DynamicLayer`` ones (sliding windows) only batch dynamically.
+Rows leave the batch (and its KV cache) as they finish, time out or their client disconnects.
+With ``continuous`` (default), requests arriving mid-decode are prefilled on their own and join
+the running batch at the next step (their KV cache left-padded to the batch's, or the batch's to
+theirs; a merged batch of one is unmerged first); caches other than plain ``DynamicLayer`` ones
+(sliding windows) only batch dynamically.
 
 Events go back to the asyncio side through ``Row.emit``: ("routing", dict), ("delta", text),
 ("done", finish_reason, usage), ("error", ApiError).
@@ -206,8 +207,10 @@ class Batcher:
         self.active = 0
         self.stats = {"batches": 0, "rows": 0, "max_batch": 0, "merged_batches": 0, "cancelled": 0,
                       "timed_out": 0, "tokens": 0, "last_batch": 0, "joined": 0,
-                      # where the worker's time goes: prefill (routing included) and decode steps
-                      "prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0, "merge_s": 0.0}
+                      # where the worker's time goes: prefill (routing included) and decode steps, wall
+                      # and the worker thread's CPU time (all of torch's at one thread; robust to a busy machine)
+                      "prefill_s": 0.0, "prefill_cpu_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0,
+                      "decode_cpu_s": 0.0, "decode_tokens": 0, "merge_s": 0.0}
 
     # lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -431,9 +434,10 @@ class Batcher:
         self.stats["merge_s"] += time.perf_counter() - begin
 
     def _timed_prefill(self, rows: list[Row]):
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.thread_time()
         out = self._prefill(rows)
         self.stats["prefill_s"] += time.perf_counter() - begin
+        self.stats["prefill_cpu_s"] += time.thread_time() - cpu
         self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in rows)
         return out
 
@@ -503,9 +507,10 @@ class Batcher:
                 step = torch.tensor(tokens)[:, None]
                 mask = torch.cat([mask, torch.ones_like(step)], dim=1)
                 positions = positions + 1
-                begin = time.perf_counter()
+                begin, cpu = time.perf_counter(), time.thread_time()
                 logits = served.forward(step, mask, positions, cache, weights)
                 self.stats["decode_s"] += time.perf_counter() - begin
+                self.stats["decode_cpu_s"] += time.thread_time() - cpu
                 self.stats["decode_tokens"] += len(rows)
         finally:
             if merged:
