@@ -111,6 +111,21 @@ def build_random_mocae(out: Path, backbone: str = "smollm2-135m", rank: int = 8,
     return folder
 
 
+def code_version() -> dict:
+    """Which mocae this run measured: the imported package's folder and, in a git checkout, its commit."""
+    import mocae
+
+    folder = Path(mocae.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"package": str(folder), "commit": commit, "uncommitted_changes": dirty}
+
+
 def malformed(rng: random.Random, model_id: str) -> tuple[str, str]:
     """(name, body) of one malformed request."""
     good = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -466,7 +481,7 @@ def main(argv=None) -> int:
                           "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
               "model": {"path": str(Path(model_dir).resolve()), "backbone": meta["backbone"], "axes": axes,
                         "experts": json.loads(info.read_text())["what"] if info.is_file() else "trained (see the folder)"},
-              "server": cfg.model_dump(), "max_tokens": args.max_tokens}
+              "server": cfg.model_dump(), "max_tokens": args.max_tokens, "code": code_version()}
     with Server(model_dir, cfg, "mocae", args.threads) as srv:
         bodies = []
         for _ in range(args.requests):
