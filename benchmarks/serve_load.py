@@ -19,7 +19,8 @@ of the worker thread's CPU time (at one thread all of torch's work; on a machine
 other jobs the CPU-time rates are far less noisy than the wall-clock ones).
 Phase 3 (batch-1 prefill): one prompt at a time, ``max_tokens`` 1, MoCaE routed by its router (the
 MiniLM routing encoder included) and steered by fixed weights, vs base on the same prompts; server
-time to first token, and at the model level ``generate(max_new_tokens=1)`` in this process.
+time to first token (each measured request right after an unmeasured copy of it, so no side pays
+for the other server having run last), and at the model level ``generate(max_new_tokens=1)``.
 Phase 4 (batch-1 latency): one request through the server vs a direct ``MoCaEModel.generate`` of
 the same prompt, weights and fixed token count.
 Phase 5 (model level): decode steps at batch 16 (16 mixtures, unmerged) vs base, interleaved step
@@ -552,7 +553,8 @@ def main(argv=None) -> int:
                     s = sides["base" if side == "base" else "mocae"]
                     weights = {axes[0]: 1.0} if side == "steered" else None
                     b = body(s.name, prompt, 1, weights, stream=True)
-                    rec = asyncio.run(fire(s.url, [("good", b)], 1, stop_at))[0]
+                    # the same request unmeasured first: each side measured warm, whichever server ran last
+                    rec = asyncio.run(fire(s.url, [("good", b), ("good", b)], 1, stop_at))[1]
                     times[side] = rec.get("first_token_s")
                 if None not in times.values():
                     prefill.append(times)
