@@ -37,7 +37,11 @@ def test_openai_client_round_trip_plain_and_streaming(mocae, serve):
         assert routing["mode"] == "blend" and set(routing["probabilities"]) == {"helpful", "harmless", "honest"}
         assert sum(routing["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
-        # the same answer as MoCaE's own generate (greedy)
+        # the same answer as MoCaE's own generate (greedy), once the worker is done with the model:
+        # it answers before it unmerges (the client need not wait for that)
+        deadline = time.monotonic() + 30
+        while srv.app.state.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
         direct = mocae.chat("hello there", max_new_tokens=6)[0]
         assert choice.message.content.strip() == direct["text"]
         assert routing["weights"] == pytest.approx(direct["routing"], abs=1e-5)
