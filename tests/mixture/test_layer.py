@@ -136,7 +136,7 @@ def test_a_merge_that_fails_half_way_leaves_w0_unchanged(expert_dirs, monkeypatc
     mixer = LoraMixer(model, list(expert_dirs))
     saved = base_copy(model)
     bad = mixer.modules[len(mixer.modules) // 2]
-    monkeypatch.setattr(bad, "delta", lambda w: (_ for _ in ()).throw(MemoryError("injected")))
+    monkeypatch.setattr(bad, "delta", lambda w, out=None: (_ for _ in ()).throw(MemoryError("injected")))
     with pytest.raises(MemoryError):
         mixer.merge(torch.tensor([1.0, 1.0, 1.0]))
     now = dict(model.named_parameters())
@@ -175,3 +175,54 @@ def test_zero_rows_are_the_base_model_only_when_allowed(expert_dirs):
             assert mixer._merged is None  # nothing folded into W0
             merged = model(IDS[:1]).logits
     torch.testing.assert_close(merged, base[:1])
+
+
+def test_inference_update_in_place_equals_the_autograd_product(expert_dirs):
+    """The decode path (one matmul pair, added into the base output in place, rank weights
+    repeated once per forward) gives the numbers of the plain out-of-place product, and with
+    autograd on the product is out of place so gradients reach the weights."""
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    w = torch.tensor([[0.6, 0.1, 0.3], [0.0, 0.5, 0.5]])
+    with torch.inference_mode(), mixer.weights(w):
+        fast = model(IDS).logits
+        assert len(mixer._rank_weights) == 1  # one repeat of the weights for every module (same ranks)
+    assert mixer._rank_weights == {}  # and released with the weights
+    trainable = w.clone().requires_grad_(True)
+    with mixer.weights(trainable):
+        slow = model(IDS).logits
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    slow.sum().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+    module = mixer.modules[0]
+    x = torch.randn(2, 3, module.AT.shape[0])
+    base = module.module.get_base_layer()(x)
+    with torch.no_grad():
+        expected = base + module.mixed_update(x, w)
+        torch.testing.assert_close(module.add_update(base.clone(), x, module.rank_weights(w)), expected)
+
+
+def test_mixer_replaces_the_lora_forward_without_hooks(expert_dirs):
+    """The mixer runs as each LoRA layer's own forward (no forward hook, no peft wrapper per
+    call); removing it gives peft its forward back."""
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    for m in mixer.modules:
+        assert not m.module._forward_hooks and "forward" in m.module.__dict__
+    mixer.remove()
+    assert all("forward" not in m.module.__dict__ for m in mixer.modules)
+
+
+def test_weights_changed_between_forwards_are_not_served_stale(expert_dirs):
+    model = peft_with_all(expert_dirs)
+    mixer = LoraMixer(model, list(expert_dirs))
+    a, b = torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 0, 1.0]])
+    with torch.inference_mode():
+        with mixer.weights(a):
+            first = model(IDS[:1]).logits
+        with mixer.weights(b):
+            second = model(IDS[:1]).logits
+        with mixer.weights(b[None].expand(1, IDS.shape[1], 3)):  # per token, the same weights
+            per_token = model(IDS[:1]).logits
+    assert not torch.allclose(first, second, atol=1e-4)
+    torch.testing.assert_close(per_token, second, atol=1e-5, rtol=1e-5)

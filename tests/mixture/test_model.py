@@ -82,10 +82,32 @@ def test_batch1_merged_generation_equals_unmerged(expert_dirs):
     model = build(expert_dirs)
     randomise_router(model)
     batch = encode(model.tokenizer, ["tell me something"], "left")
+    model.mixer.merge_min_tokens = 1  # merge even for 8 tokens
+    merges = []
+    original = model.mixer.merge
+    model.mixer.merge = lambda w: (merges.append(w), original(w))
     merged = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert len(merges) == 1
     model.mocae_config.merge_single_request = False
     unmerged = model.generate(**batch, max_new_tokens=8, do_sample=False)
-    assert torch.equal(merged, unmerged)
+    assert torch.equal(merged, unmerged) and len(merges) == 1
+
+
+def test_generate_merges_only_when_the_answer_is_long_enough(expert_dirs):
+    """A merge and its exact unmerge cost many decode steps' worth of the unmerged path: a short
+    budget (a 1-token prefill above all) decodes unmerged, a long one merges, with equal tokens."""
+    model = build(expert_dirs)
+    randomise_router(model)
+    batch = encode(model.tokenizer, ["tell me something"], "left")
+    merges = []
+    original = model.mixer.merge
+    model.mixer.merge = lambda w: (merges.append(w), original(w))
+    assert not model.mixer.merge_pays(model.mixer.merge_min_tokens - 1) and model.mixer.merge_pays(None)
+    model.mixer.merge_min_tokens = 6
+    short = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert merges == []
+    long = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert len(merges) == 1 and torch.equal(long[:, :short.shape[1]], short)
 
 
 def test_save_load_round_trip_generates_the_same(expert_dirs, tmp_path):

@@ -23,6 +23,7 @@ MODEL = "tiny-mocae"  # the id the conftest's `serve` fixture gives the model
 
 
 def test_openai_client_round_trip_plain_and_streaming(mocae, serve):
+    mocae.mixer.merge_min_tokens = 1  # the merged batch-1 path even for these short answers
     with serve(mocae) as srv:
         client = srv.client()
         assert [m.id for m in client.models.list().data] == [MODEL]
@@ -36,7 +37,11 @@ def test_openai_client_round_trip_plain_and_streaming(mocae, serve):
         assert routing["mode"] == "blend" and set(routing["probabilities"]) == {"helpful", "harmless", "honest"}
         assert sum(routing["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
-        # the same answer as MoCaE's own generate (greedy)
+        # the same answer as MoCaE's own generate (greedy), once the worker is done with the model:
+        # it answers before it unmerges (the client need not wait for that)
+        deadline = time.monotonic() + 30
+        while srv.app.state.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
         direct = mocae.chat("hello there", max_new_tokens=6)[0]
         assert choice.message.content.strip() == direct["text"]
         assert routing["weights"] == pytest.approx(direct["routing"], abs=1e-5)
@@ -71,6 +76,7 @@ def test_openai_client_round_trip_plain_and_streaming(mocae, serve):
 
 def test_concurrent_mixtures_share_a_batch_and_match_each_alone(mocae, serve):
     prompts = [("tell me about water", {"helpful": 1.0}), ("why is the sky blue", {"harmless": 1, "honest": 3})]
+    mocae.mixer.merge_min_tokens = 1  # alone: the merged path, however short the answer
     with serve(mocae, batch_wait_ms=1500) as srv:
         client = srv.client()
 
@@ -249,7 +255,7 @@ def test_random_mutations_never_get_a_5xx(mocae, serve):
     values = [None, -1, 0, 1, 2.5, 1e308, -1e308, "", "x", "user", [], [1], {}, {"a": 1}, True, 10 ** 20,
               [{"role": "user", "content": "hi"}], {"helpful": 1}, {"helpful": -0.0}]
     fields = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-              "axis_weights", "prior", "routing_mode", "max_completion_tokens", "stream_options"]
+              "axis_weights", "prior", "routing_mode", "max_completion_tokens", "stream_options", "ignore_eos"]
     with serve(mocae) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         for _ in range(80):
             body = {**GOOD, "max_tokens": 1}
@@ -367,6 +373,7 @@ def test_request_arriving_mid_decode_joins_the_batch_and_matches_alone(mocae, fi
 
     served = ServedModel(mocae, mocae.tokenizer, MODEL)
     tok = mocae.tokenizer
+    mocae.mixer.merge_min_tokens = 1  # a starts alone and merged, whatever its budget
     asks = {"a": (first, [0.7, 0.3, 0.0], 40), "b": (second, [0.0, 0.2, 0.8], 12)}
     solo = {}
     for key, (text, w, n) in asks.items():
@@ -403,7 +410,8 @@ def test_request_arriving_mid_decode_joins_the_batch_and_matches_alone(mocae, fi
     finally:
         batcher.stop()
     assert batcher.stats["joined"] == 1 and batcher.stats["batches"] == 1 and batcher.stats["max_batch"] == 2
-    assert batcher.stats["merged_batches"] == 1  # a started alone (merged), was unmerged when b joined
+    # a started alone (merged), was unmerged when b joined and merged again once b (12 tokens) had left
+    assert batcher.stats["merged_batches"] == 2
     for key in asks:
         got = rows[key].generated
         assert got == solo[key][:len(got)], key
@@ -472,3 +480,87 @@ def chat_text(tok, prompt):
     from mocae.generation import chat_prompt
 
     return chat_prompt(tok, prompt)
+
+
+def test_ignore_eos_decodes_the_full_budget(mocae, serve):
+    """ignore_eos (vLLM's extension) decodes max_tokens even where the model ends its answer;
+    the EOS tokens themselves are not text. Non-boolean values are a 400 naming the field."""
+    import httpx2 as httpx
+
+    from mocae.serve.batcher import Batcher, Row
+
+    served = ServedModel(mocae, mocae.tokenizer, MODEL)
+    prompt = served.encode([{"role": "user", "content": "hi"}])
+    probe = Row(prompt_ids=prompt, max_tokens=4, emit=lambda ev: None, axis_weights=[1, 0, 0])
+    Batcher(served)._decode([probe])
+    served.eos = {probe.generated[1]}  # make the model "end" its answer at its second token
+    events = {}
+    for ignore in (False, True):
+        events[ignore] = []
+        row = Row(prompt_ids=prompt, max_tokens=4, emit=events[ignore].append, axis_weights=[1, 0, 0],
+                  ignore_eos=ignore)
+        Batcher(served)._decode([row])
+        assert row.generated == (probe.generated if ignore else probe.generated[:2])
+    assert events[False][-1][1:] == ("stop", {"prompt_tokens": len(prompt), "completion_tokens": 2,
+                                              "total_tokens": len(prompt) + 2})
+    assert events[True][-1][1] == "length" and events[True][-1][2]["completion_tokens"] == 4
+    with serve(mocae) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        ok = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 5, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+        for bad in ("yes", 1, [True], None):
+            resp = http.post("/v1/chat/completions", json={**GOOD, "ignore_eos": bad})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "ignore_eos", bad
+
+
+def test_batch_of_one_merges_only_when_it_pays_and_nobody_waits(mocae):
+    """A merge costs many unmerged decode steps: a short answer decodes unmerged, a long one
+    merged; rows waiting to join keep it unmerged (a join would unmerge it at once); tokens equal."""
+    from mocae.serve.batcher import Batcher, Row
+
+    served = ServedModel(mocae, mocae.tokenizer, MODEL)
+    mocae.mixer.merge_min_tokens = 8
+    prompt = served.encode([{"role": "user", "content": "tell me about the sea"}])
+    got = {}
+    for name, budget in (("short", 8), ("long", 12)):
+        batcher = Batcher(served, batch_wait_ms=0)
+        row = Row(prompt_ids=prompt, max_tokens=budget, emit=lambda ev: None, axis_weights=[0.2, 0.5, 0.3],
+                  ignore_eos=True)
+        batcher._decode([row])
+        got[name] = (row.generated, batcher.stats["merged_batches"])
+        assert batcher.stats["merge_s"] >= 0 and batcher.stats["prefill_tokens"] == len(prompt)
+        assert batcher.stats["decode_tokens"] == budget - 1 and batcher.stats["decode_s"] > 0
+    assert got["short"][1] == 0 and got["long"][1] == 1  # 7 decode steps left: not worth it; 11: merged
+    waiting = Batcher(served)
+    waiting._pending.append(Row(prompt_ids=prompt, max_tokens=2, emit=lambda ev: None, axis_weights=[0, 1, 0]))
+    alone = Row(prompt_ids=prompt, max_tokens=100, emit=lambda ev: None, axis_weights=[0.2, 0.5, 0.3])
+    assert not waiting._merge(torch.tensor([[0.2, 0.5, 0.3]]), [alone]) and mocae.mixer._merged is None
+    assert got["long"][0][:8] == got["short"][0]
+
+
+def test_incremental_detokenisation_equals_a_full_decode(mocae):
+    """The streamed text (decoded a few tokens at a time) equals the full decode of the ids,
+    characters split over several tokens included; a stop string spanning tokens is found."""
+    import random
+
+    from mocae.serve.batcher import Batcher, Row
+
+    served = ServedModel(mocae, mocae.tokenizer, MODEL)
+    tok = mocae.tokenizer
+    batcher = Batcher(served)
+    rng = random.Random(0)
+    texts = ["héllo wörld, naïve café ☕ 東京 ok", "plain words and more words", "🙂🙃 emoji  double  spaces"]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [rng.randrange(len(tok)) for _ in range(20)]
+        row = Row(prompt_ids=[1], max_tokens=99, emit=lambda ev: None)
+        for t in ids:
+            batcher._advance_text(row, t)
+            assert not row.text.endswith("\ufffd")
+        full = tok.decode([t for t in ids if t not in served.eos], skip_special_tokens=True)
+        assert full.startswith(row.text) and full.rstrip("\ufffd") == row.text
+    row = Row(prompt_ids=[1], max_tokens=99, emit=lambda ev: None, stop=["café"])
+    hits = []
+    for t in tok("a naïve café here", add_special_tokens=False)["input_ids"]:
+        batcher._advance_text(row, t)
+        hits.append(batcher._hit_stop(row))
+    assert hits.count(True) == 1 and "café" in row.text  # found once, on the token that completes it
+    assert "café" not in tok.decode(tok("a naïve café here", add_special_tokens=False)["input_ids"][:hits.index(True)])

@@ -7,7 +7,8 @@ For every LoRA-targeted linear layer and expert weights ``w`` (per sequence or p
 The A's are stacked into one (E*r x d_in) matrix and the scaled B's into one (d_out x E*r), so
 mixing costs one low-rank product, not E forward passes. The expert weights stay where peft
 keeps them (``lora_A``/``lora_B``/``scaling`` of each ``lora.Linear``); peft's own LoRA path is
-switched off while the mixer is attached and the mixed update is added by a forward hook.
+switched off while the mixer is attached and the mixed update is added by a forward of the
+mixer's own set on each LoRA layer.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import torch
 from torch import nn
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+MERGE_MIN_TOKENS = 64  # merge + exact unmerge vs the unmerged per-token cost, see merge_pays
 
 
 class _MixedModule:
     """Stacked expert factors of one LoRA linear layer.
 
     ``live``: re-read the factors from peft's parameters on every call, so gradients reach them
-    (training a mixture, MoTE); otherwise they are stacked once and detached (inference).
+    (training a mixture, MoTE); otherwise they are stacked once, detached and kept transposed
+    (``AT`` (d_in, E*r), ``BT`` (E*r, d_out)), the layout the per-step product reads.
     """
 
     def __init__(self, module, adapters: list[str], layer_index: int | None, live: bool = False):
@@ -36,7 +39,8 @@ class _MixedModule:
         self.ranks = [module.r[a] for a in adapters]
         if not live:
             with torch.no_grad():
-                self.A, self.B = (t.detach() for t in self._stack())
+                A, B = (t.detach() for t in self._stack())
+                self.AT, self.BT = A.T.contiguous(), B.T.contiguous()
         self.rank_index = torch.repeat_interleave(torch.arange(len(adapters)), torch.tensor(self.ranks))
 
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,21 +50,41 @@ class _MixedModule:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (E*r, d_in), scaled B (d_out, E*r))."""
-        return self._stack() if self.live else (self.A, self.B)
+        return self._stack() if self.live else (self.AT.T, self.BT.T)
 
-    def delta(self, weights: torch.Tensor) -> torch.Tensor:
-        """Dense ``sum_e w[e] scale_e B_e A_e`` for one weight vector (E,): used to merge."""
+    def delta(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ``sum_e w[e] scale_e B_e A_e`` for one weight vector (E,): used to merge.
+        ``out``: a buffer of the base weight's shape to write it into."""
         A, B = self.factors()
-        return (B * weights[self.rank_index].to(B.dtype)) @ A
+        return torch.mm(B * weights[self.rank_index].to(B.dtype), A, out=out)
+
+    def rank_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights (B, E) or (B, T, E) repeated over each expert's rank: (B, 1 or T, E*r)."""
+        w = weights[..., self.rank_index]
+        return w[:, None, :] if w.dim() == 2 else w
+
+    def add_update(self, output: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``output`` plus the mixture's contribution for input ``x`` (..., T, d_in) and rank
+        weights ``w`` (``rank_weights``).
+
+        At inference (no autograd, one dtype) that is one matmul pair with the product added into
+        ``output`` in place (``addmm_``); otherwise the out-of-place product, so gradients flow.
+        """
+        if (not self.live and not torch.is_grad_enabled() and x.dtype == self.AT.dtype == output.dtype
+                and output.is_contiguous()):
+            h = torch.matmul(x, self.AT)  # (B, T, E*r)
+            h.mul_(w)
+            output.view(-1, output.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.BT)
+            return output
+        A, B = self.factors()
+        h = x @ A.to(x.dtype).T
+        return output + (h * w.to(h.dtype)) @ B.to(x.dtype).T
 
     def mixed_update(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The mixture's contribution for input ``x`` (..., T, d_in) and weights (B, E) or (B, T, E)."""
         A, B = self.factors()
         h = x @ A.to(x.dtype).T  # (B, T, E*r)
-        w = weights[..., self.rank_index].to(h.dtype)
-        if w.dim() == 2:  # one weight vector per sequence
-            w = w[:, None, :]
-        return (h * w) @ B.to(x.dtype).T
+        return (h * self.rank_weights(weights).to(h.dtype)) @ B.to(x.dtype).T
 
 
 def check_weights(weights: torch.Tensor, field: str = "expert weights", allow_zero_rows: bool = False) -> None:
@@ -107,6 +131,9 @@ class LoraMixer:
         self.modules: list[_MixedModule] = []
         self._merged: torch.Tensor | None = None
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per merged module: (index, W0 value)
+        self._rank_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # ranks -> (weights, repeated)
+        self._buffers: list[torch.Tensor] | None = None  # merge scratch, freed by unmerge
+        self.merge_min_tokens = MERGE_MIN_TOKENS
         for name, module in peft_model.named_modules():
             if not isinstance(module, LoraLayer) or not isinstance(module, nn.Module):
                 continue
@@ -126,29 +153,59 @@ class LoraMixer:
                 for a in self.adapters:
                     m.module.lora_A[a].weight.requires_grad_(True)
                     m.module.lora_B[a].weight.requires_grad_(True)
-        self._hooks = [m.module.register_forward_hook(self._hook(m)) for m in self.modules]
+        for m in self.modules:  # an instance forward, not a hook: no hook dispatch, no peft wrapper per call
+            m.module.forward = self._forward(m)
 
     @property
     def num_experts(self) -> int:
         return len(self.adapters)
 
-    def _hook(self, mixed: _MixedModule):
-        def hook(module, args, output):
+    def _forward(self, mixed: _MixedModule):
+        """The LoRA layer's forward while the mixer is attached: its base layer plus the mixed
+        update. It replaces peft's (whose LoRA path is off anyway) on the instance, so a decode
+        step pays one Python call per layer rather than peft's wrapper and a forward hook."""
+        base = mixed.module.get_base_layer()
+
+        def forward(x, *args, **kwargs):
+            kwargs.pop("adapter_names", None)
+            output = base(x, *args, **kwargs)
             if self._merged is not None:
                 return output
             weights = self.token_weights.get(mixed.layer_index, self.sequence_weights)
             if weights is None:
                 return output
-            return output + mixed.mixed_update(args[0], weights)
+            return mixed.add_update(output, x, self._repeated(weights, mixed))
 
-        return hook
+        return forward
+
+    def _repeated(self, weights: torch.Tensor, mixed: _MixedModule) -> torch.Tensor:
+        """``mixed.rank_weights(weights)``, computed once per forward pass for all modules of the
+        same ranks rather than once per module (a gather per module and step adds up at decode).
+        Not cached for weights that carry gradients (a router trained through the mixture)."""
+        if weights.requires_grad:
+            return mixed.rank_weights(weights)
+        key = tuple(mixed.ranks)
+        hit = self._rank_weights.get(key)
+        if hit is None or hit[0] is not weights:  # `is`: the cache holds the tensor, so its id is not reused
+            hit = self._rank_weights[key] = (weights, mixed.rank_weights(weights))
+        return hit[1]
+
+    def merge_pays(self, new_tokens: int | None) -> bool:
+        """Whether folding one request's mixture into W0 is worth it for a decode of ``new_tokens``.
+
+        A merge and its exact unmerge pass over every adapted weight several times (about 0.5 s on
+        SmolLM2-135M, one thread), while the unmerged path costs a few percent per token, so
+        merging pays only for longer answers: from ``merge_min_tokens`` on (``MERGE_MIN_TOKENS``,
+        measured by ``benchmarks/serve_load.py``'s merge phase). Unknown length: merge.
+        """
+        return new_tokens is None or new_tokens >= self.merge_min_tokens
 
     def remove(self) -> None:
-        """Detach the hooks and give peft back its own LoRA path."""
+        """Give peft back its own forward and LoRA path."""
         if self._merged is not None:
             self.unmerge()
-        for hook in self._hooks:
-            hook.remove()
+        for m in self.modules:
+            m.module.__dict__.pop("forward", None)
         self.peft_model.base_model.enable_adapter_layers()
 
     def merge(self, weights: torch.Tensor) -> None:
@@ -170,9 +227,9 @@ class LoraMixer:
             with torch.no_grad():
                 for m in self.modules:
                     w = m.module.get_base_layer().weight.data
-                    d = m.delta(self._merged).to(w.dtype)
-                    merged = w + d
-                    back = torch.sub(merged, d, out=d)  # what unmerge will compute (d is not needed after)
+                    d = self._delta(m, w)
+                    merged = torch.add(w, d, out=self._scratch(w, 1))
+                    back = d.neg_().add_(merged)  # merged - d, what unmerge will compute (in d's buffer)
                     lost = back.ne(w).view(-1).nonzero().squeeze(1).to(torch.int32)
                     self._kept.append((lost, w.view(-1)[lost]))
                     w.copy_(merged)
@@ -187,10 +244,26 @@ class LoraMixer:
         with torch.no_grad():
             for m, (lost, values) in zip(self.modules, self._kept):
                 w = m.module.get_base_layer().weight.data
-                w -= m.delta(self._merged).to(w.dtype)  # the same delta, so the same rounding as in merge
+                w -= self._delta(m, w)  # the same delta, so the same rounding as in merge
                 w.view(-1)[lost] = values
         self._kept = []
         self._merged = None
+        self._buffers = None
+
+    def _scratch(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        """A reused buffer shaped like ``w``: a fresh multi-MB tensor per module and pass (page
+        faults included) cost about as much as the arithmetic of a merge."""
+        buffers = self._buffers
+        if buffers is None or buffers[slot].numel() < w.numel() or buffers[slot].dtype != w.dtype:
+            size = max(m.module.get_base_layer().weight.numel() for m in self.modules)
+            buffers = self._buffers = [torch.empty(size, dtype=w.dtype) for _ in range(2)]
+        return buffers[slot][:w.numel()].view_as(w)
+
+    def _delta(self, m: _MixedModule, w: torch.Tensor) -> torch.Tensor:
+        """``m.delta(self._merged)`` in ``w``'s dtype, written into scratch buffer 0."""
+        if m.factors()[0].dtype != w.dtype:
+            return m.delta(self._merged).to(w.dtype)
+        return m.delta(self._merged, out=self._scratch(w, 0))
 
     @contextmanager
     def weights(self, sequence_weights: torch.Tensor | None = None, merge: bool = False,
@@ -211,6 +284,7 @@ class LoraMixer:
         merge = merge and sequence_weights is not None and sequence_weights.dim() == 2 and sequence_weights.shape[0] == 1
         previous = self.sequence_weights
         self.sequence_weights = sequence_weights
+        self._rank_weights.clear()  # weights are constants while set: the repeated copies live as long
         try:
             if merge:
                 self.merge(sequence_weights[0])
@@ -219,6 +293,7 @@ class LoraMixer:
             if merge:
                 self.unmerge()
             self.sequence_weights = previous
+            self._rank_weights.clear()
 
 
 class PeftBackedModel(nn.Module):

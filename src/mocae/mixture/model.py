@@ -351,8 +351,10 @@ class MoCaEModel(PeftBackedModel):
                  return_routing: bool = False, **kwargs):
         """HF-style generate: route once at prefill, then decode with the KV cache.
 
-        With one request and sequence weights the mixture is merged into W0 for the decode; the
-        base weights are restored bit for bit afterwards, also when the decode raises.
+        With one request and sequence weights the mixture is merged into W0 for the decode when
+        the answer is long enough for the merge to pay (``LoraMixer.merge_pays``: a short answer,
+        a 1-token prefill above all, decodes faster unmerged than a merge takes); the base
+        weights are restored bit for bit afterwards, also when the decode raises.
         """
         from mocae.generation import check_max_new_tokens
 
@@ -363,8 +365,8 @@ class MoCaEModel(PeftBackedModel):
         weights = self._weights_for(input_ids, attention_mask, axis_weights, prior)
         self._forced = weights if (weights is not None and isinstance(self.router, TokenRouter)) else None
         try:
-            with self.mixer.weights(weights, merge=self.mocae_config.merge_single_request,
-                                    allow_zero_rows=self.base_rows_allowed):
+            merge = self.mocae_config.merge_single_request and self.mixer.merge_pays(kwargs.get("max_new_tokens"))
+            with self.mixer.weights(weights, merge=merge, allow_zero_rows=self.base_rows_allowed):
                 out = self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self._forced = None

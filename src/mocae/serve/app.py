@@ -197,7 +197,7 @@ def create_app(served: ServedModel, cfg: ServeConfig | None = None):
                   axis_weights=steering["axis_weights"], prior=steering["prior"], routing_mode=req.routing_mode,
                   temperature=cfg.default_temperature if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop,
-                  deadline=time.monotonic() + cfg.request_timeout_s, stream=req.stream)
+                  deadline=time.monotonic() + cfg.request_timeout_s, stream=req.stream, ignore_eos=req.ignore_eos)
         batcher.submit(row)  # 429 when the queue is full
         deadline = time.monotonic() + cfg.request_timeout_s + 5.0  # the worker enforces the real one
 

@@ -4,12 +4,14 @@ One worker thread owns the model. It takes the oldest waiting request, waits ``b
 for others to join (up to ``max_batch``), routes every row (its own axis weights, or the
 calibrated router with its own prior / mode), and decodes the rows together with one KV cache:
 each row's expert weights go through the mixer's unmerged path as a (B, E) tensor, so one
-forward pass serves every mixture at the cost of one rank-E*r LoRA. A batch of one keeps the
-merged fast path (the mixture folded into W0). Rows leave the batch (and its KV cache) as they
-finish, time out or their client disconnects. With ``continuous`` (default), requests arriving
-mid-decode are prefilled on their own and join the running batch at the next step (their KV
-cache left-padded to the batch's, or the batch's to theirs; a merged batch of one is unmerged
-first); caches other than plain ``DynamicLayer`` ones (sliding windows) only batch dynamically.
+forward pass serves every mixture at the cost of one rank-E*r LoRA. A batch of one (alone from
+the start, or the last row left) gets the merged fast path (the mixture folded into W0) when
+nobody waits to join and its remaining budget makes the merge pay (``LoraMixer.merge_pays``).
+Rows leave the batch (and its KV cache) as they finish, time out or their client disconnects.
+With ``continuous`` (default), requests arriving mid-decode are prefilled on their own and join
+the running batch at the next step (their KV cache left-padded to the batch's, or the batch's to
+theirs; a merged batch of one is unmerged first); caches other than plain ``DynamicLayer`` ones
+(sliding windows) only batch dynamically.
 
 Events go back to the asyncio side through ``Row.emit``: ("routing", dict), ("delta", text),
 ("done", finish_reason, usage), ("error", ApiError).
@@ -45,11 +47,16 @@ class Row:
     stop: list[str] | None = None
     deadline: float = float("inf")
     stream: bool = True  # False: the text comes in one piece at the end (no wake-up of the server per token)
+    ignore_eos: bool = False  # decode max_tokens whatever the model says (benchmarks: equal lengths on both sides)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: bool = False
     # filled while decoding
     generated: list[int] = field(default_factory=list)
     sent: str = ""
+    text: str = ""  # detokenised so far (streams and stop strings only), complete characters
+    text_ids: list[int] = field(default_factory=list)  # the generated ids that are text (no EOS)
+    text_window: tuple[int, int] = (0, 0)  # (prefix, read) offsets into text_ids, see Batcher._advance_text
+    stop_scanned: int = 0  # len(text) already searched for stop strings
     weights: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
@@ -156,10 +163,12 @@ class ServedModel:
                                 f"(gate_threshold is unset or {decision.gate_axis!r} is not an expert)", "routing_mode")
 
     # forward --------------------------------------------------------------------------------------
-    def merge(self, weights: torch.Tensor | None) -> bool:
-        """Batch of one with fixed weights: fold the mixture into W0 (zero decode overhead). True if merged."""
+    def merge(self, weights: torch.Tensor | None, new_tokens: int | None = None) -> bool:
+        """Batch of one with fixed weights: fold the mixture into W0 (zero decode overhead) when
+        ``new_tokens`` more decode steps make the merge pay (``LoraMixer.merge_pays``). True if merged."""
         if (not self.is_mocae or weights is None or weights.shape[0] != 1
-                or not self.model.mocae_config.merge_single_request or not weights.any()):
+                or not self.model.mocae_config.merge_single_request or not weights.any()
+                or not self.model.mixer.merge_pays(new_tokens)):
             return False  # (all-zero weights, top1's base fallback: the backbone alone, nothing to merge)
         self.model.mixer.merge(weights[0])
         return True
@@ -198,7 +207,11 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.active = 0
         self.stats = {"batches": 0, "rows": 0, "max_batch": 0, "merged_batches": 0, "cancelled": 0,
-                      "timed_out": 0, "tokens": 0, "last_batch": 0, "joined": 0}
+                      "timed_out": 0, "tokens": 0, "last_batch": 0, "joined": 0,
+                      # where the worker's time goes: prefill (routing included) and decode steps, wall
+                      # and the worker thread's CPU time (all of torch's at one thread; robust to a busy machine)
+                      "prefill_s": 0.0, "prefill_cpu_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0,
+                      "decode_cpu_s": 0.0, "decode_tokens": 0, "merge_s": 0.0}
 
     # lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -276,25 +289,46 @@ class Batcher:
         row.emit(("done", reason, {"prompt_tokens": len(row.prompt_ids), "completion_tokens": len(row.generated),
                                    "total_tokens": len(row.prompt_ids) + len(row.generated)}))
 
+    def _advance_text(self, row: Row, token: int) -> None:
+        """Detokenise one more token incrementally (as TGI and vLLM do): decode a window that
+        starts a few tokens back, so BPE merges and spaces come out as in a full decode, and take
+        what it adds; a window ending inside a UTF-8 character waits for the next token. A full
+        decode per token would make a long answer quadratic."""
+        if token in self.served.eos:
+            return
+        row.text_ids.append(token)
+        prefix, read = row.text_window
+        decode = self.served.tokenizer.decode
+        before = decode(row.text_ids[prefix:read], skip_special_tokens=True)
+        after = decode(row.text_ids[prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            row.text += after[len(before):]
+            row.text_window = (read, len(row.text_ids))
+
     def _text(self, row: Row, final: bool = False) -> str:
-        ids = [t for t in row.generated if t not in self.served.eos]
-        text = self.served.tokenizer.decode(ids, skip_special_tokens=True)
+        """The answer's text so far (held back where a stop string may start); ``final``: from a
+        full decode of every generated id, what the client gets in the end."""
+        if final:
+            ids = [t for t in row.generated if t not in self.served.eos]
+            text = self.served.tokenizer.decode(ids, skip_special_tokens=True)
+        else:
+            text = row.text
         if row.stop:
             cut = min((i for i in (text.find(s) for s in row.stop) if i >= 0), default=-1)
             if cut >= 0:
                 return text[:cut]
             if not final:  # hold back what could be the start of a stop string
                 text = text[:max(len(text) - max(map(len, row.stop)) + 1, len(row.sent))]
-        if not final:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
         return text
 
     def _hit_stop(self, row: Row) -> bool:
+        """A stop string in the text: only its new end is searched (with room for a stop string
+        that began in the part already searched)."""
         if not row.stop:
             return False
-        text = self.served.tokenizer.decode([t for t in row.generated if t not in self.served.eos],
-                                            skip_special_tokens=True)
-        return any(s in text for s in row.stop)
+        start = max(0, row.stop_scanned - max(map(len, row.stop)) + 1)
+        row.stop_scanned = len(row.text)
+        return any(s in row.text[start:] for s in row.stop)
 
     def _next_tokens(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
         greedy = logits.argmax(-1).tolist()
@@ -381,6 +415,33 @@ class Batcher:
             layer.values = torch.cat([pad(layer.values, width - t, 2), pad(new.values, width - u, 2)], dim=0)
         return torch.cat([pad(mask, width - t, 1), pad(other_mask, width - u, 1)], dim=0)
 
+    def _merge(self, weights: torch.Tensor | None, rows: list[Row]) -> bool:
+        """Merge a batch of one when nobody waits to join (a join would unmerge it again at once)
+        and its remaining budget makes the merge pay. True if merged."""
+        if len(rows) != 1 or (self.continuous and self._pending):
+            return False
+        r = rows[0]
+        left = min(r.max_tokens, self.served.max_context - len(r.prompt_ids)) - len(r.generated)
+        begin = time.perf_counter()
+        merged = self.served.merge(weights, left)
+        if merged:
+            self.stats["merged_batches"] += 1
+            self.stats["merge_s"] += time.perf_counter() - begin
+        return merged
+
+    def _unmerge(self) -> None:
+        begin = time.perf_counter()
+        self.served.unmerge()
+        self.stats["merge_s"] += time.perf_counter() - begin
+
+    def _timed_prefill(self, rows: list[Row]):
+        begin, cpu = time.perf_counter(), time.thread_time()
+        out = self._prefill(rows)
+        self.stats["prefill_s"] += time.perf_counter() - begin
+        self.stats["prefill_cpu_s"] += time.thread_time() - cpu
+        self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in rows)
+        return out
+
     @torch.no_grad()
     def _decode(self, rows: list[Row]) -> None:
         rows = self._live(rows)
@@ -388,22 +449,21 @@ class Batcher:
             return
         served = self.served
         group = served.group(rows[0])
-        logits, cache, mask, positions, weights = self._prefill(rows)
+        logits, cache, mask, positions, weights = self._timed_prefill(rows)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["last_batch"] = len(rows)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
-        merged = served.merge(weights)  # a batch of one: the mixture folded into W0
-        self.stats["merged_batches"] += int(merged)
+        merged = False  # a batch of one gets the mixture folded into W0 (see _merge)
         try:
             while rows:
                 if self.continuous and self._pending and len(rows) < self.max_batch and self._joinable(cache):
                     joiners = self._joiners(group, self.max_batch - len(rows))
                     if joiners:
                         if merged:  # from here on each row's weights go through the unmerged path
-                            served.unmerge()
+                            self._unmerge()
                             merged = False
-                        new_logits, new_cache, new_mask, new_positions, new_weights = self._prefill(joiners)
+                        new_logits, new_cache, new_mask, new_positions, new_weights = self._timed_prefill(joiners)
                         mask = self._concat(cache, mask, new_cache, new_mask)
                         logits = torch.cat([logits, new_logits])
                         positions = torch.cat([positions, new_positions])
@@ -416,13 +476,15 @@ class Batcher:
                 keep = []
                 for i, (r, t) in enumerate(zip(rows, tokens)):
                     r.generated.append(t)
+                    if r.stream or r.stop:  # a plain answer without stop strings is decoded once, at the end
+                        self._advance_text(r, t)
                     if r.cancelled:
                         self.stats["cancelled"] += 1
                     elif time.monotonic() > r.deadline:
                         self.stats["timed_out"] += 1
                         r.emit(("error", ApiError(504, f"request timed out after {len(r.generated)} tokens",
                                                   type="timeout")))
-                    elif t in served.eos or self._hit_stop(r):
+                    elif (t in served.eos and not r.ignore_eos) or self._hit_stop(r):
                         self._finish(r, "stop")
                     elif len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= served.max_context:
                         self._finish(r, "length")
@@ -441,10 +503,16 @@ class Batcher:
                     weights = None if weights is None else weights[index]
                     tokens = [tokens[i] for i in keep]
                     rows = [rows[i] for i in keep]
+                if not merged:  # alone from the start, or the last row left of a batch
+                    merged = self._merge(weights, rows)
                 step = torch.tensor(tokens)[:, None]
                 mask = torch.cat([mask, torch.ones_like(step)], dim=1)
                 positions = positions + 1
+                begin, cpu = time.perf_counter(), time.thread_time()
                 logits = served.forward(step, mask, positions, cache, weights)
+                self.stats["decode_s"] += time.perf_counter() - begin
+                self.stats["decode_cpu_s"] += time.thread_time() - cpu
+                self.stats["decode_tokens"] += len(rows)
         finally:
             if merged:
-                served.unmerge()
+                self._unmerge()

@@ -83,6 +83,8 @@ class ChatRequest(BaseModel):
     axis_weights: dict[str, float] | None = Field(
         None, description="fixed expert weights per axis (normalised to sum 1; axes left out get 0)")
     prior: dict[str, float] | None = Field(None, description="tilts the router's calibrated probabilities")
+    ignore_eos: bool = Field(False, strict=True, description="decode max_tokens tokens even past the end-of-"
+                             "sequence token (as vLLM's ignore_eos): benchmarks compare equal lengths")
     routing_mode: Literal["blend", "soft", "top1", "harm_gate", "harm_gate+top1"] | None = Field(
         None, description="how calibrated probabilities become weights (mocae.mixture.decide): blend (= soft), "
                           "top1, harm_gate, harm_gate+top1 with the model's thresholds; default: the model's own")
