@@ -266,12 +266,6 @@ def _sittings(args, cfg) -> Path:
     if restored:
         print(f"[bench] restored {len(restored)} landed files from {land_to}", flush=True)
     sitting = f"{time.strftime('%Y-%m-%d')} python {' '.join(sys.argv)}"
-    from mocae.pipeline import train_experts
-
-    experts = landing.land_experts(land_to, train_experts(cfg, progress=False).values())
-    if args.commit and landing.commit(experts, f"bench {cfg.backbone}: the three experts of the full preset "
-                                               "landed (every later system is built from these weights)"):
-        print("[bench] experts committed", flush=True)
     for i, name in enumerate(cfg.systems):
         prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
         run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix], progress=False)

@@ -11,8 +11,6 @@ needs to carry on without redoing finished work is small, and lands in
   base/model_outputs.json     the base answers every win rate vs base is judged against
   generations/*.json          the system's cached answers: a system re-evaluated because a judge
                               was retrained is re-judged, not regenerated
-  experts/<axis>-<key>/       the three axis experts (peft adapters, ~10 MB each): every mixture
-                              and merge is built from them, and retraining would give other weights
   landed.json                 per system: its key, weights fingerprint, threads, date, sitting
 
 ``restore`` copies it all back (into the run folder and the cache) before a sitting; a restored
@@ -87,32 +85,11 @@ def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
         if not dst.exists():
             _copy_file(src, dst)
             copied.append(str(dst))
-    for folder in sorted((land / "experts").glob("*")):
-        dst = cache_dir() / "experts" / backbone / folder.name
-        if folder.is_dir() and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            _copy_tree(folder, dst)
-            copied.append(str(dst))
     return copied
 
 
-def land_experts(land_to: Path, folders) -> list[Path]:
-    """Copy finished expert folders (not their resume checkpoints) into ``land_to/experts/``; returns them.
-
-    Called as soon as the experts are trained, before any system is evaluated: they are the
-    longest stage, and every later system is built from these very weights.
-    """
-    landed = []
-    for path in folders:
-        dst = Path(land_to) / "experts" / Path(path).name
-        if not dst.exists():
-            _copy_tree(Path(path), dst)
-        landed.append(dst)
-    return landed
-
-
 def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
-    """Copy system ``name``'s finished evaluation (and the experts, once) into ``land_to``.
+    """Copy system ``name``'s finished evaluation into ``land_to``.
 
     Args:
         run_dir: the bench's run folder (its ``eval/results.json`` lists the system's key).
@@ -145,8 +122,6 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
             src = run_dir / "eval" / "base" / "model_outputs.json"
             _copy_file(src, land_to / "base" / src.name)
             landed.append(land_to / "base" / src.name)
-    systems = json.loads((run_dir / "systems.json").read_text(encoding="utf-8"))
-    landed += land_experts(land_to, systems.get("experts", {}).values())
     manifest_path = land_to / "landed.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     result = results["systems"][name]

@@ -53,9 +53,8 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
     assert "systems/expert_honest-k1.json" in names
     assert "generations/truthfulqa-1.json" in names  # its own answers only: not another system's
     assert "generations/truthfulqa-2.json" not in names and "generations/alpaca_eval-3.json" not in names
-    assert (land_to / "experts" / "honest-abc123" / "adapter_model.safetensors").read_text() == "weights"
-    assert not (land_to / "experts" / "honest-abc123" / "checkpoints").exists()  # resume points stay behind
     assert not (land_to / "base").exists()  # base's answers land with base
+    assert not (land_to / "experts").exists()  # weights never land in the repository
     manifest = json.loads((land_to / "landed.json").read_text())
     assert manifest["expert_honest"]["key"] == "k1" and manifest["expert_honest"]["weights"] == "w1"
 
@@ -70,8 +69,7 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
     assert (fresh_run / "eval" / "systems" / "base-k0.json").is_file()
     assert (fresh_run / "eval" / "base" / "model_outputs.json").is_file()
     assert json.loads((fresh_cache / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x"]
-    assert (fresh_cache / "experts" / "tiny" / "honest-abc123" / "training.json").is_file()
-    assert len(copied) == 6
+    assert len(copied) == 5
     assert landing.restore(land_to, fresh_run, "tiny") == []  # nothing present is overwritten
 
 
@@ -91,11 +89,3 @@ def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, mon
     with pytest.raises(KeyError, match="mocae"):
         landing.land(tmp_path / "landed", run, "mocae", "s")
 
-
-def test_experts_land_before_any_system(landing, tmp_path):
-    expert = tmp_path / "cache" / "harmless-k"
-    _write(expert / "adapter_model.safetensors", "w")
-    _write(expert / "checkpoints" / "checkpoint-1" / "x", "resume point")
-    landed = landing.land_experts(tmp_path / "landed", [expert])
-    assert landed == [tmp_path / "landed" / "experts" / "harmless-k"]
-    assert (landed[0] / "adapter_model.safetensors").read_text() == "w" and not (landed[0] / "checkpoints").exists()
