@@ -29,21 +29,11 @@ from pathlib import Path
 from mocae.paths import atomic_write_json, cache_dir
 
 RESULTS = Path(__file__).parent / "results"
-SKIP = {"checkpoints"}  # resume points of a finished expert: large and not needed once it is trained
 
 
 def landing_dir(backbone: str) -> Path:
     """``benchmarks/results/bench_<backbone>/``."""
     return RESULTS / f"bench_{backbone}"
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` without resume checkpoints; atomic per folder (tmp, then rename)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=lambda _d, names: [n for n in names if n in SKIP or n.startswith(".")])
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
