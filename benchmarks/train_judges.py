@@ -128,7 +128,7 @@ def _machine() -> dict:
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "note": "2 cores shared with other jobs; one thread for every judge"}
+            "note": "judges train and score on one thread by design (judges.training.single_thread)"}
 
 
 def build_results(command: str, timings: dict) -> dict:
