@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -266,14 +268,41 @@ def _sittings(args, cfg) -> Path:
     if restored:
         print(f"[bench] restored {len(restored)} landed files from {land_to}", flush=True)
     sitting = f"{time.strftime('%Y-%m-%d')} python {' '.join(sys.argv)}"
-    for i, name in enumerate(cfg.systems):
-        prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
-        run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix], progress=False)
-        landed = landing.land(land_to, run_dir, name, sitting)
-        print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
-        if args.commit and landing.commit(landed, f"bench {cfg.backbone}: {name} evaluated under the issue-12 "
-                                                   f"protocol and landed (resumable on a fresh machine)"):
-            print(f"[bench] {name} committed", flush=True)
+    git = threading.Lock()  # the answer lander and the system lander both commit
+    current: list[str] = []
+
+    def land_answers() -> None:
+        with git:
+            landed = landing.land_answers(land_to, list(current))
+            if landed and args.commit:
+                landing.commit(landed, f"bench {cfg.backbone}: {current[-1]}'s finished answer sets landed before "
+                                       f"its evaluation completed (a fresh machine regenerates only the rest)")
+        if landed:
+            print(f"[bench] {len(landed)} finished answer files of {current[-1]} landed", flush=True)
+
+    stop = threading.Event()
+
+    def every(seconds: float) -> None:
+        while not stop.wait(seconds):
+            land_answers()
+
+    if args.land_answers_every > 0:
+        threading.Thread(target=every, args=(args.land_answers_every,), daemon=True).start()
+    try:
+        for i, name in enumerate(cfg.systems):
+            current.append(name)
+            prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
+            run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix], progress=False)
+            with git:
+                landed = landing.land(land_to, run_dir, name, sitting)
+                print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
+                if args.commit and landing.commit(landed, f"bench {cfg.backbone}: {name} evaluated under the "
+                                                           f"issue-12 protocol and landed (resumable on a fresh machine)"):
+                    print(f"[bench] {name} committed", flush=True)
+    finally:  # an interrupted sitting still lands the answer sets it finished
+        stop.set()
+        if current:
+            land_answers()
     return run_dir
 
 
@@ -292,10 +321,15 @@ def main() -> int:
                              "even on a fresh machine: benchmarks/landing.py)")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each system's landed files as it lands (only those files)")
+    parser.add_argument("--land-answers-every", type=float, default=600.0, metavar="SECONDS",
+                        help="with --land, also land (and with --commit, commit) the finished answer sets of the "
+                             "system in progress this often, so a sitting cut off mid-system keeps them; 0 turns it off")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
                              "and 2 threads: systems compared side by side should share one count; recorded)")
     args = parser.parse_args()
+    # `kill` (a sitting's end) runs the same cleanup as Ctrl-C: the finished answer sets still land.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     import torch
 

@@ -56,6 +56,27 @@ def _generation_files(name: str, generations: Path) -> list[Path]:
     return found
 
 
+def land_answers(land_to: Path, names: list[str]) -> list[Path]:
+    """Copy the finished answer and score files of systems ``names`` that ``land_to`` lacks.
+
+    A cache file is written once its whole prompt set is done, so any file present is finished:
+    landing them while a system is still being evaluated keeps an interrupted sitting's sets.
+
+    Returns:
+        The newly landed paths (to commit); a file already landed with the same bytes is skipped.
+    """
+    land_to = Path(land_to)
+    landed = []
+    for name in names:
+        for path in _generation_files(name, cache_dir() / "generations"):
+            dst = land_to / "generations" / path.name
+            if dst.is_file() and dst.read_bytes() == path.read_bytes():
+                continue
+            _copy_file(path, dst)
+            landed.append(dst)
+    return landed
+
+
 def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
     """Copy what earlier sittings landed in ``land`` into ``run_dir`` and the cache.
 

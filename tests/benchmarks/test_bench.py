@@ -118,3 +118,33 @@ def test_summary_renders_new_bench_files_and_refuses_old_ones(bench):
     assert any("length-controlled win rate" in line for line in lines)
     old = summarize.bench({"systems": {"base": {}}, "mocae_vs_base": {}})
     assert len(old) == 1 and "before the evaluation protocol" in old[0]
+
+
+def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tmp_path, monkeypatch):
+    import argparse
+    import types
+
+    import mocae.pipeline
+
+    landing = load_script("landing")
+    calls = []
+    monkeypatch.setattr(landing, "restore", lambda *a: [])
+    monkeypatch.setattr(landing, "land", lambda land_to, run_dir, name, sitting: calls.append(("land", name)) or [])
+    monkeypatch.setattr(landing, "land_answers",
+                        lambda land_to, names: calls.append(("answers", tuple(names))) or [tmp_path / "g.json"])
+    monkeypatch.setattr(landing, "commit", lambda paths, message: calls.append(("commit", message)) or True)
+
+    def run_pipeline(preset, run_dir, overrides, progress):
+        if "expert_helpful" in overrides[-1]:
+            raise KeyboardInterrupt  # the sitting ends while the second system is evaluated
+        return run_dir
+
+    monkeypatch.setattr(mocae.pipeline, "run_pipeline", run_pipeline)
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=True,
+                              land_answers_every=0)
+    cfg = types.SimpleNamespace(backbone="tiny", systems=["base", "expert_helpful", "expert_honest"])
+    with pytest.raises(KeyboardInterrupt):
+        bench._sittings(args, cfg)
+    assert calls[0] == ("land", "base")
+    assert calls[-2] == ("answers", ("base", "expert_helpful"))  # the system in progress included
+    assert calls[-1][0] == "commit" and "expert_helpful" in calls[-1][1]

@@ -89,3 +89,21 @@ def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, mon
     with pytest.raises(KeyError, match="mocae"):
         landing.land(tmp_path / "landed", run, "mocae", "s")
 
+
+
+def test_answers_of_the_system_in_progress_land_once(landing, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOCAE_CACHE", str(cache))
+    _run(tmp_path, cache)
+    land_to = tmp_path / "landed"
+
+    first = landing.land_answers(land_to, ["expert_honest"])
+    assert [p.name for p in first] == ["truthfulqa-1.json"]  # not another system's, not its result
+    assert not (land_to / "systems").exists() and not (land_to / "landed.json").exists()
+    assert landing.land_answers(land_to, ["expert_honest"]) == []  # same bytes: nothing new to commit
+
+    _write(cache / "generations" / "truthfulqa-1.json", {"model_id": "expert_honest-w1", "outputs": ["x2"]})
+    _write(cache / "generations" / "xstest-4.json", {"model_id": "expert_honest-w1", "outputs": ["r"]})
+    again = sorted(p.name for p in landing.land_answers(land_to, ["expert_honest", "base"]))
+    assert again == ["alpaca_eval-3.json", "truthfulqa-1.json", "xstest-4.json"]
+    assert json.loads((land_to / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x2"]
