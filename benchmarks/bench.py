@@ -267,6 +267,8 @@ def _sittings(args, cfg) -> Path:
     restored = landing.restore(land_to, run_dir, cfg.backbone)
     if restored:
         print(f"[bench] restored {len(restored)} landed files from {land_to}", flush=True)
+    for folder in landing.restore_run_experts(cfg, args.experts_from):
+        print(f"[bench] expert {folder} restored from commit {args.experts_from}", flush=True)
     sitting = f"{time.strftime('%Y-%m-%d')} python {' '.join(sys.argv)}"
     git = threading.Lock()  # the answer lander and the system lander both commit
     current: list[str] = []
@@ -324,6 +326,9 @@ def main() -> int:
     parser.add_argument("--land-answers-every", type=float, default=600.0, metavar="SECONDS",
                         help="with --land, also land (and with --commit, commit) the finished answer sets of the "
                              "system in progress this often, so a sitting cut off mid-system keeps them; 0 turns it off")
+    parser.add_argument("--experts-from", default=None, metavar="COMMIT",
+                        help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
+                             "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
                              "and 2 threads: systems compared side by side should share one count; recorded)")

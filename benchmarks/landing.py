@@ -77,6 +77,64 @@ def land_answers(land_to: Path, names: list[str]) -> list[Path]:
     return landed
 
 
+def restore_experts(commit: str, backbone: str, expected: dict[str, Path], repo: Path | None = None) -> list[str]:
+    """Copy experts an earlier sitting committed (at ``commit``, since removed from the tree) into the cache.
+
+    Weights are no longer landed, but the three experts of session 6 stay in the history of
+    commit 4af501e: reading them back costs a fresh machine seconds instead of an hour of training
+    and adds nothing to the repository. An expert is restored only where its folder name (the
+    first 12 hex digits of its stage key) and its ``stage.json`` key both match what this config
+    trains, and only where the cache has no finished expert of its own; ``training.json`` is
+    written last, so a cut-off restore is not taken for a finished expert.
+
+    Args:
+        commit: the commit whose ``benchmarks/results/bench_<backbone>/experts/`` holds them.
+        expected: {axis: the expert folder this config would train} (``expert_dir``).
+        repo: the git repository to read (default: this one).
+
+    Returns:
+        The folders restored.
+
+    Raises:
+        ValueError: ``commit`` holds no expert folder of ``backbone``.
+    """
+    repo = repo or Path(__file__).resolve().parent.parent
+    prefix = f"benchmarks/results/bench_{backbone}/experts/"
+    listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", commit, "--", prefix], cwd=repo,
+                             capture_output=True, text=True)
+    files = listing.stdout.split()
+    if listing.returncode or not files:
+        raise ValueError(f"commit {commit} holds no experts under {prefix} ({listing.stderr.strip() or 'empty'})")
+    restored = []
+    for axis, folder in expected.items():
+        folder = Path(folder)
+        mine = sorted(f for f in files if f.startswith(f"{prefix}{folder.name}/"))
+        if not mine or (folder / "training.json").is_file():
+            continue
+        show = lambda f: subprocess.run(["git", "show", f"{commit}:{f}"], cwd=repo, capture_output=True,  # noqa: E731
+                                        check=True).stdout
+        stage = json.loads(show(f"{prefix}{folder.name}/stage.json"))
+        if not folder.name.endswith(str(stage.get("key", ""))[:12]):
+            continue  # same name, other inputs: train it afresh
+        for f in sorted(mine, key=lambda f: f.endswith("/training.json")):  # training.json last
+            dst = folder / f[len(prefix) + len(folder.name) + 1:]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(show(f))
+            tmp.replace(dst)
+        restored.append(str(folder))
+    return restored
+
+
+def restore_run_experts(cfg, commit: str | None) -> list[str]:
+    """``restore_experts`` for every expert of run config ``cfg`` (nothing when ``commit`` is None)."""
+    if not commit:
+        return []
+    from mocae.experts.train import expert_dir
+
+    return restore_experts(commit, cfg.backbone, {a: expert_dir(c) for a, c in cfg.expert_configs().items()})
+
+
 def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
     """Copy what earlier sittings landed in ``land`` into ``run_dir`` and the cache.
 

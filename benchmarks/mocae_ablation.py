@@ -152,7 +152,10 @@ def markdown(report: dict) -> str:
         for name, diffs in report[block].items():
             lines.append(f"| {name} | " + " | ".join(diff(diffs.get(k)) for k in keys) + " |")
     lines += ["", "## Choice", "", report["rule"], "",
-              *[f"- {n}: {s}" for n, s in report["scores"].items()], "", f"**Chosen: {report['chosen']}**"]
+              *[f"- {n}: {s}" for n, s in report["scores"].items()], "",
+              f"**Chosen: {report['chosen']}**" if report.get("complete", True) else
+              f"**Incomplete run: not measured yet {report['not_measured']}; no default is chosen from it.** "
+              f"(Leader so far: {report['chosen']}.)"]
     return "\n".join(lines) + "\n"
 
 
@@ -165,6 +168,9 @@ def main() -> int:
     parser.add_argument("--n-over-refusal", type=int, default=120)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--experts-from", default=None, metavar="COMMIT",
+                        help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
+                             "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
@@ -176,7 +182,6 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mocae.backbones import load_backbone
-    from mocae.evaluation.compare import compare_pair
     from mocae.evaluation.judges import load_judge
     from mocae.mixture.decide import using_decision
     from mocae.mixture.model import MoCaEModel
@@ -185,6 +190,11 @@ def main() -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(args.preset, args.set)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import landing
+
+    for folder in landing.restore_run_experts(cfg, args.experts_from):
+        print(f"[ablation] expert {folder} restored from commit {args.experts_from}", flush=True)
     experts = train_experts(cfg, progress=True)
     sets = calib_sets(cfg, args.n_over_refusal)
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}
@@ -196,25 +206,48 @@ def main() -> int:
         del model
         base = results["base"]
         folders = {"default": build_mocae(cfg, experts, run_dir, progress=True)}
-    for name, extra in REFITS.items():
-        if name in args.variants:
-            folders[name] = build_mocae(load_run_config(args.preset, [*args.set, *extra]), experts,
-                                        run_dir / "ablation" / name, progress=True)
-    with torch.inference_mode():
+    out = Path(args.results_dir)
+
+    def write(final: bool) -> dict:
+        """The report of the variants measured so far (rewritten after each: a cut-off run keeps them)."""
+        report = build_report(args, results, experts, sets, judges, run_dir, final)
+        atomic_write_json(out / "mocae_ablation.json", report)
+        atomic_write_text(out / "mocae_ablation.md", markdown(report))
+        return report
+
+    with torch.inference_mode():  # decision rules first: they need no refit
         mocae = MoCaEModel.from_pretrained(folders["default"])
         for mode in [m for m in MODES if m in args.variants]:
             with using_decision(mocae, mode=mode):
                 results[mode] = measure(mode, mocae, mocae.tokenizer, sets, judges, base, cache, args.max_new_tokens)
+            write(final=False)
         del mocae
-        for name in [n for n in REFITS if n in args.variants]:
-            model = MoCaEModel.from_pretrained(folders[name])
+    for name in [n for n in REFITS if n in args.variants]:
+        folder = build_mocae(load_run_config(args.preset, [*args.set, *REFITS[name]]), experts,
+                             run_dir / "ablation" / name, progress=True)
+        with torch.inference_mode():
+            model = MoCaEModel.from_pretrained(folder)
             results[name] = measure(name, model, model.tokenizer, sets, judges, base, cache, args.max_new_tokens)
             del model
+        write(final=False)
+    report = write(final=True)
+    print(markdown(report))
+    return 0
+
+
+def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, run_dir: Path, final: bool) -> dict:
+    """mocae_ablation.json's content from the per-prompt results of the variants measured so far."""
+    import torch
+
+    from mocae.evaluation.compare import compare_pair
+
+    base = results["base"]
     variants = [n for n in results if n != "base"]
     vs_base = {n: compare_pair(results[n], base) for n in variants}
     vs_soft = {n: compare_pair(results[n], results["soft"]) for n in variants if n != "soft" and "soft" in results}
-    chosen, scores = choose(vs_base)
+    chosen, scores = choose(vs_base) if vs_base else (None, {})
     report = {
+        "complete": final,
         "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "preset": args.preset, "overrides": args.set, "run_dir": str(run_dir),
@@ -224,16 +257,13 @@ def main() -> int:
                      "those (string-match refusal); truthfulqa_mc: training-half questions the router held out "
                      "(the honest expert trained on them).",
         "variants": {n: summary(r) for n, r in results.items()},
+        "not_measured": [v for v in args.variants if v not in results],
         "vs_base": vs_base, "vs_soft": vs_soft, "scores": scores, "chosen": chosen,
         "rule": choose.__doc__.replace("\n    ", " ").strip(),
         "examples": {n: r["examples"] for n, r in results.items()},
         "judges": {k: j.validation for k, j in judges.items()},
     }
-    out = Path(args.results_dir)
-    atomic_write_json(out / "mocae_ablation.json", report)
-    atomic_write_text(out / "mocae_ablation.md", markdown(report))
-    print(markdown(report))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

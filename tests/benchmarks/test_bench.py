@@ -140,7 +140,7 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
         return run_dir
 
     monkeypatch.setattr(mocae.pipeline, "run_pipeline", run_pipeline)
-    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=True,
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=True, experts_from=None,
                               land_answers_every=0)
     cfg = types.SimpleNamespace(backbone="tiny", systems=["base", "expert_helpful", "expert_honest"])
     with pytest.raises(KeyboardInterrupt):

@@ -107,3 +107,38 @@ def test_answers_of_the_system_in_progress_land_once(landing, tmp_path, monkeypa
     again = sorted(p.name for p in landing.land_answers(land_to, ["expert_honest", "base"]))
     assert again == ["alpaca_eval-3.json", "truthfulqa-1.json", "xstest-4.json"]
     assert json.loads((land_to / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x2"]
+
+
+def _git(repo: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_experts_come_back_from_history_only_where_their_key_matches(landing, tmp_path):
+    repo = tmp_path / "repo"
+    folder = repo / "benchmarks" / "results" / "bench_tiny" / "experts"
+    _write(folder / "honest-abc123abc123" / "adapter_model.safetensors", "weights")
+    _write(folder / "honest-abc123abc123" / "stage.json", {"key": "abc123abc123" + "0" * 52})
+    _write(folder / "honest-abc123abc123" / "training.json", {"steps": 3})
+    _write(folder / "helpful-def456def456" / "stage.json", {"key": "ffffff" + "0" * 58})  # renamed by hand
+    _write(folder / "helpful-def456def456" / "training.json", {"steps": 3})
+    repo.mkdir(exist_ok=True)
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "experts")
+    _git(repo, "rm", "-q", "-r", "benchmarks")
+    _git(repo, "commit", "-q", "-m", "weights leave the tree")
+
+    cache = tmp_path / "cache"
+    expected = {"honest": cache / "honest-abc123abc123", "helpful": cache / "helpful-def456def456",
+                "harmless": cache / "harmless-000000000000"}
+    restored = landing.restore_experts("HEAD~1", "tiny", expected, repo=repo)
+    assert restored == [str(expected["honest"])]  # helpful's stage key disagrees with its name; harmless absent
+    assert (expected["honest"] / "adapter_model.safetensors").read_text() == "weights"
+    assert json.loads((expected["honest"] / "training.json").read_text()) == {"steps": 3}
+    assert not expected["helpful"].exists()
+    assert landing.restore_experts("HEAD~1", "tiny", expected, repo=repo) == []  # a finished expert stays
+    with pytest.raises(ValueError, match="holds no experts"):
+        landing.restore_experts("HEAD", "tiny", expected, repo=repo)

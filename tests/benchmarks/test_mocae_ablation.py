@@ -32,3 +32,12 @@ def test_over_refusal_going_down_counts_as_better(ablation):
     chosen, scores = ablation.choose({"a": {"harmless/over_refusal": d(-8, "better")},
                                       "b": {"harmless/over_refusal": d(8, "worse")}})
     assert chosen == "a" and scores["a"]["axes_better"] == 1 and scores["a"]["mean_gain_points"] == 2.0
+
+
+def test_an_incomplete_run_names_what_is_missing_and_chooses_nothing(ablation):
+    report = {"command": "c", "date": "d", "machine": "m", "n": {"helpful": 3}, "sets_note": "", "variants": {},
+              "vs_base": {}, "vs_soft": {}, "rule": "r", "scores": {}, "chosen": "soft", "complete": False,
+              "not_measured": ["lm_loss"]}
+    text = ablation.markdown(report)
+    assert "Incomplete run" in text and "lm_loss" in text and "**Chosen" not in text
+    assert "**Chosen: soft**" in ablation.markdown({**report, "complete": True})
