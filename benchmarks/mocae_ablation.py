@@ -6,6 +6,8 @@ Variants of one run's MoCaE, all on the same three experts:
                                            importance prior no longer follows task-vector norms)
   lm_loss                                  router refitted with the LM loss of completions through
                                            the mixture (``router.lm_loss_weight``, ``router.lm_steps``)
+  sft_experts                              soft MoCaE on SFT helpful and honest experts (the recipes the
+                                           DPO experts replaced; harmless is SFT in both), trained first
 and the base model, each measured on prompts no system is evaluated on:
   helpful      the router's calib prompts of the helpful axis (Alpaca seed tasks): LC and raw win
                rate vs base (helpful judge), answer length
@@ -19,7 +21,8 @@ and the base model, each measured on prompts no system is evaluated on:
 Every variant minus base and minus soft is a paired bootstrap difference over the same prompts.
 The rule that picks the default is stated in the report and applied to these numbers only.
 
-Writes benchmarks/results/mocae_ablation.{json,md} (command, machine, threads, date).
+Writes benchmarks/results/mocae_ablation.{json,md} (command, machine, threads, date; --report-name
+changes the stem), rewritten after every variant so a cut-off run keeps what it measured.
 
 Run (SmolLM2-135M, the bench's run folder, so its experts and router are reused):
   MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/mocae_ablation.py --preset full \
@@ -37,8 +40,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ["soft", "top1", "harm_gate", "harm_gate+top1"]
+# The SFT recipes the DPO experts replaced (helpful: davinci-003 Alpaca answers; honest: every
+# correct training-half TruthfulQA answer), at the preset's other SFT settings.
+SFT_EXPERTS = ["experts.helpful.trainer=sft", "experts.helpful.max_pairs=2000", "experts.helpful.rpo_alpha=null",
+               "experts.helpful.max_length=256", "experts.helpful.batch_size=8", "experts.helpful.grad_accum=1",
+               "experts.helpful.learning_rate=2.0e-4", "experts.honest.trainer=sft", "experts.honest.max_pairs=2000",
+               "experts.honest.max_examples=null"]
 REFITS = {"prior_uniform": ["router.prior_mode=uniform"],
-          "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"]}
+          "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"],
+          "sft_experts": SFT_EXPERTS}
 # (metric, higher is better) read by the selection rule
 RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
         ("harmless/over_refusal", False), ("honest/mc2", True)]
@@ -172,6 +182,8 @@ def main() -> int:
                         help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--report-name", default="mocae_ablation",
+                        help="file stem of the report (a run of a few --variants may go beside the full one)")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
     if unknown:
@@ -211,8 +223,8 @@ def main() -> int:
     def write(final: bool) -> dict:
         """The report of the variants measured so far (rewritten after each: a cut-off run keeps them)."""
         report = build_report(args, results, experts, sets, judges, run_dir, final)
-        atomic_write_json(out / "mocae_ablation.json", report)
-        atomic_write_text(out / "mocae_ablation.md", markdown(report))
+        atomic_write_json(out / f"{args.report_name}.json", report)
+        atomic_write_text(out / f"{args.report_name}.md", markdown(report))
         return report
 
     with torch.inference_mode():  # decision rules first: they need no refit
@@ -223,11 +235,13 @@ def main() -> int:
             write(final=False)
         del mocae
     for name in [n for n in REFITS if n in args.variants]:
-        folder = build_mocae(load_run_config(args.preset, [*args.set, *REFITS[name]]), experts,
-                             run_dir / "ablation" / name, progress=True)
+        variant_cfg = load_run_config(args.preset, [*args.set, *REFITS[name]])
+        variant_experts = train_experts(variant_cfg, progress=True)  # the run's own unless the variant changes them
+        folder = build_mocae(variant_cfg, variant_experts, run_dir / "ablation" / name, progress=True)
         with torch.inference_mode():
             model = MoCaEModel.from_pretrained(folder)
             results[name] = measure(name, model, model.tokenizer, sets, judges, base, cache, args.max_new_tokens)
+            results[name]["experts"] = {a: str(p) for a, p in variant_experts.items()}
             del model
         write(final=False)
     report = write(final=True)
@@ -252,6 +266,7 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "preset": args.preset, "overrides": args.set, "run_dir": str(run_dir),
         "experts": {a: str(p) for a, p in experts.items()}, "refits": {n: REFITS[n] for n in REFITS if n in results},
+        "variant_experts": {n: r["experts"] for n, r in results.items() if "experts" in r},
         "n": {k: len(v) for k, v in sets.items()},
         "sets_note": "helpful: Alpaca seed tasks; harmful: HarmBench validation; risky_benign: Alpaca nearest to "
                      "those (string-match refusal); truthfulqa_mc: training-half questions the router held out "
