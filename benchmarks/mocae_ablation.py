@@ -182,6 +182,8 @@ def main() -> int:
                         help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit the report and the variants' answers (landed beside the bench's) as each lands")
     parser.add_argument("--report-name", default="mocae_ablation",
                         help="file stem of the report (a run of a few --variants may go beside the full one)")
     args = parser.parse_args()
@@ -207,6 +209,8 @@ def main() -> int:
 
     for folder in landing.restore_run_experts(cfg, args.experts_from):
         print(f"[ablation] expert {folder} restored from commit {args.experts_from}", flush=True)
+    land_to = landing.landing_dir(cfg.backbone)  # the bench's landing: answers keyed by model fingerprint
+    landing.restore(land_to, run_dir, cfg.backbone)
     experts = train_experts(cfg, progress=True)
     sets = calib_sets(cfg, args.n_over_refusal)
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}
@@ -225,6 +229,10 @@ def main() -> int:
         report = build_report(args, results, experts, sets, judges, run_dir, final)
         atomic_write_json(out / f"{args.report_name}.json", report)
         atomic_write_text(out / f"{args.report_name}.md", markdown(report))
+        answers = landing.land_answers(land_to, ["ablation"])  # a fresh machine re-judges, not regenerates
+        if args.commit:
+            landing.commit([*answers, out / f"{args.report_name}.json", out / f"{args.report_name}.md"],
+                           f"mocae ablation: {len(results) - 1} variants measured on the calib side ({', '.join(results)})")
         return report
 
     with torch.inference_mode():  # decision rules first: they need no refit
