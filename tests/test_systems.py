@@ -85,6 +85,21 @@ def test_system_fingerprints_follow_what_each_system_is_made_of(tiny_run, expert
         system_fingerprint("gpt5", tiny_run)
 
 
+def test_a_trained_system_counts_by_its_stage_key_not_its_last_bits(tiny_run):
+    folder = Path(tiny_run.run_dir) / "h3fusion"
+    before = system_fingerprint("h3fusion", tiny_run)
+    weights = sorted(folder.rglob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # retrained elsewhere: other last bits
+    assert system_fingerprint("h3fusion", tiny_run) == before  # its evaluation still stands
+    stage = json.loads((folder / "stage.json").read_text())
+    (folder / "stage.json").write_text(json.dumps({**stage, "key": "0" * 64}))  # made of something else
+    assert system_fingerprint("h3fusion", tiny_run) != before
+    (folder / "stage.json").unlink()  # saved by hand: its files are all there is to go by
+    by_files = system_fingerprint("h3fusion", tiny_run)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x02")
+    assert system_fingerprint("h3fusion", tiny_run) != by_files
+
+
 def test_unknown_or_missing_systems_are_named(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="unknown system 'gpt5'"):
         load_system("gpt5", tiny_run)

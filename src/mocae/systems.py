@@ -20,8 +20,8 @@ Memory and latency are measured per system in a fresh child process (``measure_i
 so a system's peak RSS is its own and not the high-water mark of everything evaluated before.
 
 Every system has a fingerprint of what it is made of (``system_fingerprint``: backbone identity,
-adapter and model-folder digests, merge settings), computed without loading it: evaluation
-results are keyed by it, so a row is redone exactly when the system changed.
+adapter digests, the stage key of a trained system's folder, merge settings), computed without
+loading it: evaluation results are keyed by it, so a row is redone exactly when the system changed.
 """
 
 from __future__ import annotations
@@ -308,6 +308,12 @@ def system_fingerprint(name: str, run: RunSystems) -> str:
     Covers the backbone's identity, every adapter's weights and record, the saved folder of a
     trained system (MoCaE, H3Fusion, X-LoRA, MoTE) and the settings of a merge or Arrow.
 
+    A trained system's folder counts by its ``stage.json`` key (everything that made it: settings,
+    data, backbone, experts), not by its weights: retrained on another machine from the same
+    inputs, a router may differ in its last bits, and its evaluation (an hour at the bench's sizes)
+    still stands, as the stage itself is reused by that key. A folder without a stage record (saved
+    by hand) counts by its files.
+
     Raises:
         ValueError: an unknown system, one this run did not build, or one composed of others.
         FileNotFoundError: a folder the system is made of is missing.
@@ -318,7 +324,8 @@ def system_fingerprint(name: str, run: RunSystems) -> str:
     ctx = run.context(name)
     parts: dict = {"system": name, "backbone": backbone_fingerprint(run.backbone)}
     if spec.saved:
-        parts["folder"] = folder_fingerprint(ctx.folder)
+        stage = read_stage(ctx.folder)
+        parts["folder"] = f"stage:{stage['key']}" if stage else folder_fingerprint(ctx.folder)
     else:
         parts.update(spec.fingerprint(ctx))
     return stage_key(parts)
