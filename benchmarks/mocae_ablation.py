@@ -220,8 +220,8 @@ def main() -> int:
         model, tokenizer = load_backbone(cfg.backbone)
         results["base"] = measure("base", model, tokenizer, sets, judges, None, cache, args.max_new_tokens)
         del model
-        base = results["base"]
-        folders = {"default": build_mocae(cfg, experts, run_dir, progress=True)}
+    base = results["base"]
+    folders = {"default": build_mocae(cfg, experts, run_dir, progress=True)}  # trains: outside inference_mode
     out = Path(args.results_dir)
 
     def write(final: bool) -> dict:
