@@ -13,7 +13,11 @@ Runs (or continues) the pipeline of a preset with the given overrides, then writ
 Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
 finished over several sittings: re-run the same command with the same --run-dir):
   MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full --threads 2 \
-      --run-dir runs/bench-smollm2
+      --run-dir runs/bench-smollm2 --experts-from 4af501e --commit
+Each sitting evaluates the systems in the preset's order and lands each finished one (and the
+finished answer sets of the one in progress) in benchmarks/results/bench_<backbone>/; the next
+sitting restores them, even on a fresh machine. Speed and memory are measured once, for every
+system together, after the last one lands.
 Nothing here is hard-coded: every number comes from that run's results.json.
 """
 
@@ -294,7 +298,10 @@ def _sittings(args, cfg) -> Path:
         for i, name in enumerate(cfg.systems):
             current.append(name)
             prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
-            run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix], progress=False)
+            # Speed and memory are not measured system by system across sittings (and machines):
+            # all systems together in one run at one thread count, once every system has landed.
+            run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix, "efficiency.enabled=false"],
+                         progress=False)
             with git:
                 landed = landing.land(land_to, run_dir, name, sitting)
                 print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
@@ -305,6 +312,9 @@ def _sittings(args, cfg) -> Path:
         stop.set()
         if current:
             land_answers()
+    if args.cost:
+        print("[bench] every system landed: speed and memory of all of them in one run", flush=True)
+        run_pipeline(args.preset, run_dir=run_dir, overrides=args.set, progress=False)
     return run_dir
 
 
@@ -321,6 +331,9 @@ def main() -> int:
                         help="evaluate the systems one at a time, in the preset's order, and land each finished one "
                              "in benchmarks/results/bench_<backbone>/ (restored at the start of the next sitting, "
                              "even on a fresh machine: benchmarks/landing.py)")
+    parser.add_argument("--cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --land, once every system has landed, measure speed and memory of all systems "
+                             "together in one run (the sittings themselves skip it); --no-cost leaves it out")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each system's landed files as it lands (only those files)")
     parser.add_argument("--land-answers-every", type=float, default=600.0, metavar="SECONDS",

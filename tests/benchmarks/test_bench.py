@@ -135,12 +135,13 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     monkeypatch.setattr(landing, "commit", lambda paths, message: calls.append(("commit", message)) or True)
 
     def run_pipeline(preset, run_dir, overrides, progress):
-        if "expert_helpful" in overrides[-1]:
+        assert "efficiency.enabled=false" in overrides  # speed is measured once, for all systems together
+        if "expert_helpful" in overrides[-2]:
             raise KeyboardInterrupt  # the sitting ends while the second system is evaluated
         return run_dir
 
     monkeypatch.setattr(mocae.pipeline, "run_pipeline", run_pipeline)
-    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=True, experts_from=None,
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=True, experts_from=None, cost=True,
                               land_answers_every=0)
     cfg = types.SimpleNamespace(backbone="tiny", systems=["base", "expert_helpful", "expert_honest"])
     with pytest.raises(KeyboardInterrupt):
@@ -148,3 +149,23 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     assert calls[0] == ("land", "base")
     assert calls[-2] == ("answers", ("base", "expert_helpful"))  # the system in progress included
     assert calls[-1][0] == "commit" and "expert_helpful" in calls[-1][1]
+
+
+def test_speed_and_memory_are_measured_once_all_systems_landed(bench, tmp_path, monkeypatch):
+    import argparse
+    import types
+
+    import mocae.pipeline
+
+    landing = load_script("landing")
+    runs = []
+    monkeypatch.setattr(landing, "restore", lambda *a: [])
+    monkeypatch.setattr(landing, "land", lambda *a: [])
+    monkeypatch.setattr(landing, "land_answers", lambda *a: [])
+    monkeypatch.setattr(mocae.pipeline, "run_pipeline",
+                        lambda preset, run_dir, overrides, progress: runs.append(overrides) or run_dir)
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=["eval.n_helpful=8"], commit=False,
+                              experts_from=None, cost=True, land_answers_every=0)
+    bench._sittings(args, types.SimpleNamespace(backbone="tiny", systems=["base", "mocae"]))
+    assert [o[-1] for o in runs[:2]] == ["efficiency.enabled=false"] * 2
+    assert runs[-1] == ["eval.n_helpful=8"] and len(runs) == 3  # one last run, every system, efficiency on
