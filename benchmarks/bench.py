@@ -300,8 +300,9 @@ def _sittings(args, cfg) -> Path:
             prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
             # Speed and memory are not measured system by system across sittings (and machines):
             # all systems together in one run at one thread count, once every system has landed.
+            # lazy: a trained system whose evaluation was restored is not retrained to be reused.
             run_pipeline(args.preset, run_dir=run_dir, overrides=[*args.set, prefix, "efficiency.enabled=false"],
-                         progress=False)
+                         progress=False, lazy=True)
             with git:
                 landed = landing.land(land_to, run_dir, name, sitting)
                 print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
@@ -314,7 +315,7 @@ def _sittings(args, cfg) -> Path:
             land_answers()
     if args.cost:
         print("[bench] every system landed: speed and memory of all of them in one run", flush=True)
-        run_pipeline(args.preset, run_dir=run_dir, overrides=args.set, progress=False)
+        run_pipeline(args.preset, run_dir=run_dir, overrides=args.set, progress=False, lazy=True)
     return run_dir
 
 

@@ -280,8 +280,9 @@ class Rerun:
             monkeypatch.setattr(module, name, lambda *a, _real=real, _calls=calls, _arg=arg, **k:
                                 (_calls.append(_arg(a)), _real(*a, **k))[1])
 
-    def __call__(self, *overrides: str, force: bool = False) -> dict:
-        run_pipeline(self.preset, run_dir=self.run_dir, progress=False, overrides=list(overrides), force=force)
+    def __call__(self, *overrides: str, force: bool = False, lazy: bool = False) -> dict:
+        run_pipeline(self.preset, run_dir=self.run_dir, progress=False, overrides=list(overrides), force=force,
+                     lazy=lazy)
         return json.loads((self.run_dir / "stages.json").read_text())["stages"]
 
     def row(self, name: str) -> Path:
@@ -335,6 +336,15 @@ def test_changed_router_setting_recomputes_the_router_and_the_mocae_row_only(rer
     assert _recomputed(stages) == {"mocae": "changed: config.router.epochs", "eval/mocae": "changed: model"}
     calibration = json.loads((rerun.run_dir / "router_calibration.json").read_text())
     assert calibration["router_loss"]["epochs"] == 5
+
+
+def test_a_lazy_rerun_without_the_router_folder_reuses_its_evaluation_and_trains_nothing(rerun):
+    shutil.rmtree(rerun.run_dir / "mocae")  # a fresh machine: the evaluation was restored, the weights were not
+    rerun(lazy=True)
+    assert rerun.fitted == [] and rerun.evaluated == [] and not (rerun.run_dir / "mocae").exists()
+    assert rerun.results()["systems"]["mocae"] == rerun.before["systems"]["mocae"]
+    rerun("router.epochs=5", lazy=True)  # a changed router is built, then evaluated
+    assert rerun.fitted == ["router"] and rerun.evaluated == ["mocae"] and (rerun.run_dir / "mocae").is_dir()
 
 
 def test_corrupt_cached_result_is_evaluated_again_with_a_warning(rerun):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -317,19 +318,34 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     return out
 
 
-def train_baselines(cfg: RunConfig, run, progress: bool = True, log: StageLog | None = None) -> None:
-    """Stage 3: train the fusion stages of the routed baselines the run lists."""
-    from mocae.systems import TRAINED, examples_per_axis, fusion_examples, train_fusion
+def trained_stages(cfg: RunConfig, run, experts: dict[str, Path], run_dir: Path, progress: bool = True,
+                   log: StageLog | None = None) -> dict[str, tuple[str, Callable[[], Path]]]:
+    """{name: (stage key, build)} of the run's trained systems: MoCaE and the fusion baselines.
 
-    names = [n for n in cfg.systems if n in TRAINED]
-    if not names:
-        return
+    The key (what ``stage.json`` will hold) is known before anything trains, so an evaluation
+    cached under it is found without building the system (``run_pipeline(lazy=True)``).
+    """
+    from mocae.systems import TRAINED, examples_per_axis, fusion_examples, fusion_inputs, train_fusion
+
+    stages = {}
+    if "mocae" in cfg.systems:
+        stages["mocae"] = (stage_key(mocae_inputs(cfg, experts)),
+                           lambda: build_mocae(cfg, experts, run_dir, progress, log))
     examples = {}  # by examples per axis: H3Fusion and X-LoRA share one selection
-    for name in names:
+    for name in [n for n in cfg.systems if n in TRAINED]:
         n = examples_per_axis(name, cfg.baselines)
         if n not in examples:
             examples[n] = fusion_examples(cfg.expert_configs(), n)
-        train_fusion(name, run, examples[n], progress, log=log)
+        stages[name] = (stage_key(fusion_inputs(name, run, examples[n])),
+                        lambda name=name, ex=examples[n]: train_fusion(name, run, ex, progress, log=log))
+    return stages
+
+
+def train_baselines(cfg: RunConfig, run, progress: bool = True, log: StageLog | None = None) -> None:
+    """Stage 3: train the fusion stages of the routed baselines the run lists."""
+    baselines_only = cfg.model_copy(update={"systems": [n for n in cfg.systems if n != "mocae"]})
+    for _, build in trained_stages(baselines_only, run, {}, Path(run.run_dir), progress, log).values():
+        build()
 
 
 def _read_measured(path: Path) -> dict | None:
@@ -411,20 +427,33 @@ def relative_change(results: dict, system: str = "mocae", reference: str = "base
     return out
 
 
-def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log: StageLog | None = None) -> dict:
+def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log: StageLog | None = None,
+                 stages: dict | None = None) -> dict:
     """Stage 4 + 5: every system through the harness, the oracle, efficiency; writes the report.
 
     Each system's row is keyed by its fingerprint (``system_fingerprint``: what it is made of),
     so a changed expert or router re-evaluates exactly the systems built from it.
+
+    Args:
+        stages: ``trained_stages`` not built yet: each is built only if its evaluation is not
+            cached (and before efficiency, which measures the folders).
     """
     from mocae.evaluation.efficiency import efficiency_metrics
     from mocae.evaluation.harness import eval_prompts, evaluate
     from mocae.evaluation.report import write_results
     from mocae.systems import is_composed, load_system, spec_for, system_fingerprint
 
+    stages = stages or {}
     names = [name for name in cfg.systems if not is_composed(name)]
-    loaders = {name: (lambda name=name: load_system(name, run)) for name in names}
-    fingerprints = {name: system_fingerprint(name, run) for name in names}
+
+    def load(name: str):
+        if name in stages:
+            stages[name][1]()  # reused at once when already built
+        return load_system(name, run)
+
+    loaders = {name: (lambda name=name: load(name)) for name in names}
+    fingerprints = {name: system_fingerprint(name, run, stage=stages[name][0] if name in stages else None)
+                    for name in names}
     out = run_dir / "eval"
     results = evaluate(loaders, cfg.eval, out, progress=progress, fingerprints=fingerprints)
     for name, entry in results["evaluated"].items():
@@ -434,6 +463,8 @@ def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log:
         if is_composed(name):  # the oracle: from the single experts' rows
             results["systems"][name] = spec_for(name).compose(results)
     if cfg.efficiency.enabled:
+        for _, build in stages.values():
+            build()
         prompts = [e.prompt for e in eval_prompts(cfg.eval)["alpaca_eval"][:cfg.efficiency.n_prompts]]
         for name, measured in measure_systems(cfg, run_dir, prompts, fingerprints, log).items():
             system = results["systems"][name]
@@ -449,7 +480,7 @@ def evaluate_run(cfg: RunConfig, run, run_dir: Path, progress: bool = True, log:
 
 
 def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None, progress: bool = True,
-                 overrides: list[str] | None = None, force: bool = False) -> Path:
+                 overrides: list[str] | None = None, force: bool = False, lazy: bool = False) -> Path:
     """Run (or continue) a preset end to end.
 
     Re-running a folder with a changed config recomputes the stages whose inputs changed and
@@ -458,6 +489,10 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
     Args:
         overrides: ``key.path=value`` strings applied to the preset (they change the run's hash).
         force: reuse ``run_dir`` even though it was made with another backbone.
+        lazy: build a trained system (MoCaE, H3Fusion, X-LoRA, MoTE) only when its evaluation is
+            not cached under its stage key: a sitting on a fresh machine that restored the results
+            (benchmarks/bench.py) does not retrain what it will not evaluate. The run folder then
+            lacks those systems' folders.
 
     Returns:
         The run directory.
@@ -510,9 +545,11 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
                      baselines=cfg.baselines.model_dump(mode="json"))
     run.save()
 
-    if "mocae" in cfg.systems:
-        build_mocae(cfg, experts, run_dir, progress, log)
-    train_baselines(cfg, run, progress, log)
+    stages = trained_stages(cfg, run, experts, run_dir, progress, log)
+    if not lazy or cfg.sanity is not None:  # the sanity table reads the MoCaE folder
+        for _, build in stages.values():
+            build()
+        stages = {}
     if cfg.sanity is not None:
         from mocae.evaluation.sanity import evaluate_experts
 
@@ -524,7 +561,7 @@ def run_pipeline(preset: str | Path = "quick", run_dir: str | Path | None = None
         atomic_write_json(run_dir / "sanity.json", evaluate_experts(
             cfg.backbone, experts, cfg.sanity, cache=run_dir / "sanity" / key, progress=progress, mocae_dir=mocae_dir))
 
-    results = evaluate_run(cfg, run, run_dir, progress, log)
+    results = evaluate_run(cfg, run, run_dir, progress, log, stages=stages)
     table = format_results_table(results)
     sections = []
     if (run_dir / "router_calibration.json").is_file():

@@ -302,7 +302,7 @@ def train_fusion(name: str, run: RunSystems, examples: list[tuple[str, str, int]
     return folder
 
 
-def system_fingerprint(name: str, run: RunSystems) -> str:
+def system_fingerprint(name: str, run: RunSystems, stage: str | None = None) -> str:
     """A short id of what system ``name`` of ``run`` is made of, computed without loading it.
 
     Covers the backbone's identity, every adapter's weights and record, the saved folder of a
@@ -312,7 +312,8 @@ def system_fingerprint(name: str, run: RunSystems) -> str:
     data, backbone, experts), not by its weights: retrained on another machine from the same
     inputs, a router may differ in its last bits, and its evaluation (an hour at the bench's sizes)
     still stands, as the stage itself is reused by that key. A folder without a stage record (saved
-    by hand) counts by its files.
+    by hand) counts by its files. ``stage`` gives that key before the folder is built
+    (``mocae.pipeline.trained_stages``).
 
     Raises:
         ValueError: an unknown system, one this run did not build, or one composed of others.
@@ -324,8 +325,8 @@ def system_fingerprint(name: str, run: RunSystems) -> str:
     ctx = run.context(name)
     parts: dict = {"system": name, "backbone": backbone_fingerprint(run.backbone)}
     if spec.saved:
-        stage = read_stage(ctx.folder)
-        parts["folder"] = f"stage:{stage['key']}" if stage else folder_fingerprint(ctx.folder)
+        stage = stage or (read_stage(ctx.folder) or {}).get("key")
+        parts["folder"] = f"stage:{stage}" if stage else folder_fingerprint(ctx.folder)
     else:
         parts.update(spec.fingerprint(ctx))
     return stage_key(parts)

@@ -134,7 +134,8 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
                         lambda land_to, names: calls.append(("answers", tuple(names))) or [tmp_path / "g.json"])
     monkeypatch.setattr(landing, "commit", lambda paths, message: calls.append(("commit", message)) or True)
 
-    def run_pipeline(preset, run_dir, overrides, progress):
+    def run_pipeline(preset, run_dir, overrides, progress, lazy):
+        assert lazy  # restored evaluations of trained systems are not retrained to be reused
         assert "efficiency.enabled=false" in overrides  # speed is measured once, for all systems together
         if "expert_helpful" in overrides[-2]:
             raise KeyboardInterrupt  # the sitting ends while the second system is evaluated
@@ -163,7 +164,7 @@ def test_speed_and_memory_are_measured_once_all_systems_landed(bench, tmp_path, 
     monkeypatch.setattr(landing, "land", lambda *a: [])
     monkeypatch.setattr(landing, "land_answers", lambda *a: [])
     monkeypatch.setattr(mocae.pipeline, "run_pipeline",
-                        lambda preset, run_dir, overrides, progress: runs.append(overrides) or run_dir)
+                        lambda preset, run_dir, overrides, progress, lazy: runs.append(overrides) or run_dir)
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=["eval.n_helpful=8"], commit=False,
                               experts_from=None, cost=True, land_answers_every=0)
     bench._sittings(args, types.SimpleNamespace(backbone="tiny", systems=["base", "mocae"]))
