@@ -11,6 +11,8 @@ needs to carry on without redoing finished work is small, and lands in
   base/model_outputs.json     the base answers every win rate vs base is judged against
   generations/*.json          the system's cached answers: a system re-evaluated because a judge
                               was retrained is re-judged, not regenerated
+  contamination/check-*.json  the passing contamination verdict (keyed by the data files' contents):
+                              a fresh machine skips the ~15-50 min near-duplicate check it proves
   landed.json                 per system: its key, weights fingerprint, threads, date, sitting
 
 ``restore`` copies it all back (into the run folder and the cache) before a sitting; a restored
@@ -150,6 +152,7 @@ def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
     pairs = [(p, run_dir / "eval" / "systems" / p.name) for p in sorted((land / "systems").glob("*.json"))]
     pairs += [(p, run_dir / "eval" / "base" / p.name) for p in sorted((land / "base").glob("*.json"))]
     pairs += [(p, cache_dir() / "generations" / p.name) for p in sorted((land / "generations").glob("*.json"))]
+    pairs += [(p, cache_dir() / "contamination" / p.name) for p in sorted((land / "contamination").glob("check-*.json"))]
     for src, dst in pairs:
         if not dst.exists():
             _copy_file(src, dst)
@@ -191,6 +194,10 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
             src = run_dir / "eval" / "base" / "model_outputs.json"
             _copy_file(src, land_to / "base" / src.name)
             landed.append(land_to / "base" / src.name)
+    for verdict in sorted((cache_dir() / "contamination").glob("check-*.json")):  # only passes are written
+        if not (land_to / "contamination" / verdict.name).is_file():
+            _copy_file(verdict, land_to / "contamination" / verdict.name)
+            landed.append(land_to / "contamination" / verdict.name)
     manifest_path = land_to / "landed.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     result = results["systems"][name]

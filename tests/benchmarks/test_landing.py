@@ -39,6 +39,7 @@ def _run(tmp_path: Path, cache: Path) -> Path:
     _write(cache / "generations" / "truthfulqa-1.json", {"model_id": "expert_honest-w1", "outputs": ["x"]})
     _write(cache / "generations" / "truthfulqa-2.json", {"model_id": "expert_honesty_other-w9", "outputs": ["y"]})
     _write(cache / "generations" / "alpaca_eval-3.json", {"model_id": "base-w0", "outputs": ["z"]})
+    _write(cache / "contamination" / "check-abc.json", {"overlaps": 0, "fingerprint": "abc"})
     return run
 
 
@@ -53,6 +54,7 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
     assert "systems/expert_honest-k1.json" in names
     assert "generations/truthfulqa-1.json" in names  # its own answers only: not another system's
     assert "generations/truthfulqa-2.json" not in names and "generations/alpaca_eval-3.json" not in names
+    assert "contamination/check-abc.json" in names  # the data's passing verdict travels with the first system
     assert not (land_to / "base").exists()  # base's answers land with base
     assert not (land_to / "experts").exists()  # weights never land in the repository
     manifest = json.loads((land_to / "landed.json").read_text())
@@ -69,7 +71,8 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
     assert (fresh_run / "eval" / "systems" / "base-k0.json").is_file()
     assert (fresh_run / "eval" / "base" / "model_outputs.json").is_file()
     assert json.loads((fresh_cache / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x"]
-    assert len(copied) == 5
+    assert json.loads((fresh_cache / "contamination" / "check-abc.json").read_text())["overlaps"] == 0
+    assert len(copied) == 6
     assert landing.restore(land_to, fresh_run, "tiny") == []  # nothing present is overwritten
 
 

@@ -183,6 +183,20 @@ def test_ensure_clean_caches_its_verdict_by_fingerprint(data_copy, tmp_path, mon
     assert runs == [1, 1]
 
 
+def test_a_fresh_copy_of_the_same_files_keeps_its_verdict(data_copy, tmp_path):
+    import os
+    import shutil
+
+    before = C.fingerprint(data_copy, exact_only=True)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(data_copy, fresh, copy_function=shutil.copyfile)  # new file times, as on a new machine
+    some = next(p for p in sorted(fresh.rglob("*.json")) if p.is_file())
+    os.utime(some, (1, 1))
+    assert C.fingerprint(fresh, exact_only=True) == before
+    some.write_bytes(some.read_bytes() + b" ")
+    assert C.fingerprint(fresh, exact_only=True) != before
+
+
 def test_pipeline_checks_before_it_trains(data_copy, monkeypatch, tmp_path):
     import mocae.pipeline
 

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from mocae import paths
+from mocae.stages import file_digest
 from mocae.data import stage_sources as S
 from mocae.data.heldout import MIN_ANSWER_WORDS
 from mocae.data.readers import resolve_root
@@ -271,15 +272,15 @@ def format_contamination_table(report: dict) -> str:
 
 
 def fingerprint(root: Path, exact_only: bool, threshold: float = THRESHOLD) -> str:
-    """A hash of everything the verdict depends on: the data files' sizes and times, the sources
-    registered, the split rules and this module's code."""
+    """A hash of everything the verdict depends on: the data files' contents (not their times: a
+    fresh copy of the same files keeps its verdict), the sources registered, the split rules and
+    this module's code."""
     h = hashlib.sha256(json.dumps([CHECK_VERSION, exact_only, threshold]).encode())
     for spec in [*S.TRAINING_SOURCES.values(), *EVAL_SETS.values()]:
         h.update(f"\0{spec.name}\0{spec.fingerprint}".encode())
         for rel in spec.files:
             p = Path(root) / rel
-            st = p.stat() if p.is_file() else None
-            h.update(f"\0{rel}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
+            h.update(f"\0{rel}:{file_digest(p) if p.is_file() else 'missing'}".encode())
     for module in (__file__, S.__file__, Path(__file__).with_name("splits.py"), Path(__file__).with_name("heldout.py")):
         h.update(Path(module).read_bytes())
     return h.hexdigest()
