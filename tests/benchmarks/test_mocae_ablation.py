@@ -41,3 +41,50 @@ def test_an_incomplete_run_names_what_is_missing_and_chooses_nothing(ablation):
     text = ablation.markdown(report)
     assert "Incomplete run" in text and "lm_loss" in text and "**Chosen" not in text
     assert "**Chosen: soft**" in ablation.markdown({**report, "complete": True})
+
+
+PRESET = """\
+name: tiny
+backbone: tiny-random
+experts:
+  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
+        learning_rate: 0.01}
+router: {n_per_axis: 4, n_test_per_axis: 2, epochs: 5, calibrators: [none, temperature]}
+systems: [base, expert_helpful, expert_harmless, expert_honest, mocae]
+"""
+
+
+class _Judge:
+    validation = {"note": "a stand-in: this test checks the script's plumbing, not a judge"}
+
+    def prefer(self, prompts, a, b):
+        return [0.25 + 0.5 * (len(y) > len(x)) for x, y in zip(a, b)]
+
+    def score(self, prompts, outputs, prompt_unsafe=None):
+        return [float(len(o) % 2) for o in outputs]
+
+
+def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import mocae.evaluation.judges
+    from run_data import pipeline_data
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
+    monkeypatch.setattr(mocae.evaluation.judges, "load_judge", lambda kind: _Judge())
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(PRESET)
+    monkeypatch.setattr(sys, "argv", ["mocae_ablation.py", "--preset", str(preset), "--run-dir", str(tmp_path / "run"),
+                                      "--variants", "soft", "harm_gate", "prior_uniform", "--n-over-refusal", "3",
+                                      "--max-new-tokens", "3", "--results-dir", str(tmp_path / "out")])
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path / "out")
+    landing = sys.modules.get("landing") or load_script("landing")
+    monkeypatch.setattr(landing, "RESULTS", tmp_path / "landed")  # never the repository's landing
+    assert ablation.main() == 0
+    report = json.loads((tmp_path / "out" / "mocae_ablation.json").read_text())
+    assert report["complete"] and report["not_measured"] == []
+    assert set(report["variants"]) == {"base", "soft", "harm_gate", "prior_uniform"}
+    assert set(report["vs_base"]) == {"soft", "harm_gate", "prior_uniform"} and report["chosen"] in report["vs_base"]
+    assert (tmp_path / "run" / "ablation" / "prior_uniform" / "mocae" / "stage.json").is_file()  # its own refit
+    assert "**Chosen:" in (tmp_path / "out" / "mocae_ablation.md").read_text()
