@@ -58,17 +58,28 @@ def _generation_files(name: str, generations: Path) -> list[Path]:
     return found
 
 
+def _land_verdicts(land_to: Path) -> list[Path]:
+    """The cached passing contamination verdicts ``land_to`` lacks (only passes are cached)."""
+    landed = []
+    for verdict in sorted((cache_dir() / "contamination").glob("check-*.json")):
+        if not (land_to / "contamination" / verdict.name).is_file():
+            _copy_file(verdict, land_to / "contamination" / verdict.name)
+            landed.append(land_to / "contamination" / verdict.name)
+    return landed
+
+
 def land_answers(land_to: Path, names: list[str]) -> list[Path]:
     """Copy the finished answer and score files of systems ``names`` that ``land_to`` lacks.
 
     A cache file is written once its whole prompt set is done, so any file present is finished:
     landing them while a system is still being evaluated keeps an interrupted sitting's sets.
+    The data's passing contamination verdict lands with them (the check runs before any system).
 
     Returns:
         The newly landed paths (to commit); a file already landed with the same bytes is skipped.
     """
     land_to = Path(land_to)
-    landed = []
+    landed = _land_verdicts(land_to)
     for name in names:
         for path in _generation_files(name, cache_dir() / "generations"):
             dst = land_to / "generations" / path.name
@@ -194,10 +205,7 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
             src = run_dir / "eval" / "base" / "model_outputs.json"
             _copy_file(src, land_to / "base" / src.name)
             landed.append(land_to / "base" / src.name)
-    for verdict in sorted((cache_dir() / "contamination").glob("check-*.json")):  # only passes are written
-        if not (land_to / "contamination" / verdict.name).is_file():
-            _copy_file(verdict, land_to / "contamination" / verdict.name)
-            landed.append(land_to / "contamination" / verdict.name)
+    landed += _land_verdicts(land_to)
     manifest_path = land_to / "landed.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     result = results["systems"][name]

@@ -101,7 +101,7 @@ def test_answers_of_the_system_in_progress_land_once(landing, tmp_path, monkeypa
     land_to = tmp_path / "landed"
 
     first = landing.land_answers(land_to, ["expert_honest"])
-    assert [p.name for p in first] == ["truthfulqa-1.json"]  # not another system's, not its result
+    assert [p.name for p in first] == ["check-abc.json", "truthfulqa-1.json"]  # not another system's, not its result
     assert not (land_to / "systems").exists() and not (land_to / "landed.json").exists()
     assert landing.land_answers(land_to, ["expert_honest"]) == []  # same bytes: nothing new to commit
 
