@@ -240,6 +240,7 @@ def main() -> int:
         for mode in [m for m in MODES if m in args.variants]:
             with using_decision(mocae, mode=mode):
                 results[mode] = measure(mode, mocae, mocae.tokenizer, sets, judges, base, cache, args.max_new_tokens)
+            results[mode]["router"] = router_summary(run_dir)
             write(final=False)
         del mocae
     for name in [n for n in REFITS if n in args.variants]:
@@ -250,11 +251,20 @@ def main() -> int:
             model = MoCaEModel.from_pretrained(folder)
             results[name] = measure(name, model, model.tokenizer, sets, judges, base, cache, args.max_new_tokens)
             results[name]["experts"] = {a: str(p) for a, p in variant_experts.items()}
+            results[name]["router"] = router_summary(run_dir / "ablation" / name)
             del model
         write(final=False)
     report = write(final=True)
     print(markdown(report))
     return 0
+
+
+def router_summary(run_dir: Path) -> dict:
+    """The calibrator the saved router uses and the prior it was given (a prior only the importance
+    and fractal calibrators apply: with temperature chosen, a prior change is a no-op)."""
+    report = json.loads((Path(run_dir) / "router_calibration.json").read_text())
+    return {"calibrator": report.get("default_calibrator"), "gamma": report.get("gamma"),
+            "prior_mode": report.get("prior_mode"), "selection": report.get("calibrator_selection")}
 
 
 def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, run_dir: Path, final: bool) -> dict:
@@ -275,6 +285,7 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
         "preset": args.preset, "overrides": args.set, "run_dir": str(run_dir),
         "experts": {a: str(p) for a, p in experts.items()}, "refits": {n: REFITS[n] for n in REFITS if n in results},
         "variant_experts": {n: r["experts"] for n, r in results.items() if "experts" in r},
+        "routers": {n: r["router"] for n, r in results.items() if "router" in r},
         "n": {k: len(v) for k, v in sets.items()},
         "sets_note": "helpful: Alpaca seed tasks; harmful: HarmBench validation; risky_benign: Alpaca nearest to "
                      "those (string-match refusal); truthfulqa_mc: training-half questions the router held out "

@@ -159,14 +159,15 @@ def test_the_mocae_section_selects_routing_pooling_and_top_k_without_moving_defa
     experts = {a: Path(p) for a, p in expert_dirs.items()}
     plain = load_run_config("quick", ["backbone=tiny-random"])
     assert "mocae" not in plain.model_dump() and "mocae" not in mocae_inputs(plain, experts)["config"]
-    token = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}"])
+    # the quick preset decides per request (top1): token routing has no per-request probabilities
+    token = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}", "decision.mode=soft"])
     built = token.mocae_config(expert_dirs)
     assert (built.routing, built.top_k, built.router_input) == ("token", 2, plain.router_input)
     assert config_hash(token) != config_hash(plain)
     assert stage_key(mocae_inputs(token, experts)) != stage_key(mocae_inputs(plain, experts))
     assert load_run_config("quick", ["mocae.pooling=last"]).mocae_config(expert_dirs).pooling == "last"
     for overrides, message in ((["mocae.pooling=median"], "pooling"), (["mocae.feature_layer=3"], "outside the mocae"),
-                               (["mocae.routing=token", "decision.mode=top1"], "token routing")):
+                               (["mocae.routing=token"], "token routing")):  # the preset's top1
         with pytest.raises(ConfigError, match=message):
             load_run_config("quick", overrides)
 
@@ -177,7 +178,7 @@ def test_a_token_routed_mocae_is_built_and_saved_without_router_fitting(expert_d
     from mocae.pipeline import build_mocae
 
     monkeypatch.setattr(fit_module, "fit_router", lambda *a, **k: pytest.fail("fit_router trains sequence routers"))
-    cfg = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}"])
+    cfg = load_run_config("quick", ["backbone=tiny-random", "mocae={routing: token, top_k: 2}", "decision.mode=soft"])
     out = build_mocae(cfg, {a: Path(p) for a, p in expert_dirs.items()}, tmp_path, progress=False)
     loaded = MoCaEModel.from_pretrained(out)
     assert loaded.mocae_config.routing == "token" and loaded.router.top_k == 2

@@ -88,3 +88,4 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     assert set(report["vs_base"]) == {"soft", "harm_gate", "prior_uniform"} and report["chosen"] in report["vs_base"]
     assert (tmp_path / "run" / "ablation" / "prior_uniform" / "mocae" / "stage.json").is_file()  # its own refit
     assert "**Chosen:" in (tmp_path / "out" / "mocae_ablation.md").read_text()
+    assert report["routers"]["prior_uniform"]["prior_mode"] == "uniform" and report["routers"]["soft"]["calibrator"]

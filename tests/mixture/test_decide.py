@@ -191,7 +191,7 @@ def test_quick_preset_selects_modes_and_priors():
                                     "router.lm_steps=50"])
     assert cfg.decision.mode == "harm_gate+top1" and cfg.decision.gate_budget == 0.1
     assert cfg.router.prior_mode == "importance_normalised" and cfg.router.lm_steps == 50
-    assert load_run_config("quick").decision.mode == "soft"
+    assert load_run_config("quick").decision.mode == "top1"  # chosen by benchmarks/mocae_ablation.py
     with pytest.raises(ConfigError, match="decision.mode"):
         load_run_config("quick", ["decision.mode=always_harmless"])
     with pytest.raises(ConfigError, match="prior_mode"):
