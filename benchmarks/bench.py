@@ -268,7 +268,7 @@ def _sittings(args, cfg) -> Path:
 
     run_dir = Path(args.run_dir or Path("runs") / f"bench-{cfg.backbone}-{config_hash(cfg)}")
     land_to = landing.landing_dir(cfg.backbone)
-    restored = landing.restore(land_to, run_dir, cfg.backbone)
+    restored = landing.restore(land_to, run_dir)
     if restored:
         print(f"[bench] restored {len(restored)} landed files from {land_to}", flush=True)
     for folder in landing.restore_run_experts(cfg, args.experts_from):

@@ -23,7 +23,6 @@ judge or expert is measured again rather than trusted.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -38,11 +37,16 @@ def landing_dir(backbone: str) -> Path:
     return RESULTS / f"bench_{backbone}"
 
 
-def _copy_file(src: Path, dst: Path) -> None:
+def _write_bytes(dst: Path, data: bytes) -> None:
+    """Write ``dst`` atomically (tmp, then rename): a cut-off copy never passes for a landed file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
+    tmp.write_bytes(data)
     tmp.replace(dst)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    _write_bytes(dst, Path(src).read_bytes())
 
 
 def _generation_files(name: str, generations: Path) -> list[Path]:
@@ -82,11 +86,10 @@ def land_answers(land_to: Path, names: list[str]) -> list[Path]:
     landed = _land_verdicts(land_to)
     for name in names:
         for path in _generation_files(name, cache_dir() / "generations"):
-            dst = land_to / "generations" / path.name
-            if dst.is_file() and dst.read_bytes() == path.read_bytes():
-                continue
-            _copy_file(path, dst)
-            landed.append(dst)
+            dst, data = land_to / "generations" / path.name, path.read_bytes()
+            if not (dst.is_file() and dst.read_bytes() == data):
+                _write_bytes(dst, data)
+                landed.append(dst)
     return landed
 
 
@@ -118,23 +121,19 @@ def restore_experts(commit: str, backbone: str, expected: dict[str, Path], repo:
     files = listing.stdout.split()
     if listing.returncode or not files:
         raise ValueError(f"commit {commit} holds no experts under {prefix} ({listing.stderr.strip() or 'empty'})")
+    def show(path: str) -> bytes:
+        return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, check=True).stdout
+
     restored = []
-    for axis, folder in expected.items():
-        folder = Path(folder)
+    for folder in map(Path, expected.values()):
         mine = sorted(f for f in files if f.startswith(f"{prefix}{folder.name}/"))
         if not mine or (folder / "training.json").is_file():
             continue
-        show = lambda f: subprocess.run(["git", "show", f"{commit}:{f}"], cwd=repo, capture_output=True,  # noqa: E731
-                                        check=True).stdout
         stage = json.loads(show(f"{prefix}{folder.name}/stage.json"))
         if not folder.name.endswith(str(stage.get("key", ""))[:12]):
             continue  # same name, other inputs: train it afresh
         for f in sorted(mine, key=lambda f: f.endswith("/training.json")):  # training.json last
-            dst = folder / f[len(prefix) + len(folder.name) + 1:]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            tmp.write_bytes(show(f))
-            tmp.replace(dst)
+            _write_bytes(folder / f[len(prefix) + len(folder.name) + 1:], show(f))
         restored.append(str(folder))
     return restored
 
@@ -148,7 +147,7 @@ def restore_run_experts(cfg, commit: str | None) -> list[str]:
     return restore_experts(commit, cfg.backbone, {a: expert_dir(c) for a, c in cfg.expert_configs().items()})
 
 
-def restore(land: Path, run_dir: Path, backbone: str) -> list[str]:
+def restore(land: Path, run_dir: Path) -> list[str]:
     """Copy what earlier sittings landed in ``land`` into ``run_dir`` and the cache.
 
     Nothing already present is overwritten: a file of this machine is at least as current.

@@ -210,7 +210,7 @@ def main() -> int:
     for folder in landing.restore_run_experts(cfg, args.experts_from):
         print(f"[ablation] expert {folder} restored from commit {args.experts_from}", flush=True)
     land_to = landing.landing_dir(cfg.backbone)  # the bench's landing: answers keyed by model fingerprint
-    landing.restore(land_to, run_dir, cfg.backbone)
+    landing.restore(land_to, run_dir)
     experts = train_experts(cfg, progress=True)
     sets = calib_sets(cfg, args.n_over_refusal)
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}

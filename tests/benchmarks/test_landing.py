@@ -66,14 +66,14 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
     fresh_cache = tmp_path / "fresh-cache"
     monkeypatch.setenv("MOCAE_CACHE", str(fresh_cache))
     fresh_run = tmp_path / "fresh-run"
-    copied = landing.restore(land_to, fresh_run, "tiny")
+    copied = landing.restore(land_to, fresh_run)
     assert (fresh_run / "eval" / "systems" / "expert_honest-k1.json").is_file()
     assert (fresh_run / "eval" / "systems" / "base-k0.json").is_file()
     assert (fresh_run / "eval" / "base" / "model_outputs.json").is_file()
     assert json.loads((fresh_cache / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x"]
     assert json.loads((fresh_cache / "contamination" / "check-abc.json").read_text())["overlaps"] == 0
     assert len(copied) == 6
-    assert landing.restore(land_to, fresh_run, "tiny") == []  # nothing present is overwritten
+    assert landing.restore(land_to, fresh_run) == []  # nothing present is overwritten
 
 
 def test_a_system_lands_one_current_result(landing, tmp_path, monkeypatch):

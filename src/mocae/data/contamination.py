@@ -31,7 +31,6 @@ from typing import Callable
 import numpy as np
 
 from mocae import paths
-from mocae.stages import file_digest
 from mocae.data import stage_sources as S
 from mocae.data.heldout import MIN_ANSWER_WORDS
 from mocae.data.readers import resolve_root
@@ -47,6 +46,7 @@ from mocae.data.stage_sources import (  # noqa: F401  (the check's public inputs
     helpful_judge_rows,
     register_training_source,
 )
+from mocae.stages import file_digest
 
 THRESHOLD = 0.95
 MAX_EXAMPLES = 5
