@@ -22,6 +22,7 @@ judge or expert is measured again rather than trusted.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import time
@@ -220,9 +221,13 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
 def commit(paths: list[Path], message: str) -> bool:
     """``git add`` + ``git commit`` of ``paths`` (only them); False when there was nothing new."""
     repo = Path(__file__).resolve().parent.parent
-    subprocess.run(["git", "add", "--force", "--", *map(str, paths)], cwd=repo, check=True)
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, paths)], cwd=repo)
-    if staged.returncode == 0:
-        return False
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=repo, check=True)
-    return True
+    # The bench and the ablation may run side by side (one thread each) and both commit: git's own
+    # index.lock makes the second fail instead of wait, so they queue on a lock of their own.
+    with open(repo / ".git" / "mocae-landing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["git", "add", "--force", "--", *map(str, paths)], cwd=repo, check=True)
+        staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, paths)], cwd=repo)
+        if staged.returncode == 0:
+            return False
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=repo, check=True)
+        return True
