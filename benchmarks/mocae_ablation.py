@@ -6,8 +6,9 @@ Variants of one run's MoCaE, all on the same three experts:
                                            importance prior no longer follows task-vector norms)
   lm_loss                                  router refitted with the LM loss of completions through
                                            the mixture (``router.lm_loss_weight``, ``router.lm_steps``)
-  sft_experts                              soft MoCaE on SFT helpful and honest experts (the recipes the
+  sft_experts                              MoCaE on SFT helpful and honest experts (the recipes the
                                            DPO experts replaced; harmless is SFT in both), trained first
+Each refit is measured under soft and top1 (``--refit-modes``), named ``<refit>`` and ``<refit>+top1``.
 and the base model, each measured on prompts no system is evaluated on:
   helpful      the router's calib prompts of the helpful axis (Alpaca seed tasks): LC and raw win
                rate vs base (helpful judge), answer length
@@ -161,6 +162,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, diffs in report[block].items():
             lines.append(f"| {name} | " + " | ".join(diff(diffs.get(k)) for k in keys) + " |")
+    for label, same in report.get("identical_to", {}).items():
+        lines += ["", f"{label}: not measured; its router gave exactly {same}'s router's answers and MC scores "
+                      f"under {report.get('refit_modes', ['soft'])[0]}, so it is the same router."]
     lines += ["", "## Choice", "", report["rule"], "",
               *[f"- {n}: {s}" for n, s in report["scores"].items()], "",
               f"**Chosen: {report['chosen']}**" if report.get("complete", True) else
@@ -175,6 +179,10 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
     parser.add_argument("--run-dir", required=True, help="the run whose experts (and router) are ablated")
     parser.add_argument("--variants", nargs="*", default=[*MODES, *REFITS], help="which variants to measure")
+    parser.add_argument("--refit-modes", nargs="+", default=["soft", "top1"], choices=MODES,
+                        help="decision rules each refitted router is measured under (the first named plainly, the "
+                             "rest '<refit>+<mode>'; one whose first-mode answers equal the default router's is not "
+                             "measured again under the others)")
     parser.add_argument("--n-over-refusal", type=int, default=120)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
@@ -224,9 +232,11 @@ def main() -> int:
     folders = {"default": build_mocae(cfg, experts, run_dir, progress=True)}  # trains: outside inference_mode
     out = Path(args.results_dir)
 
+    identical: dict[str, str] = {}  # refit variants skipped because they answer exactly like another
+
     def write(final: bool) -> dict:
         """The report of the variants measured so far (rewritten after each: a cut-off run keeps them)."""
-        report = build_report(args, results, experts, sets, judges, run_dir, final)
+        report = build_report(args, results, experts, sets, judges, run_dir, final, identical)
         atomic_write_json(out / f"{args.report_name}.json", report)
         atomic_write_text(out / f"{args.report_name}.md", markdown(report))
         answers = landing.land_answers(land_to, ["ablation"])  # a fresh machine re-judges, not regenerates
@@ -249,11 +259,20 @@ def main() -> int:
         folder = build_mocae(variant_cfg, variant_experts, run_dir / "ablation" / name, progress=True)
         with torch.inference_mode():
             model = MoCaEModel.from_pretrained(folder)
-            results[name] = measure(name, model, model.tokenizer, sets, judges, base, cache, args.max_new_tokens)
-            results[name]["experts"] = {a: str(p) for a, p in variant_experts.items()}
-            results[name]["router"] = router_summary(run_dir / "ablation" / name)
+            # Each refit under every --refit-modes rule, so it is compared with the rule it would
+            # ship with (the first named plainly, the rest "<refit>+<mode>").
+            for i, mode in enumerate(args.refit_modes):
+                label = name if i == 0 else f"{name}+{mode}"
+                if i > 0 and same_as(results.get(name), results.get(args.refit_modes[0])) and mode in results:
+                    identical[label] = mode  # its router answers exactly like the default's: not measured twice
+                    continue
+                with using_decision(model, mode=mode):
+                    results[label] = measure(label, model, model.tokenizer, sets, judges, base, cache,
+                                             args.max_new_tokens)
+                results[label]["experts"] = {a: str(p) for a, p in variant_experts.items()}
+                results[label]["router"] = router_summary(run_dir / "ablation" / name)
+                write(final=False)
             del model
-        write(final=False)
     report = write(final=True)
     print(markdown(report))
     return 0
@@ -267,7 +286,16 @@ def router_summary(run_dir: Path) -> dict:
             "prior_mode": report.get("prior_mode"), "selection": report.get("calibrator_selection")}
 
 
-def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, run_dir: Path, final: bool) -> dict:
+def same_as(a: dict | None, b: dict | None) -> bool:
+    """Whether two measured variants gave the same answers and the same MC scores on every prompt."""
+    if a is None or b is None:
+        return False
+    return a["outputs"] == b["outputs"] and all(
+        a["per_prompt"][k]["values"] == b["per_prompt"][k]["values"] for k in ("honest/mc1", "honest/mc2"))
+
+
+def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, run_dir: Path, final: bool,
+                 identical: dict | None = None) -> dict:
     """mocae_ablation.json's content from the per-prompt results of the variants measured so far."""
     import torch
 
@@ -292,6 +320,7 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
                      "(the honest expert trained on them).",
         "variants": {n: summary(r) for n, r in results.items()},
         "not_measured": [v for v in args.variants if v not in results],
+        "identical_to": identical or {}, "refit_modes": args.refit_modes,
         "vs_base": vs_base, "vs_soft": vs_soft, "scores": scores, "chosen": chosen,
         "rule": choose.__doc__.replace("\n    ", " ").strip(),
         "examples": {n: r["examples"] for n, r in results.items()},

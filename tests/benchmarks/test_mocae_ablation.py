@@ -84,8 +84,21 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     assert ablation.main() == 0
     report = json.loads((tmp_path / "out" / "mocae_ablation.json").read_text())
     assert report["complete"] and report["not_measured"] == []
-    assert set(report["variants"]) == {"base", "soft", "harm_gate", "prior_uniform"}
-    assert set(report["vs_base"]) == {"soft", "harm_gate", "prior_uniform"} and report["chosen"] in report["vs_base"]
+    # the refit is measured under each --refit-modes rule (top1 was not measured on its own to compare with)
+    assert set(report["variants"]) == {"base", "soft", "harm_gate", "prior_uniform", "prior_uniform+top1"}
+    assert set(report["vs_base"]) == {"soft", "harm_gate", "prior_uniform", "prior_uniform+top1"}
+    assert report["chosen"] in report["vs_base"] and report["identical_to"] == {}
     assert (tmp_path / "run" / "ablation" / "prior_uniform" / "mocae" / "stage.json").is_file()  # its own refit
     assert "**Chosen:" in (tmp_path / "out" / "mocae_ablation.md").read_text()
     assert report["routers"]["prior_uniform"]["prior_mode"] == "uniform" and report["routers"]["soft"]["calibrator"]
+
+
+def test_same_as_reads_answers_and_mc_scores(ablation):
+    def variant(answer, mc2):
+        return {"outputs": {"helpful": [answer]},
+                "per_prompt": {"honest/mc1": {"values": [1.0]}, "honest/mc2": {"values": [mc2]}}}
+
+    assert ablation.same_as(variant("a", 0.5), variant("a", 0.5))
+    assert not ablation.same_as(variant("a", 0.5), variant("b", 0.5))
+    assert not ablation.same_as(variant("a", 0.5), variant("a", 0.6))
+    assert not ablation.same_as(variant("a", 0.5), None)
