@@ -12,8 +12,9 @@ Runs (or continues) the pipeline of a preset with the given overrides, then writ
 
 Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
 finished over several sittings: re-run the same command with the same --run-dir):
-  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full --threads 2 \
-      --run-dir runs/bench-smollm2 --experts-from 4af501e --commit
+  OMP_NUM_THREADS=1 MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full \
+      --threads 1 --run-dir runs/bench-smollm2 --experts-from 4af501e --commit
+(base landed at 1 thread: every later sitting of this run keeps --threads 1)
 Each sitting evaluates the systems in the preset's order and lands each finished one (and the
 finished answer sets of the one in progress) in benchmarks/results/bench_<backbone>/; the next
 sitting restores them, even on a fresh machine. Speed and memory are measured once, for every
