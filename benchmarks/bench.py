@@ -15,6 +15,10 @@ finished over several sittings: re-run the same command with the same --run-dir)
   OMP_NUM_THREADS=1 MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full \
       --threads 1 --run-dir runs/bench-smollm2 --experts-from 4af501e --commit
 (base landed at 1 thread: every later sitting of this run keeps --threads 1)
+Two sittings may run side by side, one thread each, on disjoint system lists and their own run
+folders; each picks up what the other landed before its next system (base stays first in both):
+  ... bench.py --preset full --threads 1 --run-dir runs/bench-smollm2-b --experts-from 4af501e --commit \
+      --no-cost --set "systems=[base, dare, ties, arrow]"
 Each sitting evaluates the systems in the preset's order and lands each finished one (and the
 finished answer sets of the one in progress) in benchmarks/results/bench_<backbone>/; the next
 sitting restores them, even on a fresh machine. Speed and memory are measured once, for every
@@ -297,6 +301,10 @@ def _sittings(args, cfg) -> Path:
         threading.Thread(target=every, args=(args.land_answers_every,), daemon=True).start()
     try:
         for i, name in enumerate(cfg.systems):
+            # Another sitting on another system list (side by side, one thread each) may have
+            # landed this system meanwhile: take its result rather than measuring it twice.
+            if i and (picked := landing.restore(land_to, run_dir)):
+                print(f"[bench] {len(picked)} files another sitting landed restored", flush=True)
             current.append(name)
             prefix = f"systems=[{', '.join(cfg.systems[:i + 1])}]"
             # Speed and memory are not measured system by system across sittings (and machines):

@@ -22,10 +22,12 @@ judge or expert is measured again rather than trusted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mocae.paths import atomic_write_json, cache_dir
@@ -36,6 +38,20 @@ RESULTS = Path(__file__).parent / "results"
 def landing_dir(backbone: str) -> Path:
     """``benchmarks/results/bench_<backbone>/``."""
     return RESULTS / f"bench_{backbone}"
+
+
+@contextlib.contextmanager
+def _landing_lock() -> Iterator[None]:
+    """Held while a sitting commits or updates ``landed.json``.
+
+    Sittings may run side by side (one thread each: the bench on two system lists, or the bench
+    and the ablation) and both land: git's own index.lock makes the second commit fail instead of
+    wait, and two read-modify-writes of ``landed.json`` would drop one system. They queue here.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    with open(repo / ".git" / "mocae-landing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _write_bytes(dst: Path, data: bytes) -> None:
@@ -207,13 +223,14 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
             landed.append(land_to / "base" / src.name)
     landed += _land_verdicts(land_to)
     manifest_path = land_to / "landed.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     result = results["systems"][name]
-    manifest[name] = {"key": evaluated.get(name, {}).get("key"),
-                      "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
-                      "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
-                      "sitting": sitting}
-    atomic_write_json(manifest_path, manifest)
+    with _landing_lock():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+        manifest[name] = {"key": evaluated.get(name, {}).get("key"),
+                          "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
+                          "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
+                          "sitting": sitting}
+        atomic_write_json(manifest_path, manifest)
     landed.append(manifest_path)
     return landed
 
@@ -221,10 +238,7 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
 def commit(paths: list[Path], message: str) -> bool:
     """``git add`` + ``git commit`` of ``paths`` (only them); False when there was nothing new."""
     repo = Path(__file__).resolve().parent.parent
-    # The bench and the ablation may run side by side (one thread each) and both commit: git's own
-    # index.lock makes the second fail instead of wait, so they queue on a lock of their own.
-    with open(repo / ".git" / "mocae-landing.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _landing_lock():
         subprocess.run(["git", "add", "--force", "--", *map(str, paths)], cwd=repo, check=True)
         staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, paths)], cwd=repo)
         if staged.returncode == 0:

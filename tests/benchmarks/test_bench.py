@@ -152,6 +152,24 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     assert calls[-1][0] == "commit" and "expert_helpful" in calls[-1][1]
 
 
+def test_each_system_first_takes_what_a_side_by_side_sitting_landed(bench, tmp_path, monkeypatch):
+    import argparse
+    import types
+
+    import mocae.pipeline
+
+    landing = load_script("landing")
+    calls = []
+    monkeypatch.setattr(landing, "restore", lambda land_to, run_dir: calls.append("restore") or [])
+    monkeypatch.setattr(landing, "land", lambda land_to, run_dir, name, sitting: calls.append(name) or [])
+    monkeypatch.setattr(landing, "land_answers", lambda *a: [])
+    monkeypatch.setattr(mocae.pipeline, "run_pipeline", lambda preset, run_dir, overrides, progress, lazy: run_dir)
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=False, experts_from=None,
+                              cost=False, land_answers_every=0)
+    bench._sittings(args, types.SimpleNamespace(backbone="tiny", systems=["base", "dare", "ties"]))
+    assert calls == ["restore", "base", "restore", "dare", "restore", "ties"]
+
+
 def test_speed_and_memory_are_measured_once_all_systems_landed(bench, tmp_path, monkeypatch):
     import argparse
     import types

@@ -94,6 +94,25 @@ def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, mon
 
 
 
+def test_landed_json_waits_for_a_side_by_side_sitting(landing, tmp_path, monkeypatch):
+    """Two sittings landing at once must not drop each other's entry in landed.json."""
+    import threading
+
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    run = _run(tmp_path, tmp_path / "cache")
+    land_to = tmp_path / "landed"
+    landing.land(land_to, run, "base", "sitting a")
+    with landing._landing_lock():  # the other sitting is mid-update
+        worker = threading.Thread(target=landing.land, args=(land_to, run, "expert_honest", "sitting b"))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive()  # it queues instead of reading a manifest about to change
+        assert "expert_honest" not in json.loads((land_to / "landed.json").read_text())
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert sorted(json.loads((land_to / "landed.json").read_text())) == ["base", "expert_honest"]
+
+
 def test_answers_of_the_system_in_progress_land_once(landing, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MOCAE_CACHE", str(cache))
