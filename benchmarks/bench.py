@@ -284,7 +284,7 @@ def _sittings(args, cfg) -> Path:
 
     def land_answers() -> None:
         with git:
-            landed = landing.land_answers(land_to, list(current))
+            landed = landing.land_answers(land_to, landing.model_ids(run_dir, list(current)))
             if landed and args.commit:
                 landing.commit(landed, f"bench {cfg.backbone}: {current[-1]}'s finished answer sets landed before "
                                        f"its evaluation completed (a fresh machine regenerates only the rest)")

@@ -66,17 +66,41 @@ def _copy_file(src: Path, dst: Path) -> None:
     _write_bytes(dst, Path(src).read_bytes())
 
 
-def _generation_files(name: str, generations: Path) -> list[Path]:
-    """The cached answer files of system ``name`` (their ``model_id`` starts with ``name-``)."""
+def _generation_files(model_id: str, generations: Path) -> list[Path]:
+    """The cached answer and score files of the system whose answers carry ``model_id``.
+
+    Exact, not by name: the cache is shared by every run of the machine, and another backbone's
+    base (restored from its own landing folder) is also ``base-...``.
+    """
     found = []
     for path in sorted(generations.glob("*.json")):
         try:
-            model_id = json.loads(path.read_text(encoding="utf-8")).get("model_id", "")
+            if json.loads(path.read_text(encoding="utf-8")).get("model_id") == model_id:
+                found.append(path)
         except (OSError, ValueError, AttributeError):
             continue  # a damaged cache file is the harness' business (it warns and regenerates)
-        if model_id.startswith(f"{name}-"):
-            found.append(path)
     return found
+
+
+def model_ids(run_dir: Path, names: list[str]) -> list[str]:
+    """The answers' ``model_id`` of each of ``names`` the run folder knows.
+
+    A finished system's result records it; the system being evaluated is named in
+    ``eval/in_progress.json`` (written by the harness before its first answer).
+    """
+    found = {}
+    progress = run_dir / "eval" / "in_progress.json"
+    if progress.is_file():
+        marker = json.loads(progress.read_text(encoding="utf-8"))
+        found[marker["name"]] = marker["model_id"]
+    results = run_dir / "eval" / "results.json"
+    evaluated = json.loads(results.read_text(encoding="utf-8")).get("evaluated", {}) if results.is_file() else {}
+    for name in names:
+        if name in evaluated:
+            path = run_dir / "eval" / "systems" / f"{name}-{evaluated[name]['key']}.json"
+            if path.is_file():
+                found[name] = json.loads(path.read_text(encoding="utf-8")).get("model_id") or found.get(name)
+    return [found[n] for n in names if found.get(n)]
 
 
 def _land_verdicts(land_to: Path) -> list[Path]:
@@ -89,8 +113,8 @@ def _land_verdicts(land_to: Path) -> list[Path]:
     return landed
 
 
-def land_answers(land_to: Path, names: list[str]) -> list[Path]:
-    """Copy the finished answer and score files of systems ``names`` that ``land_to`` lacks.
+def land_answers(land_to: Path, model_ids: list[str]) -> list[Path]:
+    """Copy the finished answer and score files carrying ``model_ids`` that ``land_to`` lacks.
 
     A cache file is written once its whole prompt set is done, so any file present is finished:
     landing them while a system is still being evaluated keeps an interrupted sitting's sets.
@@ -101,8 +125,8 @@ def land_answers(land_to: Path, names: list[str]) -> list[Path]:
     """
     land_to = Path(land_to)
     landed = _land_verdicts(land_to)
-    for name in names:
-        for path in _generation_files(name, cache_dir() / "generations"):
+    for model_id in model_ids:
+        for path in _generation_files(model_id, cache_dir() / "generations"):
             dst, data = land_to / "generations" / path.name, path.read_bytes()
             if not (dst.is_file() and dst.read_bytes() == data):
                 _write_bytes(dst, data)
@@ -214,7 +238,8 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
                 old.unlink()
         _copy_file(src, land_to / "systems" / src.name)
         landed.append(land_to / "systems" / src.name)
-        for path in _generation_files(name, cache_dir() / "generations"):
+        model_id = json.loads(src.read_text(encoding="utf-8")).get("model_id")
+        for path in _generation_files(model_id, cache_dir() / "generations") if model_id else []:
             _copy_file(path, land_to / "generations" / path.name)
             landed.append(land_to / "generations" / path.name)
         if name == "base":

@@ -239,7 +239,8 @@ def main() -> int:
         report = build_report(args, results, experts, sets, judges, run_dir, final, identical)
         atomic_write_json(out / f"{args.report_name}.json", report)
         atomic_write_text(out / f"{args.report_name}.md", markdown(report))
-        answers = landing.land_answers(land_to, ["ablation"])  # a fresh machine re-judges, not regenerates
+        # a fresh machine re-judges, not regenerates
+        answers = landing.land_answers(land_to, [r["model_id"] for r in results.values() if r.get("model_id")])
         if args.commit:
             landing.commit([*answers, out / f"{args.report_name}.json", out / f"{args.report_name}.md"],
                            f"mocae ablation: {len(results) - 1} variants measured on the calib side ({', '.join(results)})")

@@ -130,8 +130,9 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     calls = []
     monkeypatch.setattr(landing, "restore", lambda *a: [])
     monkeypatch.setattr(landing, "land", lambda land_to, run_dir, name, sitting: calls.append(("land", name)) or [])
+    monkeypatch.setattr(landing, "model_ids", lambda run_dir, names: [f"{n}-w" for n in names])
     monkeypatch.setattr(landing, "land_answers",
-                        lambda land_to, names: calls.append(("answers", tuple(names))) or [tmp_path / "g.json"])
+                        lambda land_to, ids: calls.append(("answers", tuple(ids))) or [tmp_path / "g.json"])
     monkeypatch.setattr(landing, "commit", lambda paths, message: calls.append(("commit", message)) or True)
 
     def run_pipeline(preset, run_dir, overrides, progress, lazy):
@@ -148,7 +149,7 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     with pytest.raises(KeyboardInterrupt):
         bench._sittings(args, cfg)
     assert calls[0] == ("land", "base")
-    assert calls[-2] == ("answers", ("base", "expert_helpful"))  # the system in progress included
+    assert calls[-2] == ("answers", ("base-w", "expert_helpful-w"))  # the system in progress included
     assert calls[-1][0] == "commit" and "expert_helpful" in calls[-1][1]
 
 

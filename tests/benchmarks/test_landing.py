@@ -33,12 +33,14 @@ def _run(tmp_path: Path, cache: Path) -> Path:
         "systems": {"base": {"torch_threads": 2}, "expert_honest": {"torch_threads": 2}, "oracle": {}},
         "evaluated": {"base": {"key": "k0", "inputs": {"model": "w0"}},
                       "expert_honest": {"key": "k1", "inputs": {"model": "w1"}}}})
-    _write(run / "eval" / "systems" / "base-k0.json", {"name": "base"})
-    _write(run / "eval" / "systems" / "expert_honest-k1.json", {"name": "expert_honest"})
+    _write(run / "eval" / "systems" / "base-k0.json", {"name": "base", "model_id": "base-w0"})
+    _write(run / "eval" / "systems" / "expert_honest-k1.json", {"name": "expert_honest", "model_id": "expert_honest-w1"})
     _write(run / "eval" / "base" / "model_outputs.json", [{"instruction": "q", "output": "a"}])
     _write(cache / "generations" / "truthfulqa-1.json", {"model_id": "expert_honest-w1", "outputs": ["x"]})
     _write(cache / "generations" / "truthfulqa-2.json", {"model_id": "expert_honesty_other-w9", "outputs": ["y"]})
     _write(cache / "generations" / "alpaca_eval-3.json", {"model_id": "base-w0", "outputs": ["z"]})
+    # another backbone's base, restored into the shared cache from its own landing folder
+    _write(cache / "generations" / "alpaca_eval-4.json", {"model_id": "base-other", "outputs": ["q"]})
     _write(cache / "contamination" / "check-abc.json", {"overlaps": 0, "fingerprint": "abc"})
     return run
 
@@ -62,6 +64,8 @@ def test_land_then_restore_on_a_fresh_machine(landing, tmp_path, monkeypatch):
 
     landing.land(land_to, run, "base", "test sitting")
     assert json.loads((land_to / "base" / "model_outputs.json").read_text())[0]["output"] == "a"
+    assert (land_to / "generations" / "alpaca_eval-3.json").is_file()
+    assert not (land_to / "generations" / "alpaca_eval-4.json").exists()  # same name, another backbone's base
 
     fresh_cache = tmp_path / "fresh-cache"
     monkeypatch.setenv("MOCAE_CACHE", str(fresh_cache))
@@ -116,18 +120,23 @@ def test_landed_json_waits_for_a_side_by_side_sitting(landing, tmp_path, monkeyp
 def test_answers_of_the_system_in_progress_land_once(landing, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MOCAE_CACHE", str(cache))
-    _run(tmp_path, cache)
+    run = _run(tmp_path, cache)
     land_to = tmp_path / "landed"
+    (run / "eval" / "results.json").unlink()  # expert_honest not finished: only the harness' marker names it
+    _write(run / "eval" / "in_progress.json", {"name": "expert_honest", "model_id": "expert_honest-w1"})
+    assert landing.model_ids(run, ["base", "expert_honest"]) == ["expert_honest-w1"]
 
-    first = landing.land_answers(land_to, ["expert_honest"])
+    first = landing.land_answers(land_to, landing.model_ids(run, ["expert_honest"]))
     assert [p.name for p in first] == ["check-abc.json", "truthfulqa-1.json"]  # not another system's, not its result
     assert not (land_to / "systems").exists() and not (land_to / "landed.json").exists()
-    assert landing.land_answers(land_to, ["expert_honest"]) == []  # same bytes: nothing new to commit
+    assert landing.land_answers(land_to, ["expert_honest-w1"]) == []  # same bytes: nothing new to commit
 
+    _run(tmp_path, cache)  # base finished (its result names its answers), expert_honest still in progress
     _write(cache / "generations" / "truthfulqa-1.json", {"model_id": "expert_honest-w1", "outputs": ["x2"]})
     _write(cache / "generations" / "xstest-4.json", {"model_id": "expert_honest-w1", "outputs": ["r"]})
-    again = sorted(p.name for p in landing.land_answers(land_to, ["expert_honest", "base"]))
-    assert again == ["alpaca_eval-3.json", "truthfulqa-1.json", "xstest-4.json"]
+    assert landing.model_ids(run, ["base", "expert_honest"]) == ["base-w0", "expert_honest-w1"]
+    again = sorted(p.name for p in landing.land_answers(land_to, landing.model_ids(run, ["expert_honest", "base"])))
+    assert again == ["alpaca_eval-3.json", "truthfulqa-1.json", "xstest-4.json"]  # never base-other's file
     assert json.loads((land_to / "generations" / "truthfulqa-1.json").read_text())["outputs"] == ["x2"]
 
 

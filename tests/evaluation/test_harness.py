@@ -64,6 +64,8 @@ def test_evaluate_system_end_to_end_on_tiny(tiny, data, tmp_path):
     base_outputs = ["a base answer"] * len(prompts["alpaca_eval"])
     result = evaluate_system("sys", model, tokenizer, cfg, tmp_path, base_outputs=base_outputs, judges=judges,
                              prompts=prompts, progress=False)
+    # names the answers' model_id while the system runs: what the bench lands of a cut-off sitting
+    assert json.loads((tmp_path / "in_progress.json").read_text()) == {"name": "sys", "model_id": result["model_id"]}
     m = result["metrics"]
     for axis in ("helpful", "harmless", "honest", "efficiency"):
         for metric in m[axis].values():

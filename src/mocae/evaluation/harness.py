@@ -383,6 +383,9 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
     cache = Path(cache_dir) if cache_dir is not None else default_cache() / "generations"
     system_dir = Path(out_dir) / name
     model_id = f"{name}-{model_fingerprint(model)}"
+    # Which cached answer files are this system's while it is evaluated (benchmarks/landing.py lands
+    # them as they finish): a name prefix alone would also match another backbone's run in the cache.
+    atomic_write_json(Path(out_dir) / "in_progress.json", {"name": name, "model_id": model_id})
     long = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system=cfg.system)
     short = long.model_copy(update={"max_new_tokens": cfg.max_new_tokens_short})
     timing, outputs = {}, {}
