@@ -67,3 +67,17 @@ def test_helpful_judge_learns(fixtures):
         aucs[which] = metrics.auc([x["b_better"] for x in pairs], p)
         assert judge.validation["agreement"] == pytest.approx(metrics.agreement(p, [x["b_better"] for x in pairs]))
     _check(aucs["learnable"], aucs["shuffled"])
+
+
+def test_a_judge_does_not_depend_on_what_the_process_ran_before(fixtures):
+    """`judges train --kind all` and `--kind harmless` (or a fresh machine) must give the same judge:
+    the landed results are keyed by the judges' validation, so any drift re-judges every system."""
+    import torch
+
+    fit = {**FIT, "epochs": 1}
+    torch.manual_seed(123)
+    first = harmless.train(fixtures["learnable"], encoder=fixtures["encoder"], n_extra=0, **QUIET, **fit)
+    torch.rand(1000)  # another judge trained first in the same process draws from the global generator
+    second = harmless.train(fixtures["learnable"], encoder=fixtures["encoder"], n_extra=0, **QUIET, **fit)
+    assert torch.equal(first.scorer.head.weight, second.scorer.head.weight)
+    assert first.validation["auc_heldout_model"] == second.validation["auc_heldout_model"]

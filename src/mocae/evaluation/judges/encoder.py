@@ -26,16 +26,21 @@ class Scorer(nn.Module):
         encoder: a transformers BERT model.
         n_extra: number of hand-made features concatenated to the pooled state (e.g. log-length).
         n_out: number of logits.
+        seed: the head's initialisation. Its own generator, not torch's global one: drawn from the
+            global state, the head depended on what the process had run before (``judges train
+            --kind all`` and ``--kind harmless`` gave different judges, so a judge retrained on a
+            fresh machine no longer matched the one the landed results were scored with).
     """
 
-    def __init__(self, encoder, n_extra: int = 0, n_out: int = 1):
+    def __init__(self, encoder, n_extra: int = 0, n_out: int = 1, seed: int = 0):
         super().__init__()
         self.encoder = encoder
         self.n_extra, self.n_out = n_extra, n_out
         self.head = nn.Linear(encoder.config.hidden_size + n_extra, n_out)
         # Start at logit 0 so early training is driven by the data, not by a random offset.
         nn.init.zeros_(self.head.bias)
-        nn.init.normal_(self.head.weight, std=0.02)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, extra=None) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,

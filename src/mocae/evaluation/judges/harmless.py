@@ -224,7 +224,7 @@ def train(data_dir=None, *, encoder=None, heldout_model: str = HELDOUT_MODEL, n_
     log(f"harmless: {len(train_rows)} training rows ({len(xstest_rows)} XSTest, unsafe prompts only), "
         f"{len(heldout)} held-out rows of {heldout_model}")
     tokenizer, enc_model = load_encoder(encoder)
-    scorer = Scorer(enc_model, n_out=2)
+    scorer = Scorer(enc_model, n_out=2, seed=seed)
     texts, targets = training_texts(train_rows)
     encs = training.tokenize(tokenizer, texts, None, cfg.max_length)
     summary = training.fit_pointwise(scorer, tokenizer, encs, targets, cfg, log=log)

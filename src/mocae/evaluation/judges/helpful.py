@@ -279,7 +279,7 @@ def train(data_dir=None, *, encoder=None, n_train_pairs: int = 4000, n_dev_pairs
     both = np.concatenate([fa, fb])
     mean, std = both.mean(0), both.std(0) + 1e-6
     coef = _style_weights((fb - fa) / std, np.array([p["b_better"] for p in train_pairs_all]), seed)
-    scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1)
+    scorer = Scorer(enc_model, n_extra=len(STYLE_NAMES), n_out=1, seed=seed)
     with torch.no_grad():
         scorer.head.weight[0, -len(STYLE_NAMES):] = torch.as_tensor(coef)
     judge = HelpfulJudge(scorer, tokenizer, mean, std, cfg.max_length)

@@ -154,8 +154,12 @@ def _run(scorer: Scorer, batches_per_epoch, loss_fn, cfg: FitConfig, log, select
 
     def factor(s: int) -> float:
         # Warm up, then decay linearly to 0 by the last step or by the time budget, whichever
-        # comes first: a run cut by the budget still ends at a small learning rate.
-        done = max((s - warm) / max(1, total - warm), elapsed() / cfg.time_budget)
+        # comes first: a run cut by the budget still ends at a small learning rate. The clock
+        # enters only once the budget is on course to cut the run: otherwise the schedule would
+        # depend on the machine's speed, and a judge retrained elsewhere would not be the same.
+        done = (s - warm) / max(1, total - warm)
+        if s and elapsed() / s * total > cfg.time_budget:
+            done = max(done, elapsed() / cfg.time_budget)
         return min((s + 1) / warm, max(0.0, 1.0 - done))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
