@@ -219,7 +219,7 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
         sitting: who landed it (e.g. the date and the command), recorded in ``landed.json``.
 
     Returns:
-        The landed paths (to commit).
+        The landed paths (to commit), with the system's earlier result it replaced (removed).
 
     Raises:
         KeyError: the run's results do not hold ``name`` (it was not evaluated).
@@ -236,6 +236,7 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
         for old in (land_to / "systems").glob(f"{name}-*.json"):  # one result per system: the current one
             if old.name != src.name:
                 old.unlink()
+                landed.append(old)  # committed as a removal with the rest
         _copy_file(src, land_to / "systems" / src.name)
         landed.append(land_to / "systems" / src.name)
         model_id = json.loads(src.read_text(encoding="utf-8")).get("model_id")

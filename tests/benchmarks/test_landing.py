@@ -86,8 +86,9 @@ def test_a_system_lands_one_current_result(landing, tmp_path, monkeypatch):
     run = _run(tmp_path, cache)
     land_to = tmp_path / "landed"
     _write(land_to / "systems" / "expert_honest-old.json", {"name": "expert_honest"})  # an earlier key
-    landing.land(land_to, run, "expert_honest", "s")
+    landed = landing.land(land_to, run, "expert_honest", "s")
     assert sorted(p.name for p in (land_to / "systems").glob("expert_honest-*")) == ["expert_honest-k1.json"]
+    assert land_to / "systems" / "expert_honest-old.json" in landed  # its removal is committed with the rest
 
 
 def test_landing_a_system_that_was_not_evaluated_names_it(landing, tmp_path, monkeypatch):
