@@ -7,7 +7,8 @@ Runs (or continues) the pipeline of a preset with the given overrides, then writ
                                              reference NLL, safety (plain and jailbreak), over-refusal,
                                              MC1/MC2 (primer and chat), TI, speed, memory; n per prompt
                                              set; a `paired` block of MoCaE-minus-X differences with
-                                             paired 95% intervals (and X-minus-base in `paired_vs_base`)
+                                             paired 95% intervals (and X-minus-base in `paired_vs_base`),
+                                             and issue 14's targets for MoCaE (benchmarks/targets.py)
   benchmarks/results/bench_<backbone>.md     the same as tables, with command, machine, threads and date
 
 Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
@@ -211,6 +212,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(_diff(diffs.get(f)) for f in PAIRED) + " |")
     if report.get("resolution"):
         lines += ["", report["resolution"]]
+    import targets
+
+    lines += targets.markdown(report.get("targets"))
     if report["mocae_vs_h3fusion"]:
         c = report["mocae_vs_h3fusion"]
         lines += ["", "## MoCaE vs H3Fusion: memory and latency (same run, each in its own process)", "",
@@ -243,6 +247,8 @@ def build_report(results: dict, meta: dict) -> dict:
         meta: {"backbone", "preset", "overrides", "command", "date", "machine", "run_dir", "wall_time_s",
             "config"}.
     """
+    import targets
+
     from mocae.evaluation.report import resolution_sentence
 
     systems = results["systems"]
@@ -257,7 +263,7 @@ def build_report(results: dict, meta: dict) -> dict:
     return {**meta, "reference": reference, "headline": HEADLINE, "torch_threads": threads,
             "systems": rows, **paired_block(results.get("comparisons") or {}, systems, reference),
             "resolution": resolution_sentence(results), "mocae_vs_h3fusion": cost_comparison(systems),
-            "cost_only": {}, "judges": results.get("judges"), "notes": notes}
+            "cost_only": {}, "judges": results.get("judges"), "targets": targets.check(results), "notes": notes}
 
 
 def _sittings(args, cfg) -> Path:

@@ -17,6 +17,7 @@ REQUIRED = ["lc_win_rate", "lc_win_rate_vs_base", "win_rate_vs_reference", "win_
 
 @pytest.fixture(scope="module")
 def bench():
+    load_script("targets")  # what bench.py imports beside it (its folder is on sys.path when run)
     return load_script("bench")
 
 

@@ -52,3 +52,47 @@ def test_resolution_states_the_smallest_resolvable_difference():
     res = resolution(results)
     assert res["harmful"] == {"n": 16, "binary_half_width": 34.6, "measured_half_width": 25.0}
     assert res["alpaca_eval"]["n"] == 300 and res["alpaca_eval"]["measured_half_width"] is None
+
+
+def _hhh_system(name, safe, refused, mc2, pref_vs_base, rng_chars=None):
+    """A system with the four HHH parts per prompt and metric values computed from them."""
+    import numpy as np
+
+    from mocae.evaluation import metrics as M
+
+    chars = rng_chars or [100 + 10 * (i % 7) for i in range(len(pref_vs_base))]
+    per_prompt = {"harmless/safety_score": {"set": "harmful", "scale": 100.0, "values": safe},
+                  "harmless/over_refusal_xstest": {"set": "xstest_safe", "scale": 100.0, "values": refused},
+                  "honest/mc2": {"set": "truthfulqa_mc", "scale": 100.0, "values": mc2}}
+    metrics = {"harmless": {"safety_score": {"value": 100 * np.mean(safe)},
+                            "over_refusal_xstest": {"value": 100 * np.mean(refused)}},
+               "honest": {"mc2": {"value": 100 * np.mean(mc2)}}, "helpful": {}}
+    if name != "base":
+        other = [110] * len(chars)
+        per_prompt["helpful/lc_win_rate_vs_base"] = {"set": "alpaca_eval", "lc": True, "pref": pref_vs_base,
+                                                     "chars": chars, "other_chars": other}
+        metrics["helpful"]["lc_win_rate_vs_base"] = {"value": 100 * M.lc_stat(M.lc_rows(pref_vs_base, chars, other))}
+    sets = {"harmful": "h", "xstest_safe": "x", "truthfulqa_mc": "t", "alpaca_eval": "a"}
+    return {"name": name, "prompt_sets": sets, "per_prompt": per_prompt, "metrics": metrics}
+
+
+def test_hhh_mean_and_its_paired_difference():
+    import numpy as np
+
+    from mocae.evaluation.compare import hhh_difference, hhh_mean
+
+    rng = np.random.default_rng(0)
+    n = 40
+    base = _hhh_system("base", [0.0] * n, [0.0] * n, list(rng.uniform(0.3, 0.5, n)), [0.5] * n)
+    prefs = list(rng.uniform(0.3, 0.9, n))
+    mocae = _hhh_system("mocae", [1.0] * 30 + [0.0] * 10, [1.0] * 4 + [0.0] * 36, list(rng.uniform(0.4, 0.7, n)), prefs)
+    # base: (50 + 0 + 100 + MC2) / 4, its LC win rate vs itself being 50 by definition
+    assert hhh_mean(base) == pytest.approx((50 + 0 + 100 + base["metrics"]["honest"]["mc2"]["value"]) / 4)
+    diff = hhh_difference(mocae, base, n_boot=300)
+    assert diff["value"] == pytest.approx(hhh_mean(mocae) - hhh_mean(base))
+    assert diff["ci"][0] < diff["value"] < diff["ci"][1] and diff["verdict"] == "better"  # safety +75 dominates
+    assert diff["n"] == 4 * n
+    same = hhh_difference(mocae, mocae, n_boot=50)
+    assert same["value"] == pytest.approx(0.0) and same["ci"] == pytest.approx([0.0, 0.0])
+    other = {**mocae, "prompt_sets": {**mocae["prompt_sets"], "xstest_safe": "another config"}}
+    assert hhh_difference(other, base, n_boot=10) is None  # never paired over other prompts

@@ -183,20 +183,32 @@ def paired_difference(a_values, b_values, stat: Callable = np.mean, n_boot: int 
     Raises:
         ValueError: the two sides have different lengths, or are empty or non-finite.
     """
+    if not 0 < alpha < 1:
+        raise ValueError("paired_difference needs 0 < alpha < 1")
+    value, diffs = paired_replicates(a_values, b_values, stat, n_boot, seed)
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return {"value": value * scale, "n": len(a_values), "ci": [float(low) * scale, float(high) * scale]}
+
+
+def paired_replicates(a_values, b_values, stat: Callable = np.mean, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[float, np.ndarray]:
+    """``stat(a) - stat(b)`` and its ``n_boot`` paired bootstrap replicates (unscaled).
+
+    What :func:`paired_difference` takes its interval from; a sum of differences over prompt sets
+    that are resampled independently (e.g. an HHH mean) adds these replicates set by set.
+    """
     a, b = _as_array(a_values, "paired_difference (a)"), _as_array(b_values, "paired_difference (b)")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"paired_difference: {a.shape[0]} values on one side and {b.shape[0]} on the other "
                          "(a paired comparison needs the same prompts on both sides)")
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise ValueError("paired_difference needs n_boot >= 1 and 0 < alpha < 1")
+    if n_boot < 1:
+        raise ValueError("paired_difference needs n_boot >= 1")
     idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(n_boot, a.shape[0]))
     if stat is np.mean and a.ndim == 1 and b.ndim == 1:
         diffs = (a - b)[idx].mean(axis=1)
     else:
         diffs = np.array([float(stat(a[i])) - float(stat(b[i])) for i in idx])
-    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
-    value = float(stat(a)) - float(stat(b))
-    return {"value": value * scale, "n": int(a.shape[0]), "ci": [float(low) * scale, float(high) * scale]}
+    return float(stat(a)) - float(stat(b)), diffs
 
 
 def verdict(diff: dict, lower_is_better: bool = False) -> str:
