@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+import targets  # beside this script (tests load it first: tests/helpers/benchmark_scripts.py)
+
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = "{reference}"  # filled with the eval config's AlpacaEval reference
 # bench field -> (axis, metric in the harness results); the first block is required per system.
@@ -212,8 +214,6 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(_diff(diffs.get(f)) for f in PAIRED) + " |")
     if report.get("resolution"):
         lines += ["", report["resolution"]]
-    import targets
-
     lines += targets.markdown(report.get("targets"))
     if report["mocae_vs_h3fusion"]:
         c = report["mocae_vs_h3fusion"]
@@ -247,8 +247,6 @@ def build_report(results: dict, meta: dict) -> dict:
         meta: {"backbone", "preset", "overrides", "command", "date", "machine", "run_dir", "wall_time_s",
             "config"}.
     """
-    import targets
-
     from mocae.evaluation.report import resolution_sentence
 
     systems = results["systems"]

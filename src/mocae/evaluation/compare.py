@@ -45,19 +45,43 @@ def _base_self(entry: dict) -> dict:
     return {**entry, "values": [0.5] * len(entry["values"])}
 
 
+def _stat_inputs(a: dict, b: dict) -> tuple:
+    """(a's rows, b's rows, statistic, scale) of two ``per_prompt`` entries: LC win rates refit their GLM."""
+    if bool(a.get("lc")) != bool(b.get("lc")):
+        raise ValueError("cannot pair an LC win rate with a plain metric")
+    if a.get("lc"):
+        rows = [M.lc_rows(e["pref"], e["chars"], e["other_chars"]) for e in (a, b)]
+        return rows[0], rows[1], M.lc_stat, 100.0
+    return a["values"], b["values"], np.mean, a.get("scale", 1.0)
+
+
 def paired_entry(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     """Paired difference a - b of one metric from two ``per_prompt`` entries of the same prompts.
 
     Raises:
         ValueError: the entries are of different kinds or lengths.
     """
-    if bool(a.get("lc")) != bool(b.get("lc")):
-        raise ValueError("cannot pair an LC win rate with a plain metric")
-    if a.get("lc"):
-        rows_a = M.lc_rows(a["pref"], a["chars"], a["other_chars"])
-        rows_b = M.lc_rows(b["pref"], b["chars"], b["other_chars"])
-        return M.paired_difference(rows_a, rows_b, stat=M.lc_stat, n_boot=n_boot, seed=seed, scale=100.0)
-    return M.paired_difference(a["values"], b["values"], n_boot=n_boot, seed=seed, scale=a.get("scale", 1.0))
+    rows_a, rows_b, stat, scale = _stat_inputs(a, b)
+    return M.paired_difference(rows_a, rows_b, stat=stat, n_boot=n_boot, seed=seed, scale=scale)
+
+
+def _pairable(a: dict, b: dict, key: str) -> tuple[dict, dict] | None:
+    """The ``per_prompt`` entries of metric ``key`` in systems ``a`` and ``b``, if they pair.
+
+    When ``b`` is the base model, its vs-base metrics are a tie with itself. None when either
+    lacks the metric, or the prompts are other or unverifiable (another eval config): never paired.
+    """
+    entry, other = (a.get("per_prompt") or {}).get(key), (b.get("per_prompt") or {}).get(key)
+    if other is None and entry is not None and b.get("name") == "base" and "_vs_base" in key:
+        other = _base_self(entry)
+    if entry is None or other is None:
+        return None
+    digest = (a.get("prompt_sets") or {}).get(entry["set"])
+    if digest is None or digest != (b.get("prompt_sets") or {}).get(other["set"]):
+        return None
+    if len(entry.get("values", entry.get("pref", []))) != len(other.get("values", other.get("pref", []))):
+        return None
+    return entry, other
 
 
 # The HHH mean of issue 14: (LC win rate vs base + safety + (100 - over-refusal) + MC2) / 4, in points.
@@ -65,18 +89,21 @@ HHH = (("helpful/lc_win_rate_vs_base", 1.0), ("harmless/safety_score", 1.0),
        ("harmless/over_refusal_xstest", -1.0), ("honest/mc2", 1.0))
 
 
+def metric_value(system: dict, key: str) -> float | None:
+    """The value of ``"axis/metric"`` in a system's metrics (base's win rates vs itself are 50)."""
+    axis, name = key.split("/", 1)
+    metric = (system.get("metrics") or {}).get(axis, {}).get(name)
+    if metric is None and system.get("name") == "base" and name.endswith("_vs_base"):
+        return 50.0
+    return None if metric is None else metric["value"]
+
+
 def hhh_mean(system: dict) -> float | None:
     """A system's HHH mean in points (base's LC win rate vs itself is 50); None if a part is missing."""
-    parts = []
-    for key, sign in HHH:
-        axis, name = key.split("/")
-        metric = (system.get("metrics") or {}).get(axis, {}).get(name)
-        if metric is None and system.get("name") == "base" and name.endswith("_vs_base"):
-            metric = {"value": 50.0}
-        if metric is None:
-            return None
-        parts.append(metric["value"] if sign > 0 else 100.0 - metric["value"])
-    return float(np.mean(parts))
+    parts = [metric_value(system, key) for key, _ in HHH]
+    if None in parts:
+        return None
+    return float(np.mean([v if sign > 0 else 100.0 - v for v, (_, sign) in zip(parts, HHH)]))
 
 
 def hhh_difference(a: dict, b: dict, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict | None:
@@ -86,24 +113,14 @@ def hhh_difference(a: dict, b: dict, n_boot: int = 1000, seed: int = 0, alpha: f
     (they are different prompts); a replicate of the mean is the signed mean of the parts'
     replicates. None when either system lacks a part's per-prompt values or the prompts differ.
     """
-    pa, pb = a.get("per_prompt") or {}, b.get("per_prompt") or {}
-    sets_a, sets_b = a.get("prompt_sets") or {}, b.get("prompt_sets") or {}
     value, total, n = 0.0, np.zeros(n_boot), 0
     for k, (key, sign) in enumerate(HHH):
-        entry, other = pa.get(key), pb.get(key)
-        if other is None and entry is not None and b.get("name") == "base" and "_vs_base" in key:
-            other = _base_self(entry)
-        if entry is None or other is None or sets_a.get(entry["set"]) is None \
-                or sets_a[entry["set"]] != sets_b.get(other["set"]):
-            return None  # other or unverifiable prompts: never paired
-        n += len(entry.get("values", entry.get("pref", [])))
-        if entry.get("lc"):
-            rows = [M.lc_rows(e["pref"], e["chars"], e["other_chars"]) for e in (entry, other)]
-            v, reps = M.paired_replicates(*rows, stat=M.lc_stat, n_boot=n_boot, seed=seed + k)
-            scale = 100.0
-        else:
-            v, reps = M.paired_replicates(entry["values"], other["values"], n_boot=n_boot, seed=seed + k)
-            scale = entry.get("scale", 1.0)
+        pair = _pairable(a, b, key)
+        if pair is None:
+            return None
+        rows_a, rows_b, stat, scale = _stat_inputs(*pair)
+        v, reps = M.paired_replicates(rows_a, rows_b, stat=stat, n_boot=n_boot, seed=seed + k)
+        n += len(rows_a)
         value += sign * v * scale / len(HHH)
         total += sign * reps * scale / len(HHH)
     low, high = np.quantile(total, [alpha / 2, 1 - alpha / 2])
@@ -122,21 +139,12 @@ def compare_pair(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         {"axis/metric": {"value", "n", "ci", "verdict", "orientation"}}; metrics whose prompt sets
         differ between the two (another eval config) are left out.
     """
-    pa, pb = a.get("per_prompt") or {}, b.get("per_prompt") or {}
-    sets_a, sets_b = a.get("prompt_sets") or {}, b.get("prompt_sets") or {}
     out = {}
-    for key, entry in pa.items():
-        other = pb.get(key)
-        if other is None and b.get("name") == "base" and "_vs_base" in key:
-            other = _base_self(entry)
-        if other is None:
+    for key in a.get("per_prompt") or {}:
+        pair = _pairable(a, b, key)
+        if pair is None:
             continue
-        digest = sets_a.get(entry["set"])
-        if digest is None or digest != sets_b.get(other["set"]):  # other or unverifiable prompts: never paired
-            continue
-        if len(entry.get("values", entry.get("pref", []))) != len(other.get("values", other.get("pref", []))):
-            continue
-        diff = paired_entry(entry, other, n_boot=n_boot, seed=seed)
+        diff = paired_entry(*pair, n_boot=n_boot, seed=seed)
         out[key] = {**diff, "verdict": judge_verdict(diff, key), "orientation": orientation(key)}
     return out
 
