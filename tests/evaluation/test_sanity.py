@@ -37,3 +37,12 @@ def test_sanity_table_lists_every_system():
     row = {k: metric for k in ("alpaca_eval_ref_nll", "refusal_harmful", "refusal_xstest_safe", "mc1", "mc2")}
     table = format_sanity_table({"systems": {"base": row, "expert_honest": row}})
     assert "| base |" in table and "| expert_honest |" in table and "0.500 (n=4)" in table
+
+
+def test_reference_nll_per_example_matches_each_reference_alone(tiny):
+    model, tokenizer = tiny
+    prompts, refs = ["hello", "what is water", "a"], ["Paris is nice.", "It boils at a hundred degrees.", "Yes."]
+    each = reference_nll(model, tokenizer, prompts, refs, batch_size=3, per_example=True)
+    alone = [reference_nll(model, tokenizer, [p], [r], batch_size=1) for p, r in zip(prompts, refs)]
+    assert each == pytest.approx(alone, rel=1e-4)
+    assert len(set(each)) == 3  # rows are not mixed up by batching
