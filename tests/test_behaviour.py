@@ -5,11 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "fixtures" / "behaviour" / "record.py"
 RECORDED = HERE / "fixtures" / "behaviour" / "pre_refactor.json"
+# Sign-elected merges: discontinuous in the experts' last bits (record.py's docstring), compared only
+# when this machine trained the experts bit-identically to the recording's.
+SIGN_ELECTED = ("ties", "dare")
 
 
 def test_every_bench_system_behaves_as_before_the_refactor(tmp_path):
@@ -26,8 +30,14 @@ def test_every_bench_system_behaves_as_before_the_refactor(tmp_path):
     assert (now["prompts"], now["new_tokens"], now["round"]) == (before["prompts"], before["new_tokens"],
                                                                   before["round"])
     assert list(now["systems"]) == list(before["systems"])
+    compared = list(before["systems"])
+    if now["experts_sha256"] != before["experts_sha256"]:
+        compared = [name for name in compared if name not in SIGN_ELECTED]
+        warnings.warn(f"the experts trained here differ in their last bits from the recording's "
+                      f"({now['experts_sha256']} vs {before['experts_sha256']}): {SIGN_ELECTED} not compared")
     changed = {}
-    for name, was in before["systems"].items():
+    for name in compared:
+        was = before["systems"][name]
         diff = {k: (was[k], now["systems"][name][k]) for k in was if not _same(k, was[k], now["systems"][name][k])}
         if diff:
             changed[name] = {k: v if k.startswith("logits_") else "differs" for k, v in diff.items()}
