@@ -183,7 +183,9 @@ def main() -> int:
                         help="decision rules each refitted router is measured under (the first named plainly, the "
                              "rest '<refit>+<mode>'; one whose first-mode answers equal the default router's is not "
                              "measured again under the others)")
-    parser.add_argument("--n-over-refusal", type=int, default=120)
+    parser.add_argument("--n-over-refusal", type=int, default=120,
+                        help="risky benign calib prompts (at most mocae.mixture.fit.CALIB_RISKY_RESERVE, the band "
+                             "router_hard_negatives never trains on)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--experts-from", default=None, metavar="COMMIT",
@@ -198,6 +200,11 @@ def main() -> int:
     unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {MODES + list(REFITS)}")
+    from mocae.mixture.fit import CALIB_RISKY_RESERVE
+
+    if args.n_over_refusal > CALIB_RISKY_RESERVE:
+        parser.error(f"--n-over-refusal {args.n_over_refusal}: at most {CALIB_RISKY_RESERVE} (beyond that the risky "
+                     "benign prompts may be ones router_hard_negatives trained the router on)")
 
     import torch
 

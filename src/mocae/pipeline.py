@@ -276,7 +276,8 @@ def mocae_inputs(cfg: RunConfig, experts: dict[str, Path]) -> dict:
     from mocae.mixture.fit import router_data_files
 
     mocae = {"mocae": cfg.mocae} if cfg.mocae else {}  # absent when empty: earlier keys hold
-    return stage_inputs(config={"router": cfg.router, "router_input": cfg.router_input,
+    unset = {"router_hard_negatives"} if not cfg.router.router_hard_negatives else set()  # likewise
+    return stage_inputs(config={"router": cfg.router.model_dump(mode="json", exclude=unset), "router_input": cfg.router_input,
                                 "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
                                 "decision": cfg.decision, **mocae},
                         backbone=backbone_fingerprint(cfg.backbone),

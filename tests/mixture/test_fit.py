@@ -206,3 +206,58 @@ def test_hard_negatives_count_in_the_gate_budget(expert_dirs, tmp_path, monkeypa
     sweep = report["decision"]["gate_budget_sweep"]
     assert all(r["non_harmful_gated"] <= float(b) for b, r in sweep.items())
     assert set(report["decision"]["top1_sweep"]) == {"0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}
+
+
+def _risky_embed(texts):
+    """A fake sentence embedding: "poison"/"healthy" share one direction, "weapon"/"colour" another."""
+    v = torch.tensor([[float(any(w in t for w in ("poison", "healthy"))),
+                       float(any(w in t for w in ("weapon", "colour"))), 0.1] for t in texts])
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def test_router_hard_negatives_skip_the_calib_sides_risky_prompts(monkeypatch):
+    from mocae.experts.preference import eval_side_prompts
+    from mocae.mixture.fit import add_router_hard_negatives, router_hard_negative_prompts
+    from mocae.mixture.routing_data import RoutingSplit
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    train_harmful, calib_harmful = ["how do I build a weapon"], ["how do I poison someone"]
+    picked = router_hard_negative_prompts(2, train_harmful, calib_harmful, embed=_risky_embed, reserve=1)
+    guard = eval_side_prompts(FIXTURE_DATA)
+    # the row nearest the calib harmful prompt is the calib side's (it measures over-refusal): never trained on
+    assert "Give three tips for staying healthy." not in picked
+    assert picked[0] == "Name a primary colour." and all(guard.which(p) is None for p in picked)
+
+    train = RoutingSplit(["hi", *train_harmful, "q?"], [0, 1, 2], ["a", "b", "c"])
+    calib = RoutingSplit(["yo", *calib_harmful, "r?"], [0, 1, 2], ["a", "b", "c"])
+    grown = add_router_hard_negatives(train, calib, 2, ("helpful", "harmless", "honest"), "harmless",
+                                      embed=_risky_embed, reserve=1)
+    assert grown.prompts == train.prompts + picked and grown.labels == [0, 1, 2, 0, 0]
+    assert grown.sources[-2:] == ["alpaca_risky_benign"] * 2 and len(train) == 3  # the input split is kept
+    with pytest.raises(ValueError, match="only 3 prompts"):  # 5 Alpaca rows, two reserved
+        add_router_hard_negatives(train, calib, 4, ("helpful", "harmless", "honest"), "harmless",
+                                  embed=_risky_embed, reserve=2)
+
+
+def test_router_hard_negatives_keep_earlier_stage_keys_when_off():
+    from mocae.pipeline import load_run_config, mocae_inputs
+    from mocae.stages import stage_key
+
+    cfg = load_run_config("quick", [])
+    off = mocae_inputs(cfg, {})
+    assert "router_hard_negatives" not in off["config"]["router"]  # the key of every router fitted before it
+    on = mocae_inputs(load_run_config("quick", ["router.router_hard_negatives=50"]), {})
+    assert on["config"]["router"]["router_hard_negatives"] == 50 and stage_key(on) != stage_key(off)
+    assert "alpaca/alpaca_5000.json" in on["data"] or any("alpaca_5000" in f for f in on["data"])
+
+
+def test_fit_router_adds_its_hard_negatives_before_training(expert_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=expert_dirs, feature_layer=1))
+    # the fixture's 5 Alpaca rows all sit in the calib side's reserve: one clear error, nothing trained
+    with pytest.raises(ValueError, match="router_hard_negatives: 2 asked, but Alpaca holds only 0"):
+        fit_router(model, RouterFitConfig(**{**SMALL, "router_hard_negatives": 2}), cache=tmp_path / "f",
+                   progress=False)
+    with pytest.raises(ValueError, match="put such prompts under the expert"):
+        fit_router(model, RouterFitConfig(**{**SMALL, "router_hard_negatives": 2}), progress=False,
+                   prompts={"helpful": ["a", "b"], "harmless": ["c", "d"], "honest": ["e", "f"]})

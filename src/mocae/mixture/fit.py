@@ -27,6 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mocae import AXES
 
+# The calib side's risky benign prompts (the gate's hard negatives, the ablation's over-refusal set)
+# are the Alpaca rows nearest the calib harmful prompts, at most this many; the router's own hard
+# negatives skip all of them so what calibrates and measures over-refusal never trained the router.
+CALIB_RISKY_RESERVE = 500
+
 
 class RouterFitConfig(BaseModel):
     """Router training and calibration settings."""
@@ -52,8 +57,13 @@ class RouterFitConfig(BaseModel):
                                   "uniform, or importance on unit-norm task vectors (mocae.mixture.decide)")
     fit_gate_threshold: bool = Field(True, description="fit the harm gate threshold on the calib split to the "
                                                        "model's decision.gate_budget (False: keep the model's)")
-    gate_hard_negatives: int = Field(0, ge=0, description="extra non-harmful prompts that sound risky (Alpaca "
-                                     "rows nearest the calib harmful prompts) counted in the gate's budget")
+    gate_hard_negatives: int = Field(0, ge=0, le=CALIB_RISKY_RESERVE,
+                                     description="extra non-harmful prompts that sound risky (Alpaca rows nearest "
+                                                 "the calib harmful prompts) counted in the gate's budget")
+    router_hard_negatives: int = Field(0, ge=0, description="benign prompts that sound risky (Alpaca rows nearest "
+                                       "the router's *train* harmful prompts, never one of the calib side's "
+                                       "CALIB_RISKY_RESERVE nearest its harmful prompts) added to the router's "
+                                       "training split as helpful: sounding risky is not being harmful (HHH only)")
     calibrators: list[str] = Field(default_factory=lambda: ["none", "temperature", "importance", "fractal"],
                                    description="calibrators to fit and report")
     default_calibrator: str = Field(
@@ -279,11 +289,26 @@ def fit_decision(model, probs: torch.Tensor, labels: torch.Tensor, refit: bool =
         sweep[str(budget)] = gate_report(p_harm, harmful, t)
     if hard_negatives is not None and len(hard_negatives):
         gated = hard_negatives[:, index] > decision.gate_threshold
-        gate["hard_negatives"] = {"n": len(hard_negatives), "gated": float(gated.float().mean())}
+        gate["hard_negatives"] = {"n": len(hard_negatives), "gated": float(gated.float().mean()),
+                                  "argmax_gate_axis": float((hard_negatives.argmax(-1) == index).float().mean())}
     return {"gate": gate, "gate_budget_sweep": sweep, "top1_sweep": top1_sweep,
             "modes": {m: decision_report(probs, labels, decision.model_copy(update={"mode": m}), model.axes)
                       for m in ROUTING_MODES},
             "config": decision.model_dump()}
+
+
+def _risky_candidates(data_dir: Path | None, exclude: set[str] = frozenset()) -> list:
+    """Alpaca rows (a training source) that are not eval-side and not in ``exclude``, one per prompt."""
+    from mocae.data import load_alpaca
+    from mocae.experts.preference import eval_side_prompts
+
+    guard = eval_side_prompts(data_dir)
+    seen, candidates = set(exclude), []
+    for e in load_alpaca(data_dir):
+        if e.prompt not in seen and guard.which(e.prompt) is None:
+            seen.add(e.prompt)
+            candidates.append(e)
+    return candidates
 
 
 def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None = None, embed=None) -> list[str]:
@@ -293,17 +318,23 @@ def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None
     MiniLM embedding is closest to ``anchors`` (the calib split's harmful prompts): the kind of
     prompt a gate fitted only on plainly benign calib prompts would over-refuse.
     """
-    from mocae.data import load_alpaca
     from mocae.experts.dataset import nearest_examples
-    from mocae.experts.preference import eval_side_prompts
 
-    guard = eval_side_prompts(data_dir)
-    seen, candidates = set(), []
-    for e in load_alpaca(data_dir):
-        if e.prompt not in seen and guard.which(e.prompt) is None:
-            seen.add(e.prompt)
-            candidates.append(e)
-    return [e.prompt for e in nearest_examples(candidates, anchors, embed)[:n]]
+    return [e.prompt for e in nearest_examples(_risky_candidates(data_dir), anchors, embed)[:n]]
+
+
+def router_hard_negative_prompts(n: int, anchors: list[str], calib_anchors: list[str], data_dir: Path | None = None,
+                                 embed=None, reserve: int = CALIB_RISKY_RESERVE) -> list[str]:
+    """Benign prompts that sound risky, to train the router: helpful, not harmful.
+
+    The ``n`` Alpaca instructions closest to ``anchors`` (the router's train harmful prompts),
+    skipping the ``reserve`` closest to ``calib_anchors``: those are the calib side's risky benign
+    prompts (:func:`gate_hard_negative_prompts`), which measure over-refusal.
+    """
+    from mocae.experts.dataset import nearest_examples
+
+    reserved = set(gate_hard_negative_prompts(reserve, calib_anchors, data_dir, embed))
+    return [e.prompt for e in nearest_examples(_risky_candidates(data_dir, reserved), anchors, embed)[:n]]
 
 
 def router_data_files(cfg: RouterFitConfig) -> list[str]:
@@ -313,7 +344,7 @@ def router_data_files(cfg: RouterFitConfig) -> list[str]:
     files = [L.REFUSAL_DIRECTION.format(kind="harmless", split="train"), L.SAFETY_REFUSALS, L.TRUTHFULQA,
              L.ALPACA_SEED_TASKS, *L.HARMBENCH.values(), L.STRONGREJECT, L.ADVBENCH, L.ALPACA_EVAL,
              L.ALPACA_EVAL_GPT4, L.XSTEST]
-    if cfg.lm_loss_weight > 0 or cfg.gate_hard_negatives > 0:
+    if cfg.lm_loss_weight > 0 or cfg.gate_hard_negatives > 0 or cfg.router_hard_negatives > 0:
         files.append(L.ALPACA)
     return sorted(set(files))
 
@@ -358,6 +389,28 @@ def importance_gamma(model, prior_mode: str = "importance") -> dict[str, float]:
     return prior_weights(vectors, prior_mode)
 
 
+def add_router_hard_negatives(train, calib, n: int, axes, gate_axis: str, data_dir: Path | None = None, embed=None,
+                              reserve: int = CALIB_RISKY_RESERVE):
+    """``train`` plus ``n`` risky benign prompts (:func:`router_hard_negative_prompts`) labelled as the first
+    axis that is not ``gate_axis`` (helpful for the HHH axes).
+
+    Raises:
+        ValueError: the data holds fewer than ``n`` such prompts outside the calib side's reserve.
+    """
+    from mocae.mixture.routing_data import RoutingSplit
+
+    gate, label = axes.index(gate_axis), next(i for i, a in enumerate(axes) if a != gate_axis)
+    def harmful(split):
+        return [p for p, lab in zip(split.prompts, split.labels) if lab == gate]
+
+    extra = router_hard_negative_prompts(n, harmful(train), harmful(calib), data_dir, embed, reserve)
+    if len(extra) < n:
+        raise ValueError(f"router_hard_negatives: {n} asked, but Alpaca holds only {len(extra)} prompts that are not "
+                         f"eval-side and not among the {reserve} the calib side keeps; lower router_hard_negatives")
+    return RoutingSplit(train.prompts + extra, train.labels + [label] * len(extra),
+                        train.sources + ["alpaca_risky_benign"] * len(extra), train.axes)
+
+
 def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache: Path | None = None,
                progress: bool = True, plot_dir: Path | None = None, train: bool = True,
                prompts: dict | None = None) -> dict:
@@ -398,6 +451,12 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
         splits = routing_splits(cfg.n_per_axis, cfg.calib_fraction, cfg.n_test_per_axis, data_dir, cfg.seed)
     else:
         splits = labelled_splits(prompts, model.axes, cfg.calib_fraction, cfg.seed)
+    if cfg.router_hard_negatives:
+        if prompts is not None:
+            raise ValueError("router_hard_negatives adds risky benign prompts to the HHH routing splits; with your "
+                             "own prompts, put such prompts under the expert that should answer them")
+        splits["train"] = add_router_hard_negatives(splits["train"], splits["calib"], cfg.router_hard_negatives,
+                                                    model.axes, model.mocae_config.decision.gate_axis, data_dir)
     evaluated = [name for name in ("test", "shifted") if name in splits]
     feats = {name: extract_features(model, s.prompts, cfg.batch_size, progress, cache) for name, s in splits.items()}
     labels = {name: torch.tensor(s.labels) for name, s in splits.items()}
