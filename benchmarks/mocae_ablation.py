@@ -1,7 +1,9 @@
 """MoCaE's routing choices measured on the calibration side, never the eval sets: the default is chosen here.
 
 Variants of one run's MoCaE, all on the same three experts:
-  soft, top1, harm_gate, harm_gate+top1   the decision rule on the run's router (nothing refitted)
+  soft, top1, harm_gate, harm_gate+top1   the decision rule on the run's router (nothing refitted);
+  gate_others+top1                         also the gate's "others" rest: the harmless expert only where
+                                           the gate fires (``MODES``)
   prior_uniform                            router refitted with ``router.prior_mode=uniform`` (the
                                            importance prior no longer follows task-vector norms)
   lm_loss                                  router refitted with the LM loss of completions through
@@ -40,7 +42,11 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ["soft", "top1", "harm_gate", "harm_gate+top1"]
+# decision rules on the run's router (mocae.mixture.decide); gate_others+top1: the harmless expert
+# only where the gate fires, top1 among the others elsewhere (no harmless weight leaks to the rest)
+MODES = {"soft": {"mode": "soft"}, "top1": {"mode": "top1"}, "harm_gate": {"mode": "harm_gate"},
+         "harm_gate+top1": {"mode": "harm_gate+top1"},
+         "gate_others+top1": {"mode": "harm_gate+top1", "gate_rest": "others"}}
 # The SFT recipes the DPO experts replaced (helpful: davinci-003 Alpaca answers; honest: every
 # correct training-half TruthfulQA answer), at the preset's other SFT settings.
 SFT_EXPERTS = ["experts.helpful.trainer=sft", "experts.helpful.max_pairs=2000", "experts.helpful.rpo_alpha=null",
@@ -179,7 +185,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
     parser.add_argument("--run-dir", required=True, help="the run whose experts (and router) are ablated")
     parser.add_argument("--variants", nargs="*", default=[*MODES, *REFITS], help="which variants to measure")
-    parser.add_argument("--refit-modes", nargs="+", default=["soft", "top1"], choices=MODES,
+    parser.add_argument("--refit-modes", nargs="+", default=["soft", "top1"], choices=list(MODES),
                         help="decision rules each refitted router is measured under (the first named plainly, the "
                              "rest '<refit>+<mode>'; one whose first-mode answers equal the default router's is not "
                              "measured again under the others)")
@@ -199,7 +205,7 @@ def main() -> int:
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {MODES + list(REFITS)}")
+        parser.error(f"unknown variants {unknown}; choose from {list(MODES) + list(REFITS)}")
     from mocae.mixture.fit import CALIB_RISKY_RESERVE
 
     if args.n_over_refusal > CALIB_RISKY_RESERVE:
@@ -256,7 +262,7 @@ def main() -> int:
     with torch.inference_mode():  # decision rules first: they need no refit
         mocae = MoCaEModel.from_pretrained(folders["default"])
         for mode in [m for m in MODES if m in args.variants]:
-            with using_decision(mocae, mode=mode):
+            with using_decision(mocae, **MODES[mode]):
                 results[mode] = measure(mode, mocae, mocae.tokenizer, sets, judges, base, cache, args.max_new_tokens)
             results[mode]["router"] = router_summary(run_dir)
             write(final=False)
@@ -274,7 +280,7 @@ def main() -> int:
                 if i > 0 and same_as(results.get(name), results.get(args.refit_modes[0])) and mode in results:
                     identical[label] = mode  # its router answers exactly like the default's: not measured twice
                     continue
-                with using_decision(model, mode=mode):
+                with using_decision(model, **MODES[mode]):
                     results[label] = measure(label, model, model.tokenizer, sets, judges, base, cache,
                                              args.max_new_tokens)
                 results[label]["experts"] = {a: str(p) for a, p in variant_experts.items()}
