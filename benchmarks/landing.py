@@ -180,12 +180,16 @@ def restore_experts(commit: str, backbone: str, expected: dict[str, Path], repo:
 
 
 def restore_run_experts(cfg, commit: str | None) -> list[str]:
-    """``restore_experts`` for every expert of run config ``cfg`` (nothing when ``commit`` is None)."""
+    """``restore_experts`` for every expert of run config ``cfg``, and its multi-task expert when the run
+    has that system (nothing when ``commit`` is None)."""
     if not commit:
         return []
     from mocae.experts.train import expert_dir
 
-    return restore_experts(commit, cfg.backbone, {a: expert_dir(c) for a, c in cfg.expert_configs().items()})
+    expected = {a: expert_dir(c) for a, c in cfg.expert_configs().items()}
+    if "multitask" in cfg.systems:
+        expected["multitask"] = expert_dir(cfg.multitask_config())
+    return restore_experts(commit, cfg.backbone, expected)
 
 
 def restore(land: Path, run_dir: Path) -> list[str]:

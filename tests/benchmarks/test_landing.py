@@ -174,3 +174,19 @@ def test_experts_come_back_from_history_only_where_their_key_matches(landing, tm
     assert landing.restore_experts("HEAD~1", "tiny", expected, repo=repo) == []  # a finished expert stays
     with pytest.raises(ValueError, match="holds no experts"):
         landing.restore_experts("HEAD", "tiny", expected, repo=repo)
+
+
+def test_run_experts_include_the_multitask_expert_only_when_the_run_has_it(landing, monkeypatch):
+    from mocae.experts.train import expert_dir
+    from mocae.pipeline import load_run_config
+
+    asked = {}
+    monkeypatch.setattr(landing, "restore_experts", lambda commit, backbone, expected: asked.update(expected) or [])
+    cfg = load_run_config("quick", ["systems=[base, mocae, multitask]"])
+    landing.restore_run_experts(cfg, "abc1234")
+    assert set(asked) == {"helpful", "harmless", "honest", "multitask"}
+    assert asked["multitask"] == expert_dir(cfg.multitask_config())  # where the pipeline looks for it
+    asked.clear()
+    landing.restore_run_experts(load_run_config("quick", ["systems=[base, mocae]"]), "abc1234")
+    assert set(asked) == {"helpful", "harmless", "honest"}
+    assert landing.restore_run_experts(cfg, None) == [] and not asked.get("multitask")
