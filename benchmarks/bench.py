@@ -14,11 +14,11 @@ Runs (or continues) the pipeline of a preset with the given overrides, then writ
 Run (SmolLM2-135M, every system of the full preset at the protocol's sizes; resumable, so it may be
 finished over several sittings: re-run the same command with the same --run-dir):
   OMP_NUM_THREADS=1 MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench.py --preset full \
-      --threads 1 --run-dir runs/bench-smollm2 --experts-from 4af501e --commit
+      --threads 1 --run-dir runs/bench-smollm2 --experts-from de14fe1 --commit
 (base landed at 1 thread: every later sitting of this run keeps --threads 1)
 Two sittings may run side by side, one thread each, on disjoint system lists and their own run
 folders; each picks up what the other landed before its next system (base stays first in both):
-  ... bench.py --preset full --threads 1 --run-dir runs/bench-smollm2-b --experts-from 4af501e --commit \
+  ... bench.py --preset full --threads 1 --run-dir runs/bench-smollm2-b --experts-from de14fe1 --commit \
       --no-cost --set "systems=[base, dare, ties, arrow]"
 Each sitting evaluates the systems in the preset's order and lands each finished one (and the
 finished answer sets of the one in progress) in benchmarks/results/bench_<backbone>/; the next
@@ -354,7 +354,7 @@ def main() -> int:
                         help="with --land, also land (and with --commit, commit) the finished answer sets of the "
                              "system in progress this often, so a sitting cut off mid-system keeps them; 0 turns it off")
     parser.add_argument("--experts-from", default=None, metavar="COMMIT",
-                        help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
+                        help="restore experts committed at COMMIT (de14fe1 holds the full preset's three and its multi-task expert) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "

@@ -138,8 +138,9 @@ def restore_experts(commit: str, backbone: str, expected: dict[str, Path], repo:
     """Copy experts an earlier sitting committed (at ``commit``, since removed from the tree) into the cache.
 
     Weights are no longer landed, but the three experts of session 6 stay in the history of
-    commit 4af501e: reading them back costs a fresh machine seconds instead of an hour of training
-    and adds nothing to the repository. An expert is restored only where its folder name (the
+    commit 4af501e, and with the multi-task expert in de14fe1 (the same blobs, removed from the
+    tree in the next commit): reading them back costs a fresh machine seconds instead of two hours
+    of training and adds nothing to the tree. An expert is restored only where its folder name (the
     first 12 hex digits of its stage key) and its ``stage.json`` key both match what this config
     trains, and only where the cache has no finished expert of its own; ``training.json`` is
     written last, so a cut-off restore is not taken for a finished expert.

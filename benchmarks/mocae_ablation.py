@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--experts-from", default=None, metavar="COMMIT",
-                        help="restore experts committed at COMMIT (4af501e holds the full preset's three) into "
+                        help="restore experts committed at COMMIT (de14fe1 holds the full preset's three and its multi-task expert) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--commit", action="store_true",

@@ -25,7 +25,7 @@ Writes benchmarks/results/<--report-name>.{json,md} (command, machine, threads, 
 
 Run (the bench's run folder and experts):
   MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/router_screen.py --preset full \
-      --run-dir runs/bench-smollm2 --experts-from 4af501e --threads 1 \
+      --run-dir runs/bench-smollm2 --experts-from de14fe1 --threads 1 \
       --variant preset= --variant hard_negatives_200=router.router_hard_negatives=200
 """
 
