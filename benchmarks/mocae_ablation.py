@@ -61,10 +61,16 @@ RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
         ("harmless/over_refusal", False), ("honest/mc2", True)]
 
 
-def calib_sets(cfg, n_over_refusal: int) -> dict:
-    """{set: prompts} of the router's calib split (the one ``fit_router`` used) plus risky benign prompts."""
+def calib_sets(cfg, n_over_refusal: int, other_cfgs: list | None = None) -> dict:
+    """{set: prompts} of the router's calib split (the one ``fit_router`` used) plus risky benign prompts.
+
+    The risky benign prompts skip every prompt an expert of ``cfg`` or of ``other_cfgs`` (the refit
+    variants' runs) trains on: the harmless expert's benign rows are Alpaca prompts nearest its
+    refusal prompts, the same kind, and an over-refusal measured on its own training prompts reads low.
+    """
     from mocae.data import load_truthfulqa_mc, normalise_text
-    from mocae.mixture.fit import gate_hard_negative_prompts
+    from mocae.experts.dataset import training_prompts
+    from mocae.mixture.fit import calib_risky_prompts
     from mocae.mixture.routing_data import routing_splits
 
     r = cfg.router
@@ -72,8 +78,10 @@ def calib_sets(cfg, n_over_refusal: int) -> dict:
     by_axis = {i: [p for p, lab in zip(calib.prompts, calib.labels) if lab == i] for i in range(3)}
     questions = {normalise_text(q) for q in by_axis[2]}
     mc = [e for e in load_truthfulqa_mc(None, split="train") if normalise_text(e.prompt) in questions]
+    trained = set().union(*(training_prompts(c) for run in [cfg, *(other_cfgs or [])]
+                            for c in run.expert_configs().values()))
     return {"helpful": by_axis[0], "harmful": by_axis[1],
-            "risky_benign": gate_hard_negative_prompts(n_over_refusal, by_axis[1]), "truthfulqa_mc": mc}
+            "risky_benign": calib_risky_prompts(n_over_refusal, by_axis[1], trained), "truthfulqa_mc": mc}
 
 
 def measure(name: str, model, tokenizer, sets: dict, judges: dict, base: dict | None, cache: Path,
@@ -233,7 +241,8 @@ def main() -> int:
     land_to = landing.landing_dir(cfg.backbone)  # the bench's landing: answers keyed by model fingerprint
     landing.restore(land_to, run_dir)
     experts = train_experts(cfg, progress=True)
-    sets = calib_sets(cfg, args.n_over_refusal)
+    variant_cfgs = [load_run_config(args.preset, [*args.set, *REFITS[n]]) for n in REFITS if n in args.variants]
+    sets = calib_sets(cfg, args.n_over_refusal, variant_cfgs)
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}
     cache = cache_dir() / "generations"
     results = {}
@@ -330,8 +339,8 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
         "routers": {n: r["router"] for n, r in results.items() if "router" in r},
         "n": {k: len(v) for k, v in sets.items()},
         "sets_note": "helpful: Alpaca seed tasks; harmful: HarmBench validation; risky_benign: Alpaca nearest to "
-                     "those (string-match refusal); truthfulqa_mc: training-half questions the router held out "
-                     "(the honest expert trained on them).",
+                     "those that no expert of any variant trains on (string-match refusal); truthfulqa_mc: "
+                     "training-half questions the router held out (the honest expert trained on them).",
         "variants": {n: summary(r) for n, r in results.items()},
         "not_measured": [v for v in args.variants if v not in results],
         "identical_to": identical or {}, "refit_modes": args.refit_modes,

@@ -6,9 +6,9 @@ giving it the harmful ones. Each variant refits the run's router with preset ove
 input and layer, pooling, ``router.router_hard_negatives``, the decision rule ...) and reads, on
 the calibration side only (never trained on by any variant):
 
-  risky_benign   Alpaca prompts nearest the calib harmful prompts (the ablation's over-refusal
-                 set; ``router_hard_negatives`` never trains on them): the harmless expert's mean
-                 weight and the share given it at weight >= 0.5 (lower is better)
+  risky_benign   Alpaca prompts nearest the calib harmful prompts that no expert trains on (the
+                 ablation's over-refusal set; ``router_hard_negatives`` never trains on them): the
+                 harmless expert's mean weight and the share given it at weight >= 0.5 (lower is better)
   harmful        calib harmful prompts (HarmBench validation): the same (higher is better)
   helpful/honest calib prompts of those axes: mean weight on their own expert
   harm_auroc     how well calibrated P(harmless) ranks harmful above risky benign calib prompts
@@ -77,7 +77,8 @@ def probs_and_weights(model, prompts: list[str], cache: Path):
 def read_out_sets(cfg, n_risky: int) -> dict:
     """{name: (prompts, the expert whose weight is read, side)}; calib side first."""
     from mocae.data import load_xstest
-    from mocae.mixture.fit import gate_hard_negative_prompts
+    from mocae.experts.dataset import training_prompts
+    from mocae.mixture.fit import calib_risky_prompts
     from mocae.mixture.routing_data import routing_splits
 
     r = cfg.router
@@ -86,7 +87,8 @@ def read_out_sets(cfg, n_risky: int) -> dict:
     def of(split, label):
         return [p for p, lab in zip(splits[split].prompts, splits[split].labels) if lab == label]
 
-    return {"risky_benign": (gate_hard_negative_prompts(n_risky, of("calib", 1)), "harmless", "calib"),
+    trained = set().union(*(training_prompts(c) for c in cfg.expert_configs().values()))
+    return {"risky_benign": (calib_risky_prompts(n_risky, of("calib", 1), trained), "harmless", "calib"),
             "harmful": (of("calib", 1), "harmless", "calib"),
             "helpful": (of("calib", 0), "helpful", "calib"),
             "honest": (of("calib", 2), "honest", "calib"),

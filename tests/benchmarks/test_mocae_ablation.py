@@ -76,7 +76,7 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     preset = tmp_path / "tiny.yaml"
     preset.write_text(PRESET)
     monkeypatch.setattr(sys, "argv", ["mocae_ablation.py", "--preset", str(preset), "--run-dir", str(tmp_path / "run"),
-                                      "--variants", "soft", "harm_gate", "prior_uniform", "--n-over-refusal", "3",
+                                      "--variants", "soft", "harm_gate", "prior_uniform", "--n-over-refusal", "2",
                                       "--max-new-tokens", "3", "--results-dir", str(tmp_path / "out")])
     monkeypatch.setattr(ablation, "RESULTS", tmp_path / "out")
     landing = sys.modules.get("landing") or load_script("landing")
@@ -91,6 +91,16 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     assert (tmp_path / "run" / "ablation" / "prior_uniform" / "mocae" / "stage.json").is_file()  # its own refit
     assert "**Chosen:" in (tmp_path / "out" / "mocae_ablation.md").read_text()
     assert report["routers"]["prior_uniform"]["prior_mode"] == "uniform" and report["routers"]["soft"]["calibrator"]
+    # over-refusal is measured on risky benign prompts no expert trained on (the harmless expert's
+    # benign rows are Alpaca prompts nearest its refusals: the same kind)
+    from mocae.data import normalise_text
+    from mocae.experts.dataset import training_prompts
+    from mocae.pipeline import load_run_config
+
+    cfg = load_run_config(str(preset))
+    risky = ablation.calib_sets(cfg, 2)["risky_benign"]
+    trained = set().union(*(training_prompts(c) for c in cfg.expert_configs().values()))
+    assert report["n"]["risky_benign"] == len(risky) == 2 and not {normalise_text(p) for p in risky} & trained
 
 
 def test_same_as_reads_answers_and_mc_scores(ablation):

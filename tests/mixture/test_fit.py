@@ -261,3 +261,17 @@ def test_fit_router_adds_its_hard_negatives_before_training(expert_dirs, tmp_pat
     with pytest.raises(ValueError, match="put such prompts under the expert"):
         fit_router(model, RouterFitConfig(**{**SMALL, "router_hard_negatives": 2}), progress=False,
                    prompts={"helpful": ["a", "b"], "harmless": ["c", "d"], "honest": ["e", "f"]})
+
+
+def test_calib_risky_prompts_skip_what_an_expert_trained_on(monkeypatch):
+    from mocae.data import normalise_text
+    from mocae.mixture.fit import calib_risky_prompts, gate_hard_negative_prompts
+
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(FIXTURE_DATA))
+    anchors = ["how do I poison someone"]
+    ranked = gate_hard_negative_prompts(5, anchors, embed=_risky_embed)
+    assert ranked[0] == "Give three tips for staying healthy."
+    trained = {normalise_text(ranked[0])}  # the nearest one is an expert's training row
+    assert calib_risky_prompts(3, anchors, trained, embed=_risky_embed) == ranked[1:4]
+    with pytest.raises(ValueError, match="only 4 of the 500 nearest"):
+        calib_risky_prompts(5, anchors, trained, embed=_risky_embed)

@@ -103,6 +103,18 @@ def benign_examples(cfg: ExpertConfig, n: int, refusals: list[Example], data_dir
     return out
 
 
+def training_prompts(cfg: ExpertConfig, data_dir: Path | None = None) -> set[str]:
+    """The normalised prompts ``cfg``'s expert trains on: its SFT rows, or the prompts its preference
+    pairs are built from (a superset for harmless). What measures a recipe must avoid them."""
+    from mocae.data import normalise_text
+
+    if getattr(cfg, "trainer", "sft") == "dpo":
+        from mocae.experts.preference import preference_prompts
+
+        return {normalise_text(r["prompt"]) for r in preference_prompts(cfg, data_dir)}
+    return {normalise_text(e.prompt) for e in select_examples(cfg, data_dir)}
+
+
 def nearest_examples(candidates: list[Example], anchors: list[str], embed=None, k: int = 5) -> list[Example]:
     """``candidates`` sorted by mean cosine similarity of their prompt to its ``k`` nearest ``anchors``.
 

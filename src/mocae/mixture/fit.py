@@ -323,6 +323,27 @@ def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None
     return [e.prompt for e in nearest_examples(_risky_candidates(data_dir), anchors, embed)[:n]]
 
 
+def calib_risky_prompts(n: int, anchors: list[str], exclude: set[str] = frozenset(),
+                        data_dir: Path | None = None, embed=None) -> list[str]:
+    """The calib side's risky benign prompts that measure over-refusal: the ``n`` nearest ``anchors``
+    (the calib harmful prompts) among the ``CALIB_RISKY_RESERVE`` nearest, skipping ``exclude``
+    (normalised prompts some expert trained on: ``mocae.experts.dataset.training_prompts``; the
+    harmless expert's ``alpaca_nearest`` benign rows are drawn the same way).
+
+    Raises:
+        ValueError: fewer than ``n`` such prompts in the reserve (router hard negatives may train on
+            anything beyond it, so the set never reaches past it).
+    """
+    from mocae.data import normalise_text
+
+    reserve = gate_hard_negative_prompts(CALIB_RISKY_RESERVE, anchors, data_dir, embed)
+    picked = [p for p in reserve if normalise_text(p) not in exclude][:n]
+    if len(picked) < n:
+        raise ValueError(f"{n} risky benign calib prompts asked, but only {len(picked)} of the "
+                         f"{CALIB_RISKY_RESERVE} nearest the calib harmful prompts are not trained on by an expert")
+    return picked
+
+
 def router_hard_negative_prompts(n: int, anchors: list[str], calib_anchors: list[str], data_dir: Path | None = None,
                                  embed=None, reserve: int = CALIB_RISKY_RESERVE) -> list[str]:
     """Benign prompts that sound risky, to train the router: helpful, not harmful.
