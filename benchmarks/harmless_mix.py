@@ -2,13 +2,17 @@
 
 Trains (or reuses) the harmless expert at several ``benign_fraction`` values and benign sources
 (``benign_sources``, '+'-joined), same size and settings otherwise, and measures string-match
-refusal on HarmBench test behaviours (should stay high) and on XSTest's safe prompts
-(over-refusal: should drop as the benign share grows).
+refusal on the calibration side, never an eval set (a recipe chosen there is chosen on the test):
+HarmBench *validation* behaviours (should stay high) and the risky benign calib prompts, Alpaca
+instructions nearest those that no measured expert trains on (``mocae.mixture.fit.calib_risky_prompts``;
+over-refusal: should drop as the benign share grows). Until 2026-12-07 it read HarmBench test and
+XSTest's safe prompts, the eval sets: ``harmless_mix.json`` and ``harmless_mix_full.json`` hold
+those rows and the ``full`` preset's harmless recipe was chosen on them.
 
 Run:  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/harmless_mix.py [--examples 200]
       ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.5 \
               --sources alpaca alpaca_nearest truthfulqa+alpaca_nearest --n-prompts 64
-Writes benchmarks/results/harmless_mix.json (quick preset) or harmless_mix_<preset>.json. Rows of
+Writes benchmarks/results/harmless_mix_calib.json (quick preset) or harmless_mix_calib_<preset>.json. Rows of
 an earlier run with other settings are kept (each row carries its own date); a row measured again
 replaces the old one.
 """
@@ -32,7 +36,8 @@ def main() -> int:
     parser.add_argument("--sources", nargs="+", default=None,
                         help="benign source sets to compare, each '+'-joined (default: the preset's)")
     parser.add_argument("--n-prompts", type=int, default=32,
-                        help="harmful (HarmBench standard test) and XSTest safe prompts each; 0 = all")
+                        help="harmful (HarmBench validation) and risky benign calib prompts each; 0 = all the "
+                             "harmful ones and 120 risky benign")
     parser.add_argument("--base", action="store_true", help="also measure the base model (a row with fraction null)")
     parser.add_argument("--preset", default="quick", help="preset whose harmless expert settings are varied")
     args = parser.parse_args()
@@ -41,50 +46,50 @@ def main() -> int:
     from peft import PeftModel
 
     from mocae.backbones import load_backbone
-    from mocae.data import load_harmbench, load_xstest
+    from mocae.data import load_harmbench
+    from mocae.experts.dataset import training_prompts
+    from mocae.mixture.fit import calib_risky_prompts
     from mocae.refusal import refusal_rate
     from mocae.experts.train import train_expert
     from mocae.generation import generate_batch
     from mocae.paths import atomic_write_text
     from mocae.pipeline import load_run_config
 
-    base_cfg = load_run_config(args.preset).expert_configs()["harmless"]
-    harmful = [e.prompt for e in load_harmbench() if e.meta.get("functional_category") == "standard"][: args.n_prompts or None]
-    safe_rows = load_xstest(label="safe")[: args.n_prompts or None]
-    safe = [e.prompt for e in safe_rows]
+    run_cfg = load_run_config(args.preset)
+    base_cfg = run_cfg.expert_configs()["harmless"]
     source_sets = [s.split("+") for s in args.sources] if args.sources else [base_cfg.benign_sources]
-    name = "harmless_mix.json" if args.preset == "quick" else f"harmless_mix_{args.preset}.json"
+    variants = [base_cfg.model_copy(update={"benign_fraction": f, "benign_sources": s, "max_examples": args.examples})
+                for s in source_sets for f in args.fractions]
+    anchors = [e.prompt for e in load_harmbench(split="val")]
+    harmful = anchors[: args.n_prompts or None]
+    # no prompt any measured expert trains on (its benign rows are Alpaca prompts nearest refusals too)
+    trained = set().union(*(training_prompts(c) for c in [*run_cfg.expert_configs().values(), *variants]))
+    try:
+        safe = calib_risky_prompts(args.n_prompts or 120, anchors, trained)
+    except ValueError as err:
+        parser.error(f"--n-prompts {args.n_prompts}: {err}")
+    name = "harmless_mix_calib.json" if run_cfg.name == "quick" else f"harmless_mix_calib_{run_cfg.name}.json"
     old = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
-    # rows of earlier runs carry their own eval size and date (older files kept them top-level)
-    rows = [{"benign_sources": ["alpaca"], "n_harmful": old.get("n_harmful"), "n_safe": old.get("n_safe"),
-             "date": old.get("date"), "command": old.get("command"), **r} for r in old.get("rows", []) if old.get("examples") == args.examples]
-    runs = [(f, s) for s in source_sets for f in args.fractions]
-    for fraction, sources in ([(None, [])] if args.base else []) + runs:
+    rows = old.get("rows", []) if old.get("examples") == args.examples else []  # each row carries its date
+    for cfg in ([None] if args.base else []) + variants:
+        fraction, sources = (None, []) if cfg is None else (cfg.benign_fraction, cfg.benign_sources)
         model, tok = load_backbone(base_cfg.backbone)
         path = "base model (no expert)"
-        if fraction is not None:
-            cfg = base_cfg.model_copy(update={"benign_fraction": fraction, "benign_sources": sources,
-                                              "max_examples": args.examples})
+        if cfg is not None:
             path = train_expert(cfg, progress=False)
             model = PeftModel.from_pretrained(model, str(path))
         model.eval()
         gen = dict(max_new_tokens=32, batch_size=16, progress=False)
         key = (fraction, sources, len(harmful), len(safe))
-        rows = [r for r in rows if (r["benign_fraction"], r["benign_sources"], r["n_harmful"], r["n_safe"]) != key]
+        rows = [r for r in rows if (r["benign_fraction"], r["benign_sources"], r["n_harmful"], r["n_risky_benign"]) != key]
         harmful_out, safe_out = generate_batch(model, tok, harmful, **gen), generate_batch(model, tok, safe, **gen)
         rows.append({
             "benign_fraction": fraction,
             "benign_sources": sources,
             "refusal_harmful": refusal_rate(harmful_out),
-            "over_refusal_xstest_safe": refusal_rate(safe_out),
-            # the first 64 of each set, comparable with rows an earlier run measured on 64 prompts
-            "refusal_harmful_first64": refusal_rate(harmful_out[:64]),
-            "over_refusal_xstest_safe_first64": refusal_rate(safe_out[:64]),
-            "over_refusal_by_type": {
-                t: refusal_rate([a for a, e in zip(safe_out, safe_rows) if e.meta["type"] == t])
-                for t in sorted({e.meta["type"] for e in safe_rows})},
-            "samples_xstest_safe": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::50]],
-            "n_harmful": len(harmful), "n_safe": len(safe),
+            "over_refusal_risky_benign": refusal_rate(safe_out),
+            "samples_risky_benign": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::20]],
+            "n_harmful": len(harmful), "n_risky_benign": len(safe),
             "expert": str(path),
             "date": time.strftime("%Y-%m-%d"),
             "command": "python " + " ".join(sys.argv),
@@ -93,6 +98,8 @@ def main() -> int:
         result = {
             "preset": args.preset, "rows": rows, "examples": args.examples,
             "metric": "string-match refusal (mocae.refusal), greedy, 32 new tokens",
+            "sets": "harmful: HarmBench validation behaviours; risky benign: Alpaca nearest those, never an "
+                    "expert's training prompt (calibration side: no eval set)",
             "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }

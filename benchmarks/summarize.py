@@ -79,6 +79,17 @@ def harmless_mix(r: dict) -> list[str]:
     return lines
 
 
+def harmless_mix_calib(r: dict) -> list[str]:
+    lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}; {r['sets']}.", "",
+             "| benign fraction | benign sources | refusal on harmful (higher) | over-refusal on risky benign (lower) "
+             "| n harmful / risky benign | date |", "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        fraction = "base model" if x["benign_fraction"] is None else x["benign_fraction"]
+        lines.append(f"| {fraction} | {'+'.join(x['benign_sources']) or '-'} | {x['refusal_harmful']:.3f} | "
+                     f"{x['over_refusal_risky_benign']:.3f} | {x['n_harmful']} / {x['n_risky_benign']} | {x['date']} |")
+    return lines
+
+
 def bench(r: dict) -> list[str]:
     import sys
 
@@ -95,12 +106,18 @@ def bench(r: dict) -> list[str]:
 SECTIONS = {
     "train_speed.json": ("Stage 1 training speed", train_speed),
     "experts.json": ("Stage 1 experts: sanity table on held-out prompts", experts),
-    "harmless_mix.json": ("Stage 1 harmless expert: benign-instruction share", harmless_mix),
+    "harmless_mix.json": ("Stage 1 harmless expert: benign-instruction share (measured on eval sets: HarmBench "
+                          "test and XSTest safe; not a basis for a choice)", harmless_mix),
+    "harmless_mix_calib.json": ("Stage 1 harmless expert: benign-instruction share, calibration side",
+                                harmless_mix_calib),
     "router_calibration.json": ("Stage 2 router calibration", router_calibration),
     "mixing_overhead.json": ("Stage 2 mixing overhead", mixing_overhead),
     "xlora_decode.json": ("X-LoRA baseline: KV-cached decoding vs peft's uncached generate (under load)",
                           mixing_overhead),
-    "harmless_mix_full.json": ("Stage 1 harmless expert at full size: benign-instruction share", harmless_mix),
+    "harmless_mix_full.json": ("Stage 1 harmless expert at full size: benign-instruction share (measured on eval "
+                               "sets: HarmBench test and XSTest safe; not a basis for a choice)", harmless_mix),
+    "harmless_mix_calib_full.json": ("Stage 1 harmless expert at full size: benign-instruction share, calibration "
+                                     "side", harmless_mix_calib),
     "bench_smollm2-135m.json": ("Every system, SmolLM2-135M (benchmarks/bench.py)", bench),
     "bench_qwen2.5-coder-0.5b.json": ("Every system, Qwen2.5-Coder-0.5B (benchmarks/bench.py)", bench),
 }

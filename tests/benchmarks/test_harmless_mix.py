@@ -1,0 +1,50 @@
+"""benchmarks/harmless_mix.py: the harmless recipe is measured on the calibration side, never an eval set."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from benchmark_scripts import load_script
+
+PRESET = """\
+name: tiny
+backbone: tiny-random
+experts:
+  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
+        learning_rate: 0.01}
+"""
+
+
+def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path, monkeypatch):
+    from run_data import pipeline_data
+
+    from mocae.data import load_harmbench, load_xstest, normalise_text
+    from mocae.experts.dataset import training_prompts
+    from mocae.pipeline import load_run_config
+
+    mix = load_script("harmless_mix")
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(PRESET)
+    monkeypatch.setattr(mix, "RESULTS", tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["harmless_mix.py", "--preset", str(preset), "--examples", "3",
+                                      "--fractions", "0.5", "--n-prompts", "1"])
+    assert mix.main() == 0
+    report = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())
+    (row,) = report["rows"]
+    assert row["n_harmful"] == row["n_risky_benign"] == 1 and 0 <= row["over_refusal_risky_benign"] <= 1
+    risky = {normalise_text(s["prompt"]) for s in row["samples_risky_benign"]}
+    evaluated = {normalise_text(e.prompt) for e in load_harmbench() + load_xstest()}
+    cfg = load_run_config(str(preset)).expert_configs()["harmless"]
+    trained = training_prompts(cfg.model_copy(update={"benign_fraction": 0.5, "max_examples": 3}))
+    assert risky and not risky & evaluated and not risky & trained
+    # more risky prompts than the data holds outside the experts' rows: one clear error, no traceback
+    monkeypatch.setattr(sys, "argv", ["harmless_mix.py", "--preset", str(preset), "--examples", "3",
+                                      "--fractions", "0.5", "--n-prompts", "50"])
+    with pytest.raises(SystemExit) as stop:
+        mix.main()
+    assert stop.value.code == 2
