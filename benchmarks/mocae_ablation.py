@@ -8,6 +8,8 @@ Variants of one run's MoCaE, all on the same three experts:
                                            importance prior no longer follows task-vector norms)
   lm_loss                                  router refitted with the LM loss of completions through
                                            the mixture (``router.lm_loss_weight``, ``router.lm_steps``)
+  hard_negatives                           router refitted with 200 risky benign training prompts labelled
+                                           helpful (``router.router_hard_negatives``)
   sft_experts                              MoCaE on SFT helpful and honest experts (the recipes the
                                            DPO experts replaced; harmless is SFT in both), trained first
 Each refit is measured under soft and top1 (``--refit-modes``), named ``<refit>`` and ``<refit>+top1``.
@@ -55,6 +57,8 @@ SFT_EXPERTS = ["experts.helpful.trainer=sft", "experts.helpful.max_pairs=2000", 
                "experts.honest.max_examples=null"]
 REFITS = {"prior_uniform": ["router.prior_mode=uniform"],
           "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"],
+          # the router screen's calib-side pick (benchmarks/results/router_screen.md)
+          "hard_negatives": ["router.router_hard_negatives=200"],
           "sft_experts": SFT_EXPERTS}
 # (metric, higher is better) read by the selection rule
 RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
