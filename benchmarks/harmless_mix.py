@@ -47,7 +47,6 @@ def main() -> int:
 
     from mocae.backbones import load_backbone
     from mocae.data import load_harmbench
-    from mocae.experts.dataset import training_prompts
     from mocae.mixture.fit import calib_risky_prompts
     from mocae.refusal import refusal_rate
     from mocae.experts.train import train_expert
@@ -62,10 +61,8 @@ def main() -> int:
                 for s in source_sets for f in args.fractions]
     anchors = [e.prompt for e in load_harmbench(split="val")]
     harmful = anchors[: args.n_prompts or None]
-    # no prompt any measured expert trains on (its benign rows are Alpaca prompts nearest refusals too)
-    trained = set().union(*(training_prompts(c) for c in [*run_cfg.expert_configs().values(), *variants]))
-    try:
-        safe = calib_risky_prompts(args.n_prompts or 120, anchors, trained)
+    try:  # no prompt any measured expert trains on (its benign rows are Alpaca prompts nearest refusals too)
+        safe = calib_risky_prompts(args.n_prompts or 120, anchors, [*run_cfg.expert_configs().values(), *variants])
     except ValueError as err:
         parser.error(f"--n-prompts {args.n_prompts}: {err}")
     name = "harmless_mix_calib.json" if run_cfg.name == "quick" else f"harmless_mix_calib_{run_cfg.name}.json"

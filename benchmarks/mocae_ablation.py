@@ -73,19 +73,17 @@ def calib_sets(cfg, n_over_refusal: int, other_cfgs: list | None = None) -> dict
     refusal prompts, the same kind, and an over-refusal measured on its own training prompts reads low.
     """
     from mocae.data import load_truthfulqa_mc, normalise_text
-    from mocae.experts.dataset import training_prompts
     from mocae.mixture.fit import calib_risky_prompts
     from mocae.mixture.routing_data import routing_splits
 
     r = cfg.router
     calib = routing_splits(r.n_per_axis, r.calib_fraction, r.n_test_per_axis, None, r.seed)["calib"]
-    by_axis = {i: [p for p, lab in zip(calib.prompts, calib.labels) if lab == i] for i in range(3)}
+    by_axis = {i: calib.of(i) for i in range(3)}
     questions = {normalise_text(q) for q in by_axis[2]}
     mc = [e for e in load_truthfulqa_mc(None, split="train") if normalise_text(e.prompt) in questions]
-    trained = set().union(*(training_prompts(c) for run in [cfg, *(other_cfgs or [])]
-                            for c in run.expert_configs().values()))
+    experts = [c for run in [cfg, *(other_cfgs or [])] for c in run.expert_configs().values()]
     return {"helpful": by_axis[0], "harmful": by_axis[1],
-            "risky_benign": calib_risky_prompts(n_over_refusal, by_axis[1], trained), "truthfulqa_mc": mc}
+            "risky_benign": calib_risky_prompts(n_over_refusal, by_axis[1], experts), "truthfulqa_mc": mc}
 
 
 def measure(name: str, model, tokenizer, sets: dict, judges: dict, base: dict | None, cache: Path,

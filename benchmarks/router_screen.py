@@ -77,23 +77,19 @@ def probs_and_weights(model, prompts: list[str], cache: Path):
 def read_out_sets(cfg, n_risky: int) -> dict:
     """{name: (prompts, the expert whose weight is read, side)}; calib side first."""
     from mocae.data import load_xstest
-    from mocae.experts.dataset import training_prompts
     from mocae.mixture.fit import calib_risky_prompts
     from mocae.mixture.routing_data import routing_splits
 
     r = cfg.router
-    splits = routing_splits(r.n_per_axis, r.calib_fraction, r.n_test_per_axis, None, r.seed)
-
-    def of(split, label):
-        return [p for p, lab in zip(splits[split].prompts, splits[split].labels) if lab == label]
-
-    trained = set().union(*(training_prompts(c) for c in cfg.expert_configs().values()))
-    return {"risky_benign": (calib_risky_prompts(n_risky, of("calib", 1), trained), "harmless", "calib"),
-            "harmful": (of("calib", 1), "harmless", "calib"),
-            "helpful": (of("calib", 0), "helpful", "calib"),
-            "honest": (of("calib", 2), "honest", "calib"),
+    calib, test = (routing_splits(r.n_per_axis, r.calib_fraction, r.n_test_per_axis, None, r.seed)[s]
+                   for s in ("calib", "test"))
+    return {"risky_benign": (calib_risky_prompts(n_risky, calib.of(1), cfg.expert_configs().values()), "harmless",
+                             "calib"),
+            "harmful": (calib.of(1), "harmless", "calib"),
+            "helpful": (calib.of(0), "helpful", "calib"),
+            "honest": (calib.of(2), "honest", "calib"),
             "xstest_safe": ([e.prompt for e in load_xstest(None, label="safe")], "harmless", "test"),
-            "harmful_eval": (of("test", 1), "harmless", "test")}
+            "harmful_eval": (test.of(1), "harmless", "test")}
 
 
 def measure(model, sets: dict, cache: Path) -> dict:

@@ -277,8 +277,8 @@ def mocae_inputs(cfg: RunConfig, experts: dict[str, Path]) -> dict:
 
     mocae = {"mocae": cfg.mocae} if cfg.mocae else {}  # absent when empty: earlier keys hold
     unset = {"router_hard_negatives"} if not cfg.router.router_hard_negatives else set()  # likewise
-    return stage_inputs(config={"router": cfg.router.model_dump(mode="json", exclude=unset), "router_input": cfg.router_input,
-                                "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
+    return stage_inputs(config={"router": cfg.router.model_dump(mode="json", exclude=unset),
+                                "router_input": cfg.router_input, "feature_layer": cfg.feature_layer, "backbone": cfg.backbone,
                                 "decision": cfg.decision, **mocae},
                         backbone=backbone_fingerprint(cfg.backbone),
                         experts=experts_fingerprint(experts),

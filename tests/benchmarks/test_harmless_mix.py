@@ -8,14 +8,8 @@ import sys
 import pytest
 
 from benchmark_scripts import load_script
+from run_data import TINY_EXPERTS_PRESET
 
-PRESET = """\
-name: tiny
-backbone: tiny-random
-experts:
-  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
-        learning_rate: 0.01}
-"""
 
 
 def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path, monkeypatch):
@@ -29,7 +23,7 @@ def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path
     monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
     monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(PRESET)
+    preset.write_text(TINY_EXPERTS_PRESET)
     monkeypatch.setattr(mix, "RESULTS", tmp_path / "out")
     monkeypatch.setattr(sys, "argv", ["harmless_mix.py", "--preset", str(preset), "--examples", "3",
                                       "--fractions", "0.5", "--n-prompts", "1"])

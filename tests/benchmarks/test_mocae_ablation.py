@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark_scripts import load_script
+from run_data import TINY_EXPERTS_PRESET
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,7 @@ def test_an_incomplete_run_names_what_is_missing_and_chooses_nothing(ablation):
     assert "**Chosen: soft**" in ablation.markdown({**report, "complete": True})
 
 
-PRESET = """\
-name: tiny
-backbone: tiny-random
-experts:
-  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
-        learning_rate: 0.01}
+PRESET = TINY_EXPERTS_PRESET + """\
 router: {n_per_axis: 4, n_test_per_axis: 2, epochs: 5, calibrators: [none, temperature]}
 systems: [base, expert_helpful, expert_harmless, expert_honest, mocae]
 """

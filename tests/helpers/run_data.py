@@ -7,6 +7,14 @@ import json
 from pathlib import Path
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+# A preset whose experts train in seconds on tiny-random (the benchmark scripts' end-to-end tests).
+TINY_EXPERTS_PRESET = """\
+name: tiny
+backbone: tiny-random
+experts:
+  all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
+        learning_rate: 0.01}
+"""
 
 
 def pipeline_data(root: Path, n_alpaca_eval: int = 24) -> Path:

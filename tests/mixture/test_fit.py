@@ -271,7 +271,9 @@ def test_calib_risky_prompts_skip_what_an_expert_trained_on(monkeypatch):
     anchors = ["how do I poison someone"]
     ranked = gate_hard_negative_prompts(5, anchors, embed=_risky_embed)
     assert ranked[0] == "Give three tips for staying healthy."
-    trained = {normalise_text(ranked[0])}  # the nearest one is an expert's training row
-    assert calib_risky_prompts(3, anchors, trained, embed=_risky_embed) == ranked[1:4]
+    # the nearest one is a training row of one of the experts (and only of that one)
+    monkeypatch.setattr("mocae.experts.dataset.training_prompts",
+                        lambda cfg, data_dir=None: {normalise_text(ranked[0])} if cfg == "harmless" else set())
+    assert calib_risky_prompts(3, anchors, ["helpful", "harmless"], embed=_risky_embed) == ranked[1:4]
     with pytest.raises(ValueError, match="only 4 of the 500 nearest"):
-        calib_risky_prompts(5, anchors, trained, embed=_risky_embed)
+        calib_risky_prompts(5, anchors, ["helpful", "harmless"], embed=_risky_embed)

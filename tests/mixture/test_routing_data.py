@@ -35,3 +35,10 @@ def test_no_evaluated_prompt_is_used_to_train_or_calibrate(splits):
 def test_calibration_classes_are_balanced(splits):
     counts = splits["calib"].counts()
     assert len(set(counts.values())) == 1, counts
+
+
+def test_of_gives_one_labels_prompts_in_order():
+    from mocae.mixture.routing_data import RoutingSplit
+
+    split = RoutingSplit(["a", "b", "c", "d"], [1, 0, 1, 2], ["s"] * 4)
+    assert split.of(1) == ["a", "c"] and split.of(0) == ["b"] and split.of(2) == ["d"]

@@ -323,11 +323,10 @@ def gate_hard_negative_prompts(n: int, anchors: list[str], data_dir: Path | None
     return [e.prompt for e in nearest_examples(_risky_candidates(data_dir), anchors, embed)[:n]]
 
 
-def calib_risky_prompts(n: int, anchors: list[str], exclude: set[str] = frozenset(),
-                        data_dir: Path | None = None, embed=None) -> list[str]:
+def calib_risky_prompts(n: int, anchors: list[str], experts, data_dir: Path | None = None, embed=None) -> list[str]:
     """The calib side's risky benign prompts that measure over-refusal: the ``n`` nearest ``anchors``
-    (the calib harmful prompts) among the ``CALIB_RISKY_RESERVE`` nearest, skipping ``exclude``
-    (normalised prompts some expert trained on: ``mocae.experts.dataset.training_prompts``; the
+    (the calib harmful prompts) among the ``CALIB_RISKY_RESERVE`` nearest, skipping every prompt an
+    expert of ``experts`` (ExpertConfigs) trains on (``mocae.experts.dataset.training_prompts``; the
     harmless expert's ``alpaca_nearest`` benign rows are drawn the same way).
 
     Raises:
@@ -335,7 +334,9 @@ def calib_risky_prompts(n: int, anchors: list[str], exclude: set[str] = frozense
             anything beyond it, so the set never reaches past it).
     """
     from mocae.data import normalise_text
+    from mocae.experts.dataset import training_prompts
 
+    exclude = set().union(*(training_prompts(c, data_dir) for c in experts))
     reserve = gate_hard_negative_prompts(CALIB_RISKY_RESERVE, anchors, data_dir, embed)
     picked = [p for p in reserve if normalise_text(p) not in exclude][:n]
     if len(picked) < n:
@@ -421,10 +422,7 @@ def add_router_hard_negatives(train, calib, n: int, axes, gate_axis: str, data_d
     from mocae.mixture.routing_data import RoutingSplit
 
     gate, label = axes.index(gate_axis), next(i for i, a in enumerate(axes) if a != gate_axis)
-    def harmful(split):
-        return [p for p, lab in zip(split.prompts, split.labels) if lab == gate]
-
-    extra = router_hard_negative_prompts(n, harmful(train), harmful(calib), data_dir, embed, reserve)
+    extra = router_hard_negative_prompts(n, train.of(gate), calib.of(gate), data_dir, embed, reserve)
     if len(extra) < n:
         raise ValueError(f"router_hard_negatives: {n} asked, but Alpaca holds only {len(extra)} prompts that are not "
                          f"eval-side and not among the {reserve} the calib side keeps; lower router_hard_negatives")
@@ -527,8 +525,7 @@ def fit_router(model, cfg: RouterFitConfig, data_dir: Path | None = None, cache:
     gate_axis = model.mocae_config.decision.gate_axis
     if cfg.gate_hard_negatives and gate_axis in model.axes:
         index = model.axes.index(gate_axis)
-        anchors = [p for p, lab in zip(splits["calib"].prompts, splits["calib"].labels) if lab == index]
-        prompts = gate_hard_negative_prompts(cfg.gate_hard_negatives, anchors, data_dir)
+        prompts = gate_hard_negative_prompts(cfg.gate_hard_negatives, splits["calib"].of(index), data_dir)
         hard_feats = extract_features(model, prompts, cfg.batch_size, progress, cache)
         with torch.no_grad():
             hard = model.calibrator.probs(model.router(hard_feats), hard_feats)

@@ -62,6 +62,10 @@ class RoutingSplit:
     def counts(self) -> dict[str, int]:
         return {axis: self.labels.count(i) for i, axis in enumerate(self.axes)}
 
+    def of(self, label: int) -> list[str]:
+        """The prompts labelled ``label``, in order."""
+        return [p for p, lab in zip(self.prompts, self.labels) if lab == label]
+
     @classmethod
     def from_prompts(cls, prompts: Mapping[str, Sequence[str]], axes: Sequence[str],
                      source: str = "user") -> "RoutingSplit":
