@@ -46,3 +46,14 @@ def test_reference_nll_per_example_matches_each_reference_alone(tiny):
     alone = [reference_nll(model, tokenizer, [p], [r], batch_size=1) for p, r in zip(prompts, refs)]
     assert each == pytest.approx(alone, rel=1e-4)
     assert len(set(each)) == 3  # rows are not mixed up by batching
+
+
+def test_arrow_reference_nll_runs_in_fp32_when_bf16_is_asked(tiny, expert_dirs):
+    """peft Arrow's router fails under bf16 autocast (scatter_ dtype mismatch): its NLL is taken in fp32,
+    so it equals the fp32 value exactly instead of crashing."""
+    from mocae.baselines.peft_routing import build_arrow
+
+    model, tok = build_arrow("tiny-random", expert_dirs, model_and_tokenizer=tiny)
+    prompts, refs = ["Say hi.", "Name a colour, please."], ["Hi there.", "Blue."]
+    asked = reference_nll(model, tok, prompts, refs, per_example=True, bf16=True)
+    assert asked == reference_nll(model, tok, prompts, refs, per_example=True, bf16=False)

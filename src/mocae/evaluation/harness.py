@@ -175,16 +175,17 @@ def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, 
         from mocae.evaluation.sanity import reference_nll
 
         nll_refs = {"reference_nll": cfg.reference, "reference_nll_gpt4": GPT4}
+        bf16 = cfg.nll_bf16 and capabilities_of(model).bf16_autocast  # what reference_nll will do: the key says it
         done: dict[str, tuple] = {}
         for key, ref_name in nll_refs.items():
             if ref_name not in done:  # reference=gpt4: one computation for both names
                 kept = [(i, e.references[ref_name]) for i, e in zip(instructions, ae) if e.references[ref_name].strip()]
                 batch = min(cfg.batch_size, NLL_BATCH)
                 request = {"pairs": prompts_hash([json.dumps(k) for k in kept]), "batch_size": batch,
-                           "bf16": cfg.nll_bf16}
+                           "bf16": bf16}
                 done[ref_name] = (len(kept), _cached(scores, f"nll_{ref_name}", request, lambda: reference_nll(
                     model, tokenizer, [i for i, _ in kept], [r for _, r in kept], batch_size=batch, per_example=True,
-                    bf16=cfg.nll_bf16)))
+                    bf16=bf16)))
             _, nll = done[ref_name]
             out[key] = {**M.mean_metric(nll, **boot), "digits": 3,
                         "method": f"mean per-token NLL of each {ref_name} answer (judge-free)"}
@@ -284,7 +285,8 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
         for chat in (False, True) if cfg.truthfulqa_mc_chat else (False,):
             request = {"questions": prompts_hash([json.dumps([e.prompt, e.references], sort_keys=True, default=str)
                                                   for e in mc_examples]),
-                       "batch_size": cfg.batch_size, "bf16": cfg.mc_bf16, "chat": chat}
+                       "batch_size": cfg.batch_size, "chat": chat,
+                       "bf16": cfg.mc_bf16 and capabilities_of(model).bf16_autocast}  # as truthfulqa_mc does
             mc = _cached(scores, "truthfulqa_mc" + ("_chat" if chat else ""), request, lambda chat=chat: truthfulqa_mc(
                 model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16, chat=chat))
             for key in ("mc1", "mc2"):

@@ -34,7 +34,8 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
     input order). Rows are batched by length, so one long reference does not pad a whole batch.
 
     Args:
-        bf16: forward under bf16 autocast (~2x faster on CPU; the loss itself is taken in fp32).
+        bf16: forward under bf16 autocast (~2x faster on CPU; the loss itself is taken in fp32). Ignored
+            for a model that declares ``bf16_autocast=False`` (peft Arrow fails under it).
 
     Raises:
         ValueError: empty or mismatched lists.
@@ -43,7 +44,8 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
         raise ValueError(f"reference_nll needs equal, non-empty lists (got {len(prompts)}, {len(references)})")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(references[i]))
     total, count, each = 0.0, 0, [0.0] * len(prompts)
-    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
+                              enabled=bf16 and capabilities_of(model).bf16_autocast)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device_of(model)) for k, v in
