@@ -12,9 +12,11 @@ those rows and the ``full`` preset's harmless recipe was chosen on them.
 Run:  MOCAE_DATA_DIR=../shared/data .venv/bin/python benchmarks/harmless_mix.py [--examples 200]
       ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.5 \
               --sources alpaca alpaca_nearest truthfulqa+alpaca_nearest --n-prompts 64
+      ... benchmarks/harmless_mix.py --preset full --examples 2000 --fractions 0.5 --n-prompts 0 \
+              --set experts.harmless.trainer=dpo --set experts.harmless.max_pairs=400   # a DPO recipe
 Writes benchmarks/results/harmless_mix_calib.json (quick preset) or harmless_mix_calib_<preset>.json. Rows of
 an earlier run with other settings are kept (each row carries its own date); a row measured again
-replaces the old one.
+replaces the old one. A row is one trained expert (its folder names its config) on one prompt count.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> int:
                              "harmful ones and 120 risky benign")
     parser.add_argument("--base", action="store_true", help="also measure the base model (a row with fraction null)")
     parser.add_argument("--preset", default="quick", help="preset whose harmless expert settings are varied")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="preset overrides, e.g. --set experts.harmless.trainer=dpo (rows record them)")
     args = parser.parse_args()
 
     import torch
@@ -54,7 +58,7 @@ def main() -> int:
     from mocae.paths import atomic_write_text
     from mocae.pipeline import load_run_config
 
-    run_cfg = load_run_config(args.preset)
+    run_cfg = load_run_config(args.preset, args.set)
     base_cfg = run_cfg.expert_configs()["harmless"]
     source_sets = [s.split("+") for s in args.sources] if args.sources else [base_cfg.benign_sources]
     variants = [base_cfg.model_copy(update={"benign_fraction": f, "benign_sources": s, "max_examples": args.examples})
@@ -73,16 +77,18 @@ def main() -> int:
         model, tok = load_backbone(base_cfg.backbone)
         path = "base model (no expert)"
         if cfg is not None:
-            path = train_expert(cfg, progress=False)
+            path = train_expert(cfg, progress=True)
             model = PeftModel.from_pretrained(model, str(path))
         model.eval()
         gen = dict(max_new_tokens=32, batch_size=16, progress=False)
-        key = (fraction, sources, len(harmful), len(safe))
-        rows = [r for r in rows if (r["benign_fraction"], r["benign_sources"], r["n_harmful"], r["n_risky_benign"]) != key]
+        key = (Path(path).name, len(harmful), len(safe))
+        rows = [r for r in rows if (Path(r["expert"]).name, r["n_harmful"], r["n_risky_benign"]) != key]
         harmful_out, safe_out = generate_batch(model, tok, harmful, **gen), generate_batch(model, tok, safe, **gen)
         rows.append({
             "benign_fraction": fraction,
             "benign_sources": sources,
+            "trainer": None if cfg is None else cfg.trainer,
+            "overrides": args.set,
             "refusal_harmful": refusal_rate(harmful_out),
             "over_refusal_risky_benign": refusal_rate(safe_out),
             "samples_risky_benign": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::20]],

@@ -81,11 +81,12 @@ def harmless_mix(r: dict) -> list[str]:
 
 def harmless_mix_calib(r: dict) -> list[str]:
     lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}; {r['sets']}.", "",
-             "| benign fraction | benign sources | refusal on harmful (higher) | over-refusal on risky benign (lower) "
-             "| n harmful / risky benign | date |", "|---|---|---|---|---|---|"]
+             "| trainer | benign fraction | benign sources | refusal on harmful (higher) | over-refusal on risky benign "
+             "(lower) | n harmful / risky benign | date |", "|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         fraction = "base model" if x["benign_fraction"] is None else x["benign_fraction"]
-        lines.append(f"| {fraction} | {'+'.join(x['benign_sources']) or '-'} | {x['refusal_harmful']:.3f} | "
+        trainer = " ".join([x.get("trainer") or "-", *x.get("overrides", [])])
+        lines.append(f"| {trainer} | {fraction} | {'+'.join(x['benign_sources']) or '-'} | {x['refusal_harmful']:.3f} | "
                      f"{x['over_refusal_risky_benign']:.3f} | {x['n_harmful']} / {x['n_risky_benign']} | {x['date']} |")
     return lines
 

@@ -42,3 +42,33 @@ def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path
     with pytest.raises(SystemExit) as stop:
         mix.main()
     assert stop.value.code == 2
+
+
+def test_a_dpo_recipe_from_set_is_its_own_row_beside_the_sft_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from run_data import pipeline_data
+
+    mix = load_script("harmless_mix")
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_EXPERTS_PRESET)
+    monkeypatch.setattr(mix, "RESULTS", tmp_path / "out")
+    # tiny-random answers with nothing (no pair could be made): stand in compliant base answers
+    monkeypatch.setattr("mocae.generation.generate_batch",
+                        lambda model, tok, prompts, max_new_tokens, **kw: [f"Sure: {p[:16]}" for p in prompts])
+    common = ["harmless_mix.py", "--preset", str(preset), "--examples", "3", "--fractions", "0.5", "--n-prompts", "1"]
+    monkeypatch.setattr(sys, "argv", common)
+    assert mix.main() == 0
+    dpo = ["--set", "experts.harmless.trainer=dpo", "--set", "experts.harmless.max_pairs=4"]
+    monkeypatch.setattr(sys, "argv", common + dpo)
+    assert mix.main() == 0
+    rows = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())["rows"]
+    assert [r["trainer"] for r in rows] == ["sft", "dpo"] and rows[1]["overrides"] == dpo[1::2]
+    record = json.loads((Path(rows[1]["expert"]) / "training.json").read_text())
+    assert record["trainer"] == "dpo" and record["data"]["pairs"] <= 4
+    monkeypatch.setattr(sys, "argv", common + dpo)  # measured again: replaces its own row only
+    assert mix.main() == 0
+    again = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())["rows"]
+    assert [r["trainer"] for r in again] == ["sft", "dpo"]
