@@ -257,10 +257,14 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
     result = results["systems"][name]
     with _landing_lock():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
-        manifest[name] = {"key": evaluated.get(name, {}).get("key"),
-                          "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
-                          "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
-                          "sitting": sitting}
+        entry = {"key": evaluated.get(name, {}).get("key"),
+                 "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
+                 "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
+                 "sitting": sitting}
+        before = manifest.get(name, {})
+        if entry["key"] is not None and all(before.get(k) == entry[k] for k in ("key", "weights", "torch_threads")):
+            entry |= {"date": before["date"], "sitting": before["sitting"]}  # the same result, restored: not re-dated
+        manifest[name] = entry
         atomic_write_json(manifest_path, manifest)
     landed.append(manifest_path)
     return landed

@@ -190,3 +190,18 @@ def test_run_experts_include_the_multitask_expert_only_when_the_run_has_it(landi
     landing.restore_run_experts(load_run_config("quick", ["systems=[base, mocae]"]), "abc1234")
     assert set(asked) == {"helpful", "harmless", "honest"}
     assert landing.restore_run_experts(cfg, None) == [] and not asked.get("multitask")
+
+
+def test_a_restored_result_landed_again_keeps_the_sitting_that_measured_it(landing, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOCAE_CACHE", str(cache))
+    run = _run(tmp_path, cache)
+    land_to = tmp_path / "landed"
+    landing.land(land_to, run, "expert_honest", "first sitting")
+    landing.land(land_to, run, "expert_honest", "later sitting")  # same key and weights: restored, not measured
+    assert json.loads((land_to / "landed.json").read_text())["expert_honest"]["sitting"] == "first sitting"
+    results = json.loads((run / "eval" / "results.json").read_text())
+    results["evaluated"]["expert_honest"]["inputs"]["model"] = "w2"  # retrained: a new measurement
+    _write(run / "eval" / "results.json", results)
+    landing.land(land_to, run, "expert_honest", "later sitting")
+    assert json.loads((land_to / "landed.json").read_text())["expert_honest"]["sitting"] == "later sitting"
