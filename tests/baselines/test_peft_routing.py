@@ -196,6 +196,20 @@ def test_arrow_is_reproducible(expert_dirs):
     assert torch.equal(logits(a, batch), logits(b, batch))
 
 
+def test_arrow_weights_fingerprint_the_same_whatever_the_torch_seed(expert_dirs):
+    """peft draws the unused arrow_router placeholder's A from the global RNG: left random, each build
+    had another fingerprint and the bench regenerated Arrow's answers in every sitting."""
+    from mocae.generation_cache import model_fingerprint
+
+    prints = set()
+    for seed in (0, 1):
+        backbone = load_backbone("tiny-random")
+        torch.manual_seed(seed)
+        model, _ = build_arrow("tiny-random", expert_dirs, model_and_tokenizer=backbone)
+        prints.add(model_fingerprint(model))
+    assert len(prints) == 1
+
+
 def test_arrow_errors(expert_dirs, expert_factory, tmp_path):
     with pytest.raises(ValueError, match="top_k=3 exceeds the 2 experts"):
         build_arrow("tiny-random", {k: expert_dirs[k] for k in ("helpful", "honest")})

@@ -296,7 +296,11 @@ def build_arrow(backbone: str, experts: dict[str, str | Path], cfg: ArrowBaselin
     model, tokenizer = model_and_tokenizer or load_backbone(backbone)
     arrow_cfg = ArrowConfig(top_k=cfg.top_k, router_temperature=cfg.router_temperature, rng_seed=cfg.seed)
     model = create_arrow_model(model, [str(p) for p in paths.values()], arrow_cfg)
-    model.requires_grad_(False)  # the arrow_router adapter's own A/B are unused placeholders
+    model.requires_grad_(False)
+    with torch.no_grad():  # the arrow_router adapter's own A/B are unused placeholders, but peft draws A from
+        for name, p in model.named_parameters():  # the global RNG: zeroed, so the weights' fingerprint is stable
+            if ".arrow_router." in name:
+                p.zero_()
     model.eval()
     model.arrow_experts = {f"task_{i}": name for i, name in enumerate(paths)}
     model.arrow_settings = cfg.model_dump()
