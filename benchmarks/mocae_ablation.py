@@ -12,6 +12,7 @@ Variants of one run's MoCaE, all on the same three experts:
                                            helpful (``router.router_hard_negatives``)
   sft_experts                              MoCaE on SFT helpful and honest experts (the recipes the
                                            DPO experts replaced; harmless is SFT in both), trained first
+  harmless_dpo                             MoCaE with a DPO-trained harmless expert (``REFITS``), trained first
 Each refit is measured under soft and top1 (``--refit-modes``), named ``<refit>`` and ``<refit>+top1``.
 and the base model, each measured on prompts no system is evaluated on:
   helpful      the router's calib prompts of the helpful axis (Alpaca seed tasks): LC and raw win
@@ -23,7 +24,8 @@ and the base model, each measured on prompts no system is evaluated on:
   honest       its calib TruthfulQA training-half questions: MC1/MC2 with lm-eval's primer (the
                honest expert trained on these questions, so MC2 is high for every variant; the
                differences between variants are what this reads)
-Every variant minus base and minus soft is a paired bootstrap difference over the same prompts.
+Every variant minus base, minus soft and minus the preset's own rule (``decision.mode``) is a paired
+bootstrap difference over the same prompts.
 The rule that picks the default is stated in the report and applied to these numbers only.
 
 Writes benchmarks/results/mocae_ablation.{json,md} (command, machine, threads, date; --report-name
@@ -59,7 +61,12 @@ REFITS = {"prior_uniform": ["router.prior_mode=uniform"],
           "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"],
           # the router screen's calib-side pick (benchmarks/results/router_screen.md)
           "hard_negatives": ["router.router_hard_negatives=200"],
-          "sft_experts": SFT_EXPERTS}
+          "sft_experts": SFT_EXPERTS,
+          # the harmless expert by DPO (refusal over the base model's own compliance on harmful training prompts,
+          # the base model's answer over a refusal on risky benign ones) with an SFT term on the chosen side
+          # (DESIGN section 4: without it harmless DPO degenerated); measured alone in harmless_mix_calib_full.json
+          "harmless_dpo": ["experts.harmless.trainer=dpo", "experts.harmless.max_pairs=400",
+                           "experts.harmless.learning_rate=5e-5", "experts.harmless.rpo_alpha=1.0"]}
 # (metric, higher is better) read by the selection rule
 RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
         ("harmless/over_refusal", False), ("honest/mc2", True)]
@@ -173,10 +180,13 @@ def markdown(report: dict) -> str:
              "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, m in report["variants"].items():
         lines.append(f"| {name} | " + " | ".join(cell(m.get(c)) for c in cols) + " |")
-    for title, block in (("Variant minus base (paired)", "vs_base"), ("Variant minus soft (paired)", "vs_soft")):
+    blocks = [("Variant minus base (paired)", "vs_base"), ("Variant minus soft (paired)", "vs_soft")]
+    if report.get("default_mode") not in (None, "soft"):
+        blocks.append((f"Variant minus {report['default_mode']}, the preset's rule (paired)", "vs_default"))
+    for title, block in blocks:
         keys = [k for k, _ in RULE]
         lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        for name, diffs in report[block].items():
+        for name, diffs in report.get(block, {}).items():
             lines.append(f"| {name} | " + " | ".join(diff(diffs.get(k)) for k in keys) + " |")
     for label, same in report.get("identical_to", {}).items():
         lines += ["", f"{label}: not measured; its router gave exactly {same}'s router's answers and MC scores "
@@ -235,6 +245,8 @@ def main() -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(args.preset, args.set)
+    rule = {"mode": cfg.decision.mode} | ({"gate_rest": "others"} if cfg.decision.gate_rest == "others" else {})
+    args.default_mode = next((m for m, d in MODES.items() if d == rule), None)
     sys.path.insert(0, str(Path(__file__).parent))
     import landing
 
@@ -330,6 +342,9 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
     variants = [n for n in results if n != "base"]
     vs_base = {n: compare_pair(results[n], base) for n in variants}
     vs_soft = {n: compare_pair(results[n], results["soft"]) for n in variants if n != "soft" and "soft" in results}
+    default = args.default_mode  # the preset's own decision rule: what a candidate has to beat
+    vs_default = {n: compare_pair(results[n], results[default]) for n in variants
+                  if default is not None and n != default and default in results}
     chosen, scores = choose(vs_base) if vs_base else (None, {})
     report = {
         "complete": final,
@@ -346,7 +361,8 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
         "variants": {n: summary(r) for n, r in results.items()},
         "not_measured": [v for v in args.variants if v not in results],
         "identical_to": identical or {}, "refit_modes": args.refit_modes,
-        "vs_base": vs_base, "vs_soft": vs_soft, "scores": scores, "chosen": chosen,
+        "vs_base": vs_base, "vs_soft": vs_soft, "default_mode": default, "vs_default": vs_default,
+        "scores": scores, "chosen": chosen,
         "rule": choose.__doc__.replace("\n    ", " ").strip(),
         "examples": {n: r["examples"] for n, r in results.items()},
         "judges": {k: j.validation for k, j in judges.items()},

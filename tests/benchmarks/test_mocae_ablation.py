@@ -73,7 +73,8 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     preset.write_text(PRESET)
     monkeypatch.setattr(sys, "argv", ["mocae_ablation.py", "--preset", str(preset), "--run-dir", str(tmp_path / "run"),
                                       "--variants", "soft", "harm_gate", "prior_uniform", "--n-over-refusal", "2",
-                                      "--max-new-tokens", "3", "--results-dir", str(tmp_path / "out")])
+                                      "--max-new-tokens", "3", "--results-dir", str(tmp_path / "out"),
+                                      "--set", "decision.mode=harm_gate"])
     monkeypatch.setattr(ablation, "RESULTS", tmp_path / "out")
     landing = sys.modules.get("landing") or load_script("landing")
     monkeypatch.setattr(landing, "RESULTS", tmp_path / "landed")  # never the repository's landing
@@ -84,6 +85,10 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     assert set(report["variants"]) == {"base", "soft", "harm_gate", "prior_uniform", "prior_uniform+top1"}
     assert set(report["vs_base"]) == {"soft", "harm_gate", "prior_uniform", "prior_uniform+top1"}
     assert report["chosen"] in report["vs_base"] and report["identical_to"] == {}
+    # every other variant minus the preset's own rule, the one a candidate has to beat
+    assert report["default_mode"] == "harm_gate"
+    assert set(report["vs_default"]) == {"soft", "prior_uniform", "prior_uniform+top1"}
+    assert "Variant minus harm_gate, the preset's rule" in (tmp_path / "out" / "mocae_ablation.md").read_text()
     assert (tmp_path / "run" / "ablation" / "prior_uniform" / "mocae" / "stage.json").is_file()  # its own refit
     assert "**Chosen:" in (tmp_path / "out" / "mocae_ablation.md").read_text()
     assert report["routers"]["prior_uniform"]["prior_mode"] == "uniform" and report["routers"]["soft"]["calibrator"]
