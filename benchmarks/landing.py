@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import subprocess
 import time
@@ -261,8 +262,11 @@ def land(land_to: Path, run_dir: Path, name: str, sitting: str) -> list[Path]:
                  "weights": (evaluated.get(name, {}).get("inputs") or {}).get("model"),
                  "torch_threads": result.get("torch_threads"), "date": time.strftime("%Y-%m-%d %H:%M"),
                  "sitting": sitting}
+        if entry["key"] is None:  # composed (the oracle): the same when its figures are the same
+            entry["metrics_sha256"] = hashlib.sha256(json.dumps(
+                [result.get("composed_from"), result.get("metrics")], sort_keys=True).encode()).hexdigest()[:16]
         before = manifest.get(name, {})
-        if entry["key"] is not None and all(before.get(k) == entry[k] for k in ("key", "weights", "torch_threads")):
+        if all(before.get(k) == v for k, v in entry.items() if k not in ("date", "sitting")):
             entry |= {"date": before["date"], "sitting": before["sitting"]}  # the same result, restored: not re-dated
         manifest[name] = entry
         atomic_write_json(manifest_path, manifest)

@@ -205,3 +205,11 @@ def test_a_restored_result_landed_again_keeps_the_sitting_that_measured_it(landi
     _write(run / "eval" / "results.json", results)
     landing.land(land_to, run, "expert_honest", "later sitting")
     assert json.loads((land_to / "landed.json").read_text())["expert_honest"]["sitting"] == "later sitting"
+    # the composed oracle has no key: the same figures are the same result
+    landing.land(land_to, run, "oracle", "first sitting")
+    landing.land(land_to, run, "oracle", "later sitting")
+    assert json.loads((land_to / "landed.json").read_text())["oracle"]["sitting"] == "first sitting"
+    results["systems"]["oracle"] = {"metrics": {"honest": {"mc2": {"value": 60.0}}}}
+    _write(run / "eval" / "results.json", results)
+    landing.land(land_to, run, "oracle", "later sitting")
+    assert json.loads((land_to / "landed.json").read_text())["oracle"]["sitting"] == "later sitting"
