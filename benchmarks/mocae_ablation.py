@@ -12,7 +12,6 @@ Variants of one run's MoCaE, all on the same three experts:
                                            helpful (``router.router_hard_negatives``)
   sft_experts                              MoCaE on SFT helpful and honest experts (the recipes the
                                            DPO experts replaced; harmless is SFT in both), trained first
-  harmless_dpo                             MoCaE with a DPO-trained harmless expert (``REFITS``), trained first
 Each refit is measured under soft and top1 (``--refit-modes``), named ``<refit>`` and ``<refit>+top1``.
 and the base model, each measured on prompts no system is evaluated on:
   helpful      the router's calib prompts of the helpful axis (Alpaca seed tasks): LC and raw win
@@ -61,12 +60,9 @@ REFITS = {"prior_uniform": ["router.prior_mode=uniform"],
           "lm_loss": ["router.lm_loss_weight=1.0", "router.lm_steps=200"],
           # the router screen's calib-side pick (benchmarks/results/router_screen.md)
           "hard_negatives": ["router.router_hard_negatives=200"],
-          "sft_experts": SFT_EXPERTS,
-          # the harmless expert by DPO (refusal over the base model's own compliance on harmful training prompts,
-          # the base model's answer over a refusal on risky benign ones) with an SFT term on the chosen side
-          # (DESIGN section 4: without it harmless DPO degenerated); measured alone in harmless_mix_calib_full.json
-          "harmless_dpo": ["experts.harmless.trainer=dpo", "experts.harmless.max_pairs=400",
-                           "experts.harmless.learning_rate=5e-5", "experts.harmless.rpo_alpha=1.0"]}
+          "sft_experts": SFT_EXPERTS}
+# Not a refit here: the harmless expert by DPO (400 pairs, lr 5e-5, rpo_alpha 1.0) refused 1.3% of the calib
+# harmful prompts alone, as base does (harmless_mix_calib_full.json, 2026-12-07): nothing for a router to use.
 # (metric, higher is better) read by the selection rule
 RULE = [("helpful/lc_win_rate_vs_base", True), ("harmless/safety_score", True),
         ("harmless/over_refusal", False), ("honest/mc2", True)]
