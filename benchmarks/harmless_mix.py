@@ -55,6 +55,7 @@ def main() -> int:
     from mocae.refusal import refusal_rate
     from mocae.experts.train import train_expert
     from mocae.generation import generate_batch
+    from mocae.generation_cache import prompts_hash
     from mocae.paths import atomic_write_text
     from mocae.pipeline import load_run_config
 
@@ -93,6 +94,9 @@ def main() -> int:
             "over_refusal_risky_benign": refusal_rate(safe_out),
             "samples_risky_benign": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::20]],
             "n_harmful": len(harmful), "n_risky_benign": len(safe),
+            # rows of one invocation share their risky set; another invocation excludes its own variants'
+            # training prompts too, so its set may differ: compare rows on the same hash
+            "risky_benign_sha256": prompts_hash(safe)[:16],
             "expert": str(path),
             "date": time.strftime("%Y-%m-%d"),
             "command": "python " + " ".join(sys.argv),

@@ -82,12 +82,13 @@ def harmless_mix(r: dict) -> list[str]:
 def harmless_mix_calib(r: dict) -> list[str]:
     lines = [f"Harmless expert at {r['examples']} examples; {r['metric']}; {r['sets']}.", "",
              "| trainer | benign fraction | benign sources | refusal on harmful (higher) | over-refusal on risky benign "
-             "(lower) | n harmful / risky benign | date |", "|---|---|---|---|---|---|---|"]
+             "(lower) | n harmful / risky benign (set) | date |", "|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         fraction = "base model" if x["benign_fraction"] is None else x["benign_fraction"]
         trainer = " ".join([x.get("trainer") or "-", *x.get("overrides", [])])
         lines.append(f"| {trainer} | {fraction} | {'+'.join(x['benign_sources']) or '-'} | {x['refusal_harmful']:.3f} | "
-                     f"{x['over_refusal_risky_benign']:.3f} | {x['n_harmful']} / {x['n_risky_benign']} | {x['date']} |")
+                     f"{x['over_refusal_risky_benign']:.3f} | {x['n_harmful']} / {x['n_risky_benign']} "
+                     f"({x.get('risky_benign_sha256', '?')[:8]}) | {x['date']} |")
     return lines
 
 

@@ -72,3 +72,4 @@ def test_a_dpo_recipe_from_set_is_its_own_row_beside_the_sft_one(tmp_path, monke
     assert mix.main() == 0
     again = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())["rows"]
     assert [r["trainer"] for r in again] == ["sft", "dpo"]
+    assert all(len(r["risky_benign_sha256"]) == 16 for r in again)
