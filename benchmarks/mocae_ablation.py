@@ -340,7 +340,7 @@ def build_report(args, results: dict, experts: dict, sets: dict, judges: dict, r
     vs_soft = {n: compare_pair(results[n], results["soft"]) for n in variants if n != "soft" and "soft" in results}
     default = args.default_mode  # the preset's own decision rule: what a candidate has to beat
     vs_default = {n: compare_pair(results[n], results[default]) for n in variants
-                  if default is not None and n != default and default in results}
+                  if n != default and default in results}
     chosen, scores = choose(vs_base) if vs_base else (None, {})
     report = {
         "complete": final,

@@ -53,6 +53,11 @@ class Capabilities:
     bf16_autocast: bool = True
     routing_report: bool = True
 
+    def autocast_bf16(self, asked: bool) -> bool:
+        """Whether scoring runs under bf16 autocast when ``asked`` (never for a model that fails under it,
+        e.g. peft Arrow): the scorers and the score cache's keys both read it."""
+        return asked and self.bf16_autocast
+
 
 PLAIN = Capabilities()
 

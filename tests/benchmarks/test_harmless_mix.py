@@ -11,20 +11,26 @@ from benchmark_scripts import load_script
 from run_data import TINY_EXPERTS_PRESET
 
 
-
-def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path, monkeypatch):
+@pytest.fixture
+def mix(tmp_path, monkeypatch):
+    """The script on the fixture data, a fresh cache and the tiny experts preset (``tmp_path/tiny.yaml``),
+    writing to ``tmp_path/out``."""
     from run_data import pipeline_data
 
+    script = load_script("harmless_mix")
+    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
+    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tiny.yaml").write_text(TINY_EXPERTS_PRESET)
+    monkeypatch.setattr(script, "RESULTS", tmp_path / "out")
+    return script
+
+
+def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(mix, tmp_path, monkeypatch):
     from mocae.data import load_harmbench, load_xstest, normalise_text
     from mocae.experts.dataset import training_prompts
     from mocae.pipeline import load_run_config
 
-    mix = load_script("harmless_mix")
-    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
-    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(TINY_EXPERTS_PRESET)
-    monkeypatch.setattr(mix, "RESULTS", tmp_path / "out")
     monkeypatch.setattr(sys, "argv", ["harmless_mix.py", "--preset", str(preset), "--examples", "3",
                                       "--fractions", "0.5", "--n-prompts", "1"])
     assert mix.main() == 0
@@ -44,17 +50,10 @@ def test_it_reads_harmbench_validation_and_untrained_risky_prompts_only(tmp_path
     assert stop.value.code == 2
 
 
-def test_a_dpo_recipe_from_set_is_its_own_row_beside_the_sft_one(tmp_path, monkeypatch):
+def test_a_dpo_recipe_from_set_is_its_own_row_beside_the_sft_one(mix, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from run_data import pipeline_data
-
-    mix = load_script("harmless_mix")
-    monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
-    monkeypatch.setenv("MOCAE_CACHE", str(tmp_path / "cache"))
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(TINY_EXPERTS_PRESET)
-    monkeypatch.setattr(mix, "RESULTS", tmp_path / "out")
     # tiny-random answers with nothing (no pair could be made): stand in compliant base answers
     monkeypatch.setattr("mocae.generation.generate_batch",
                         lambda model, tok, prompts, max_new_tokens, **kw: [f"Sure: {p[:16]}" for p in prompts])

@@ -175,7 +175,7 @@ def _helpful(name, judge, ae, gens: Generations, cfg, base_outputs, model=None, 
         from mocae.evaluation.sanity import reference_nll
 
         nll_refs = {"reference_nll": cfg.reference, "reference_nll_gpt4": GPT4}
-        bf16 = cfg.nll_bf16 and capabilities_of(model).bf16_autocast  # what reference_nll will do: the key says it
+        bf16 = capabilities_of(model).autocast_bf16(cfg.nll_bf16)  # what reference_nll will do: the key says it
         done: dict[str, tuple] = {}
         for key, ref_name in nll_refs.items():
             if ref_name not in done:  # reference=gpt4: one computation for both names
@@ -282,13 +282,13 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
     if cfg.truthfulqa_mc:
         from mocae.evaluation.truthfulqa_mc import truthfulqa_mc
 
+        bf16 = capabilities_of(model).autocast_bf16(cfg.mc_bf16)  # what truthfulqa_mc will do: the key says it
         for chat in (False, True) if cfg.truthfulqa_mc_chat else (False,):
             request = {"questions": prompts_hash([json.dumps([e.prompt, e.references], sort_keys=True, default=str)
                                                   for e in mc_examples]),
-                       "batch_size": cfg.batch_size, "chat": chat,
-                       "bf16": cfg.mc_bf16 and capabilities_of(model).bf16_autocast}  # as truthfulqa_mc does
+                       "batch_size": cfg.batch_size, "bf16": bf16, "chat": chat}
             mc = _cached(scores, "truthfulqa_mc" + ("_chat" if chat else ""), request, lambda chat=chat: truthfulqa_mc(
-                model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=cfg.mc_bf16, chat=chat))
+                model, tokenizer, examples=mc_examples, batch_size=cfg.batch_size, bf16=bf16, chat=chat))
             for key in ("mc1", "mc2"):
                 name = key + ("_chat" if chat else "")
                 values = [q[key] for q in mc["per_question"]]

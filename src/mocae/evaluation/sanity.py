@@ -45,7 +45,7 @@ def reference_nll(model, tokenizer, prompts: list[str], references: list[str], b
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(references[i]))
     total, count, each = 0.0, 0, [0.0] * len(prompts)
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
-                              enabled=bf16 and capabilities_of(model).bf16_autocast)
+                              enabled=capabilities_of(model).autocast_bf16(bf16))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device_of(model)) for k, v in

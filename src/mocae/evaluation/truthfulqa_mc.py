@@ -234,7 +234,7 @@ def truthfulqa_mc(model, tokenizer, examples: Sequence | None = None, data_dir: 
     from lm_eval.tasks import TaskManager
 
     caps = capabilities_of(model)
-    bf16 = bf16 and caps.bf16_autocast  # peft Arrow fails under autocast: scored in fp32
+    bf16 = caps.autocast_bf16(bf16)  # peft Arrow fails under autocast: scored in fp32
     was_training = model.training
     routed = caps.per_request_routing
     if routed:
