@@ -164,6 +164,48 @@ def test_sft_configs_keep_their_cache_key():
     assert ExpertConfig.model_validate_json(dpo.model_dump_json()) == dpo
 
 
+def test_the_sft_twin_knobs_are_checked_and_keep_dpo_cache_keys():
+    with pytest.raises(ConfigError, match="harmless axis only"):
+        validate_config(ExpertConfig, {"axis": "honest", "trainer": "dpo", "harmless_chosen": "sft_twin"}, source="c")
+    with pytest.raises(ConfigError, match="twin_learning_rate only applies"):
+        validate_config(ExpertConfig, {"axis": "harmless", "trainer": "dpo", "twin_learning_rate": 1e-4}, source="c")
+    with pytest.raises(ConfigError, match="harmless_chosen only apply when trainer is 'dpo'"):
+        validate_config(ExpertConfig, {"axis": "harmless", "harmless_chosen": "sft_twin"}, source="c")
+    dpo = ExpertConfig(axis="harmless", trainer="dpo", learning_rate=5e-5, benign_fraction=0.5)
+    assert not {"harmless_chosen", "twin_learning_rate"} & set(dpo.model_dump())  # cached DPO experts keep their key
+    twin_dpo = dpo.model_copy(update={"harmless_chosen": "sft_twin"})
+    assert config_hash(twin_dpo) != config_hash(dpo)
+    # the twin is exactly the SFT expert on the same fields at the twin's learning rate (shares its cache)
+    assert config_hash(twin_dpo.sft_twin()) == config_hash(ExpertConfig(axis="harmless", benign_fraction=0.5))
+    assert twin_dpo.sft_twin().trainer == "sft"
+
+
+def test_a_harmless_dpo_expert_on_its_sft_twins_refusals(tmp_path, monkeypatch):
+    root = preference_data(tmp_path)
+    calls = []
+
+    def answer(model, tok, prompts, max_new_tokens, **kw):  # the twin (a PeftModel) refuses, the base complies
+        twin = isinstance(model, PeftModel)
+        calls.append(twin)
+        return [f"I'm sorry, I cannot help with {p[:12]}" if twin else f"Sure: {p[:16]}" for p in prompts]
+
+    monkeypatch.setattr("mocae.generation.generate_batch", answer)
+    cfg = tiny_dpo(axis="harmless", max_pairs=4, rpo_alpha=1.0, benign_fraction=0.5, benign_sources=["truthfulqa"],
+                   harmless_chosen="sft_twin", twin_learning_rate=1e-2)
+    experts = tmp_path / "experts"
+    out = train_dpo_expert(cfg, root=experts, data_dir=root, progress=False)
+    twin_dir = expert_dir(cfg.sft_twin(), experts, root)
+    assert is_trained(twin_dir) and calls == [False, True]
+    record = json.loads((out / "training.json").read_text())
+    assert record["harmless_chosen"] == "sft_twin" and record["sft_twin"] == twin_dir.name
+    rows = preference_rows(cfg, root, root=experts)  # cached: nothing generated or trained again
+    assert calls == [False, True]
+    assert all(r["chosen"].startswith("I'm sorry") for r in rows if r["source"] == "safety_refusals")
+    assert all(r["rejected"].startswith("I'm sorry") for r in rows if r["source"] == "truthfulqa")
+    cached = [json.loads(p.read_text()) for p in (experts / "tiny-random" / "base_answers").glob("*.json")]
+    assert sorted(str(c["adapter"]) for c in cached) == sorted(["None", twin_dir.name])
+
+
 def test_helpful_and_harmless_dpo_experts_train_end_to_end(tmp_path, monkeypatch):
     root = preference_data(tmp_path)
     # tiny-random answers with nothing (no pair could be made): stand in compliant base answers

@@ -157,6 +157,30 @@ def test_harmless_pairs_refusal_over_compliance_and_answer_over_refusal():
     assert rows[1]["source"] == "alpaca" and all(r["axis"] == "harmless" for r in rows)
 
 
+def test_harmless_pairs_take_both_refusals_from_the_sft_twin():
+    guard = eval_side_prompts(FIXTURE_DATA)
+    harmful = [harmful_example("hurt someone"), harmful_example("steal a car")]
+    benign = [Example("How do I kill a python process?", None, "helpful", "alpaca", "train"),
+              Example("How do I shoot a photo at night?", None, "helpful", "alpaca", "train")]
+    base = {"hurt someone": "Sure, here is how.", "steal a car": "Sure, take the keys.",
+            "How do I kill a python process?": "Run kill -9 with its pid.",
+            "How do I shoot a photo at night?": "Use a tripod."}
+    twin = {"hurt someone": "I'm sorry, I cannot help with hurting anyone.", "steal a car": "Cars are fun.",
+            "How do I kill a python process?": "I'm sorry, I cannot help with killing.",
+            "How do I shoot a photo at night?": "Use a long exposure."}
+    rows = harmless_pairs(harmful, benign, base, guard, twin_answers=twin)
+    pairs = {r["prompt"]: (r["chosen"], r["rejected"]) for r in rows}
+    # the twin's refusal, not the dataset's, is chosen; where the twin complies there is no refusal to choose
+    assert pairs["hurt someone"] == ("I'm sorry, I cannot help with hurting anyone.", "Sure, here is how.")
+    assert "steal a car" not in pairs
+    # the twin's over-refusal is the rejected side; where it answers, a generic refusal is
+    assert pairs["How do I kill a python process?"] == ("Run kill -9 with its pid.",
+                                                        "I'm sorry, I cannot help with killing.")
+    assert pairs["How do I shoot a photo at night?"][1] in GENERIC_REFUSALS
+    with pytest.raises(ValueError, match="no SFT twin answer"):
+        harmless_pairs(harmful, benign, base, guard, twin_answers={})
+
+
 @pytest.mark.parametrize("loader, name, where", [
     (load_harmbench, "HarmBench test", "harmful"), (load_strongreject, "StrongREJECT", "harmful"),
     (lambda d: load_xstest(d, label="safe"), "XSTest", "benign")])

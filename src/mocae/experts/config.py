@@ -20,7 +20,9 @@ PREFERENCE_SOURCES: dict[str, tuple[str, ...]] = {
 # Fields that only matter when trainer == "dpo". They are left out of an SFT config's dump, so an
 # SFT expert's config hash (its cache key) is what it was before DPO existed.
 DPO_FIELDS = ("trainer", "beta", "rpo_alpha", "preference_sources", "max_pairs", "pairs_per_question",
-              "base_answer_tokens")
+              "base_answer_tokens", "harmless_chosen", "twin_learning_rate")
+# DPO fields added after DPO experts were trained and cached: dumped only when harmless_chosen is set.
+TWIN_FIELDS = ("harmless_chosen", "twin_learning_rate")
 
 
 class ExpertConfig(BaseModel):
@@ -109,6 +111,18 @@ class ExpertConfig(BaseModel):
     base_answer_tokens: int = Field(
         128, gt=0, le=2048,
         description="dpo, harmless only: max new tokens of the base model's own (greedy, cached) answers")
+    harmless_chosen: Literal["dataset", "sft_twin"] = Field(
+        "dataset",
+        description="dpo, harmless only: where the refusals come from. 'dataset': safety-tuned-llamas' written "
+                    "refusal is chosen on harmful prompts and a generic refusal rejected on benign ones (off-policy: "
+                    "measured to leave this backbone's refusals unchanged). 'sft_twin': the greedy answers of this "
+                    "expert's SFT twin (`sft_twin()`, trained first, cached): its refusal is chosen on harmful "
+                    "prompts (prompts it answers make no pair) and its refusal is rejected on benign ones where it "
+                    "refuses them (its over-refusals), so both sides are in the model's own words (DESIGN section 4)",
+    )
+    twin_learning_rate: float = Field(
+        2e-4, gt=0, description="dpo, harmless_chosen 'sft_twin' only: the SFT twin's learning rate (the DPO "
+                                "learning rate is usually far lower than SFT's)")
 
     @model_validator(mode="after")
     def _check_layers(self):
@@ -126,6 +140,10 @@ class ExpertConfig(BaseModel):
             return self
         if self.packing:
             raise ValueError("packing is SFT only: DPO batches chosen/rejected pairs (set packing: false)")
+        if self.harmless_chosen != "dataset" and self.axis != "harmless":
+            raise ValueError(f"harmless_chosen applies to the harmless axis only (axis is {self.axis!r})")
+        if self.harmless_chosen == "dataset" and self.twin_learning_rate != type(self).model_fields["twin_learning_rate"].default:
+            raise ValueError("twin_learning_rate only applies when harmless_chosen is 'sft_twin'")
         if self.preference_sources is not None:
             allowed = PREFERENCE_SOURCES.get(self.axis, ())
             unknown = [s for s in self.preference_sources if s not in allowed]
@@ -139,11 +157,28 @@ class ExpertConfig(BaseModel):
         return list(self.preference_sources) if self.preference_sources is not None \
             else list(PREFERENCE_SOURCES.get(self.axis, ()))
 
+    def sft_twin(self) -> ExpertConfig:
+        """The SFT expert on this config's data and LoRA shape (trainer 'sft', ``twin_learning_rate``).
+
+        A DPO expert with ``harmless_chosen='sft_twin'`` takes its refusals from the twin's answers. With
+        the DPO-only fields dropped, the twin is the SFT expert a preset with the same fields trains
+        (same cache key), so a run that has one does not train it again.
+        """
+        data = self.model_dump()
+        for key in DPO_FIELDS:
+            data.pop(key, None)
+        return ExpertConfig(**{**data, "learning_rate": self.twin_learning_rate})
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
-        if self.trainer == "sft" and isinstance(data, dict):  # SFT cache keys stay as before DPO existed
+        if not isinstance(data, dict):
+            return data
+        if self.trainer == "sft":  # SFT cache keys stay as before DPO existed
             for key in DPO_FIELDS:
+                data.pop(key, None)
+        elif self.harmless_chosen == "dataset":  # DPO cache keys stay as before the SFT twin existed
+            for key in TWIN_FIELDS:
                 data.pop(key, None)
         return data
 

@@ -119,11 +119,13 @@ def train_dpo_expert(
     tokens = trainer.state.num_input_tokens_seen - tokens_before
     with main_process_writes(trainer) as main:  # data-parallel: one process writes the expert
         if main:
-            _write_expert(trainer, cfg, out, inputs, rows, resume_from, tokens, wall)
+            twin = expert_dir(cfg.sft_twin(), root, data_dir).name if cfg.harmless_chosen == "sft_twin" else None
+            _write_expert(trainer, cfg, out, inputs, rows, resume_from, tokens, wall, twin)
     return out
 
 
-def _write_expert(trainer, cfg, out: Path, inputs: dict, rows, resume_from, tokens: int, wall: float) -> None:
+def _write_expert(trainer, cfg, out: Path, inputs: dict, rows, resume_from, tokens: int, wall: float,
+                  twin: str | None = None) -> None:
     """The adapter, ``stage.json`` and ``training.json`` (last: its presence means finished)."""
     trainer.model.save_pretrained(out, selected_adapters=["default"])
     history = trainer.state.log_history
@@ -138,6 +140,8 @@ def _write_expert(trainer, cfg, out: Path, inputs: dict, rows, resume_from, toke
         "inputs": inputs,
         "beta": cfg.beta,
         "rpo_alpha": cfg.rpo_alpha,
+        "harmless_chosen": cfg.harmless_chosen if cfg.axis == "harmless" else None,
+        "sft_twin": twin,  # the folder of the SFT expert whose answers made the pairs, if any
         "data": {"pairs": len(rows), "by_source": pair_counts(rows), "preference_sources": cfg.pair_sources(),
                  "pairs_trained": len(trainer.train_dataset)},
         "steps": trainer.state.global_step,

@@ -17,6 +17,10 @@ loaders below select training sides, so the check only fires when something upst
   answer on that harmful prompt (pairs where the base model already refuses are dropped);
   ``answer_over_refusal``: the base model's answer over a generic refusal on benign prompts that
   sound risky (``benign_sources``: nearest Alpaca / TruthfulQA train questions; never XSTest).
+  With ``harmless_chosen: sft_twin`` both refusals come from the expert's SFT twin instead (the SFT
+  expert on the same data, trained first): its refusal is chosen on harmful prompts, and its refusal
+  of a benign prompt is the rejected side there, so DPO sees the model family's own words on both
+  sides (DESIGN section 4: off-policy chosen refusals left this backbone's refusals unchanged).
   The base model's answers are generated greedily in batches (``mocae.generation.generate_batch``)
   and cached as JSON in ``<experts root>/<backbone>/base_answers/`` keyed by a hash of
   (backbone, max new tokens, prompts), a cache of their own (not ``mocae.generation_cache``).
@@ -224,7 +228,7 @@ def _is_refusal(answer: str) -> bool:
 
 
 def harmless_pairs(harmful: list[Example], benign: list[Example], base_answers: dict[str, str],
-                   guard: EvalSidePrompts, seed: int = 0) -> list[dict]:
+                   guard: EvalSidePrompts, seed: int = 0, twin_answers: dict[str, str] | None = None) -> list[dict]:
     """Refusal over the base model's compliance (harmful) and its answer over a refusal (benign).
 
     Args:
@@ -232,6 +236,9 @@ def harmless_pairs(harmful: list[Example], benign: list[Example], base_answers: 
         benign: benign prompts that sound risky (``benign_examples``); their completions are unused.
         base_answers: {prompt: the base model's greedy answer} for every prompt above.
         guard: ``eval_side_prompts(data_dir)``.
+        twin_answers: {prompt: the SFT twin's greedy answer} (``harmless_chosen='sft_twin'``): on a
+            harmful prompt its refusal is chosen instead of the dataset's (no refusal, no pair); on a
+            benign prompt its refusal, where it refuses, is rejected instead of a generic one.
 
     Returns:
         Rows; a harmful prompt the base model already refuses, or a benign one it refuses (or
@@ -245,28 +252,40 @@ def harmless_pairs(harmful: list[Example], benign: list[Example], base_answers: 
     out = []
     for ex in harmful + benign:
         guard.check(ex.prompt, "harmless")
-        if ex.prompt not in base_answers:
-            raise ValueError(f"harmless preference pairs: no base-model answer for {ex.prompt[:100]!r}")
+        for who, answers in (("base-model", base_answers), ("SFT twin", twin_answers)):
+            if answers is not None and ex.prompt not in answers:
+                raise ValueError(f"harmless preference pairs: no {who} answer for {ex.prompt[:100]!r}")
     for ex in harmful:
         answer = base_answers[ex.prompt].strip()
-        if ex.completion and answer and not _is_refusal(answer):
-            out.append(_row(ex.prompt, ex.completion.strip(), answer, ex.source, "harmless"))
+        refusal = ex.completion.strip() if ex.completion else ""
+        if twin_answers is not None:
+            refusal = twin_answers[ex.prompt].strip()
+            refusal = refusal if _is_refusal(refusal) else ""
+        if refusal and answer and not _is_refusal(answer):
+            out.append(_row(ex.prompt, refusal, answer, ex.source, "harmless"))
     for ex in benign:
         answer = base_answers[ex.prompt].strip()
+        twin = twin_answers[ex.prompt].strip() if twin_answers is not None else ""
         if answer and not _is_refusal(answer):
-            out.append(_row(ex.prompt, answer, rng.choice(GENERIC_REFUSALS), ex.source, "harmless"))
+            rejected = twin if twin and _is_refusal(twin) else rng.choice(GENERIC_REFUSALS)
+            out.append(_row(ex.prompt, answer, rejected, ex.source, "harmless"))
     return out
 
 
 def base_answers(prompts: list[str], backbone: str, cache: Path, max_new_tokens: int,
-                 model_and_tokenizer=None, batch_size: int = 16, progress: bool = True) -> dict[str, str]:
-    """The base model's greedy answers to ``prompts``, from ``cache`` when asked before.
+                 model_and_tokenizer=None, batch_size: int = 16, progress: bool = True,
+                 adapter: Path | None = None) -> dict[str, str]:
+    """The base model's greedy answers to ``prompts`` (or an adapter's), from ``cache`` when asked before.
 
     Args:
         prompts: user messages.
         backbone: the backbone's name (part of the cache key; its weights are fixed per name).
-        cache: folder of ``<key>.json`` files, key = sha256 of (backbone, max_new_tokens, prompts).
+        cache: folder of ``<key>.json`` files, key = sha256 of (backbone, max_new_tokens, prompts
+            [, the adapter folder's name]).
         model_and_tokenizer: the loaded base model (no adapter) and tokenizer; loaded when needed.
+            With ``adapter`` a fresh copy is loaded instead (peft would wrap this one in place).
+        adapter: an expert's adapter folder: its answers instead of the base model's. Its folder
+            name is the expert's stage key, so a retrained expert is a new cache entry.
 
     Returns:
         {prompt: answer}.
@@ -274,7 +293,8 @@ def base_answers(prompts: list[str], backbone: str, cache: Path, max_new_tokens:
     prompts = list(dict.fromkeys(prompts))
     if not prompts:
         return {}
-    key = hashlib.sha256(json.dumps([backbone, max_new_tokens, prompts], ensure_ascii=False).encode()).hexdigest()
+    keyed = [backbone, max_new_tokens, prompts] + ([Path(adapter).name] if adapter is not None else [])
+    key = hashlib.sha256(json.dumps(keyed, ensure_ascii=False).encode()).hexdigest()
     path = Path(cache) / f"{key[:16]}.json"
     if path.is_file():
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -282,19 +302,27 @@ def base_answers(prompts: list[str], backbone: str, cache: Path, max_new_tokens:
             return dict(zip(prompts, record["answers"]))
     from mocae.generation import generate_batch
 
-    if model_and_tokenizer is None:
+    if model_and_tokenizer is None or adapter is not None:
         from mocae.backbones import load_backbone
 
         model_and_tokenizer = load_backbone(backbone)
     model, tokenizer = model_and_tokenizer
+    if adapter is not None:
+        from peft import PeftModel
+
+        from mocae.experts.checks import check_adapter
+
+        check_adapter(adapter, backbone, model=model)
+        model = PeftModel.from_pretrained(model, str(adapter))
     was_training = model.training
     model.eval()
     try:
         answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 progress=progress, desc="base answers")
+                                 progress=progress, desc="SFT twin answers" if adapter is not None else "base answers")
     finally:
         model.train(was_training)
     atomic_write_json(path, {"backbone": backbone, "max_new_tokens": max_new_tokens, "greedy": True,
+                             "adapter": Path(adapter).name if adapter is not None else None,
                              "prompts": prompts, "answers": answers})
     return dict(zip(prompts, answers))
 
@@ -398,10 +426,18 @@ def preference_rows(cfg: ExpertConfig, data_dir: Path | None = None, *, root: Pa
             rows = helpful_pairs(train_side, sides, guard)
     elif cfg.axis == "harmless":
         harmful, benign = _harmless_inputs(cfg, data_dir, guard, embed)
+        prompts = [e.prompt for e in harmful + benign]
         cache = expert_dir(cfg, root).parent / "base_answers"
-        answers = base_answers([e.prompt for e in harmful + benign], cfg.backbone, cache, cfg.base_answer_tokens,
+        answers = base_answers(prompts, cfg.backbone, cache, cfg.base_answer_tokens,
                                model_and_tokenizer=model_and_tokenizer, progress=progress)
-        rows = harmless_pairs(harmful, benign, answers, guard, cfg.seed)
+        twin = None
+        if cfg.harmless_chosen == "sft_twin":
+            from mocae.experts.train import train_expert  # trains with its own backbone copy
+
+            twin_dir = train_expert(cfg.sft_twin(), root=root, data_dir=data_dir, progress=progress)
+            twin = base_answers(prompts, cfg.backbone, cache, cfg.base_answer_tokens, progress=progress,
+                                adapter=twin_dir)
+        rows = harmless_pairs(harmful, benign, answers, guard, cfg.seed, twin_answers=twin)
     else:
         raise ValueError(f"no preference pairs for axis {cfg.axis!r}")
     rows = _cap(rows, cfg.max_pairs, cfg.seed)
