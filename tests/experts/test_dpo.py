@@ -91,8 +91,9 @@ def test_dpo_expert_trains_saves_a_peft_adapter_and_its_record(tmp_path):
     assert (out / "training.json").stat().st_mtime_ns == stamp
 
 
-def test_dpo_resume_after_interruption_matches_uninterrupted(tmp_path):
-    cfg = tiny_dpo()
+@pytest.mark.parametrize("init", ["zero", "sft_twin"])
+def test_dpo_resume_after_interruption_matches_uninterrupted(tmp_path, init):
+    cfg = tiny_dpo(dpo_init=init)
     with pytest.raises(KeyboardInterrupt):
         train_dpo_expert(cfg, root=tmp_path / "a", data_dir=FIXTURE_DATA, progress=False, callbacks=[StopAfter(4)])
     partial = expert_dir(cfg, tmp_path / "a", FIXTURE_DATA)
@@ -167,12 +168,13 @@ def test_sft_configs_keep_their_cache_key():
 def test_the_sft_twin_knobs_are_checked_and_keep_dpo_cache_keys():
     with pytest.raises(ConfigError, match="harmless axis only"):
         validate_config(ExpertConfig, {"axis": "honest", "trainer": "dpo", "harmless_chosen": "sft_twin"}, source="c")
-    with pytest.raises(ConfigError, match="twin_learning_rate only applies"):
+    with pytest.raises(ConfigError, match="twin_learning_rate only applies when harmless_chosen or dpo_init"):
         validate_config(ExpertConfig, {"axis": "harmless", "trainer": "dpo", "twin_learning_rate": 1e-4}, source="c")
     with pytest.raises(ConfigError, match="harmless_chosen only apply when trainer is 'dpo'"):
         validate_config(ExpertConfig, {"axis": "harmless", "harmless_chosen": "sft_twin"}, source="c")
     dpo = ExpertConfig(axis="harmless", trainer="dpo", learning_rate=5e-5, benign_fraction=0.5)
-    assert not {"harmless_chosen", "twin_learning_rate"} & set(dpo.model_dump())  # cached DPO experts keep their key
+    assert not {"harmless_chosen", "dpo_init", "twin_learning_rate"} & set(dpo.model_dump())  # cached keys stay
+    assert config_hash(dpo.model_copy(update={"dpo_init": "sft_twin"})) != config_hash(dpo)
     twin_dpo = dpo.model_copy(update={"harmless_chosen": "sft_twin"})
     assert config_hash(twin_dpo) != config_hash(dpo)
     # the twin is exactly the SFT expert on the same fields at the twin's learning rate (shares its cache)
@@ -204,6 +206,29 @@ def test_a_harmless_dpo_expert_on_its_sft_twins_refusals(tmp_path, monkeypatch):
     assert all(r["rejected"].startswith("I'm sorry") for r in rows if r["source"] == "truthfulqa")
     cached = [json.loads(p.read_text()) for p in (experts / "tiny-random" / "base_answers").glob("*.json")]
     assert sorted(str(c["adapter"]) for c in cached) == sorted(["None", twin_dir.name])
+
+
+def test_dpo_from_the_sft_twin_starts_at_its_adapter_with_it_as_reference(tmp_path):
+    cfg = tiny_dpo(dpo_init="sft_twin", max_pairs=4, learning_rate=1e-1, twin_learning_rate=1e-2)
+    experts = tmp_path / "experts"
+    seen = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["adapters"] = set(model.peft_config)
+            seen["default"] = {k: v.detach().clone() for k, v in model.named_parameters() if ".default." in k}
+
+    out = train_dpo_expert(cfg, root=experts, data_dir=FIXTURE_DATA, progress=False, callbacks=[AtStart()])
+    twin = expert_dir(cfg.sft_twin(), experts, FIXTURE_DATA)
+    assert is_trained(twin) and json.loads((out / "training.json").read_text())["sft_twin"] == twin.name
+    assert seen["adapters"] == {"default", "ref"}  # trl's frozen copy of the starting adapter is the reference
+    start, twin_w, trained = seen["default"], adapter_weights(twin), adapter_weights(out)
+    assert len(start) == len(twin_w) == len(trained)
+    for name, value in twin_w.items():  # DPO began at the twin's weights and moved away from them
+        assert torch.equal(start[name.replace(".weight", ".default.weight")], value)
+    assert any(not torch.allclose(trained[n], twin_w[n]) for n in twin_w)
+    # saved as a plain root-level adapter (no "ref" left in it)
+    assert not any(".ref." in n for n in trained)
 
 
 def test_helpful_and_harmless_dpo_experts_train_end_to_end(tmp_path, monkeypatch):

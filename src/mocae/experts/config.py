@@ -20,9 +20,9 @@ PREFERENCE_SOURCES: dict[str, tuple[str, ...]] = {
 # Fields that only matter when trainer == "dpo". They are left out of an SFT config's dump, so an
 # SFT expert's config hash (its cache key) is what it was before DPO existed.
 DPO_FIELDS = ("trainer", "beta", "rpo_alpha", "preference_sources", "max_pairs", "pairs_per_question",
-              "base_answer_tokens", "harmless_chosen", "twin_learning_rate")
-# DPO fields added after DPO experts were trained and cached: dumped only when harmless_chosen is set.
-TWIN_FIELDS = ("harmless_chosen", "twin_learning_rate")
+              "base_answer_tokens", "harmless_chosen", "dpo_init", "twin_learning_rate")
+# DPO fields added after DPO experts were trained and cached: dumped only when the SFT twin is used.
+TWIN_FIELDS = ("harmless_chosen", "dpo_init", "twin_learning_rate")
 
 
 class ExpertConfig(BaseModel):
@@ -120,9 +120,16 @@ class ExpertConfig(BaseModel):
                     "prompts (prompts it answers make no pair) and its refusal is rejected on benign ones where it "
                     "refuses them (its over-refusals), so both sides are in the model's own words (DESIGN section 4)",
     )
+    dpo_init: Literal["zero", "sft_twin"] = Field(
+        "zero",
+        description="dpo only: 'zero': a fresh LoRA, with the base model (adapter off) as the DPO reference; "
+                    "'sft_twin': SFT then DPO, the usual pipeline: the LoRA starts from the SFT twin's adapter "
+                    "and the twin is the reference (trl keeps a frozen 'ref' copy), so DPO edits what SFT learned "
+                    "(e.g. pushes down the SFT harmless expert's refusals of benign prompts) instead of starting over",
+    )
     twin_learning_rate: float = Field(
-        2e-4, gt=0, description="dpo, harmless_chosen 'sft_twin' only: the SFT twin's learning rate (the DPO "
-                                "learning rate is usually far lower than SFT's)")
+        2e-4, gt=0, description="dpo with the SFT twin (harmless_chosen or dpo_init 'sft_twin') only: the twin's "
+                                "learning rate (the DPO learning rate is usually far lower than SFT's)")
 
     @model_validator(mode="after")
     def _check_layers(self):
@@ -142,8 +149,8 @@ class ExpertConfig(BaseModel):
             raise ValueError("packing is SFT only: DPO batches chosen/rejected pairs (set packing: false)")
         if self.harmless_chosen != "dataset" and self.axis != "harmless":
             raise ValueError(f"harmless_chosen applies to the harmless axis only (axis is {self.axis!r})")
-        if self.harmless_chosen == "dataset" and self.twin_learning_rate != type(self).model_fields["twin_learning_rate"].default:
-            raise ValueError("twin_learning_rate only applies when harmless_chosen is 'sft_twin'")
+        if not self.uses_twin() and self.twin_learning_rate != type(self).model_fields["twin_learning_rate"].default:
+            raise ValueError("twin_learning_rate only applies when harmless_chosen or dpo_init is 'sft_twin'")
         if self.preference_sources is not None:
             allowed = PREFERENCE_SOURCES.get(self.axis, ())
             unknown = [s for s in self.preference_sources if s not in allowed]
@@ -156,6 +163,10 @@ class ExpertConfig(BaseModel):
         """The preference sources this (dpo) expert trains on: ``preference_sources`` or all of its axis."""
         return list(self.preference_sources) if self.preference_sources is not None \
             else list(PREFERENCE_SOURCES.get(self.axis, ()))
+
+    def uses_twin(self) -> bool:
+        """True when this (dpo) expert reads its SFT twin: for its refusals or as its starting point."""
+        return self.trainer == "dpo" and "sft_twin" in (self.harmless_chosen, self.dpo_init)
 
     def sft_twin(self) -> ExpertConfig:
         """The SFT expert on this config's data and LoRA shape (trainer 'sft', ``twin_learning_rate``).
@@ -177,7 +188,7 @@ class ExpertConfig(BaseModel):
         if self.trainer == "sft":  # SFT cache keys stay as before DPO existed
             for key in DPO_FIELDS:
                 data.pop(key, None)
-        elif self.harmless_chosen == "dataset":  # DPO cache keys stay as before the SFT twin existed
+        elif not self.uses_twin():  # DPO cache keys stay as before the SFT twin existed
             for key in TWIN_FIELDS:
                 data.pop(key, None)
         return data

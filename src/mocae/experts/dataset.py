@@ -112,8 +112,8 @@ def training_prompts(cfg: ExpertConfig, data_dir: Path | None = None) -> set[str
         from mocae.experts.preference import preference_prompts
 
         pairs = {normalise_text(r["prompt"]) for r in preference_prompts(cfg, data_dir)}
-        # the SFT twin whose answers make the pairs trains on its own rows too
-        return pairs | (training_prompts(cfg.sft_twin(), data_dir) if cfg.harmless_chosen == "sft_twin" else set())
+        # an SFT twin (whose answers make the pairs, or where DPO starts) trains on its own rows too
+        return pairs | (training_prompts(cfg.sft_twin(), data_dir) if cfg.uses_twin() else set())
     return {normalise_text(e.prompt) for e in select_examples(cfg, data_dir)}
 
 

@@ -7,7 +7,8 @@ interrupted run resumes from the newest complete one.
 
 The reference model is the base model itself: the LoRA is created by the trainer from
 ``peft_config``, so trl computes reference log-probabilities with the adapter disabled (no second
-model in memory). trl names the trained adapter "default" (and a "ref" copy when handed a model
+model in memory). With ``dpo_init: sft_twin`` the LoRA starts from the SFT twin's adapter instead
+(SFT then DPO) and the twin is the reference: trl copies the starting adapter to a frozen "ref". trl names the trained adapter "default" (and a "ref" copy when handed a model
 that already has one); only "default" is saved, as a root-level adapter, so
 ``PeftModel.from_pretrained(base, path, adapter_name=<axis>)`` loads it under the expert's name.
 
@@ -30,7 +31,8 @@ from mocae.experts.config import ExpertConfig
 from mocae.experts.preference import pair_counts, preference_rows
 from mocae.experts.checks import check_adapter
 from mocae.experts.train import (TRAINING_FILE, _peak_rss_mb, _right_padded, _tokens_seen, expert_dir, expert_inputs,
-                                 is_trained, latest_checkpoint, lora_config, main_process_writes, trainer_args)
+                                 is_trained, latest_checkpoint, lora_config, main_process_writes, train_expert,
+                                 trainer_args)
 from mocae.stages import stage_key, write_stage
 from mocae.paths import atomic_write_json
 
@@ -100,6 +102,14 @@ def train_dpo_expert(
     model, tokenizer = model_and_tokenizer or load_backbone(cfg.backbone)
     # Before the LoRA exists: the harmless pairs need the base model's own answers (cached).
     rows = preference_rows(cfg, data_dir, root=root, model_and_tokenizer=(model, tokenizer), progress=progress)
+    twin = train_expert(cfg.sft_twin(), root=root, data_dir=data_dir, progress=progress) if cfg.uses_twin() else None
+    peft_config = lora_config(cfg)
+    if cfg.dpo_init == "sft_twin":
+        from peft import PeftModel
+
+        # SFT then DPO: the twin's adapter is the trainable "default"; trl copies it to a frozen "ref"
+        # adapter and scores the reference with it (the twin, not the base model).
+        model, peft_config = PeftModel.from_pretrained(model, str(twin), is_trainable=True), None
     tokenizer = _right_padded(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "expert_config.json").write_text(cfg.model_dump_json(indent=2))
@@ -109,7 +119,7 @@ def train_dpo_expert(
     torch.manual_seed(cfg.seed)
     trainer = DPOTrainer(
         model=model, args=dpo_config(cfg, checkpoints, progress), processing_class=tokenizer,
-        train_dataset=Dataset.from_list(to_dpo_rows(rows, cfg.inject_prompt)), peft_config=lora_config(cfg),
+        train_dataset=Dataset.from_list(to_dpo_rows(rows, cfg.inject_prompt)), peft_config=peft_config,
         callbacks=callbacks,
     )
     tokens_before = _tokens_seen(resume_from)
@@ -119,8 +129,7 @@ def train_dpo_expert(
     tokens = trainer.state.num_input_tokens_seen - tokens_before
     with main_process_writes(trainer) as main:  # data-parallel: one process writes the expert
         if main:
-            twin = expert_dir(cfg.sft_twin(), root, data_dir).name if cfg.harmless_chosen == "sft_twin" else None
-            _write_expert(trainer, cfg, out, inputs, rows, resume_from, tokens, wall, twin)
+            _write_expert(trainer, cfg, out, inputs, rows, resume_from, tokens, wall, twin.name if twin else None)
     return out
 
 
@@ -141,7 +150,8 @@ def _write_expert(trainer, cfg, out: Path, inputs: dict, rows, resume_from, toke
         "beta": cfg.beta,
         "rpo_alpha": cfg.rpo_alpha,
         "harmless_chosen": cfg.harmless_chosen if cfg.axis == "harmless" else None,
-        "sft_twin": twin,  # the folder of the SFT expert whose answers made the pairs, if any
+        "dpo_init": cfg.dpo_init,
+        "sft_twin": twin,  # the SFT expert whose answers made the pairs or that DPO started from, if any
         "data": {"pairs": len(rows), "by_source": pair_counts(rows), "preference_sources": cfg.pair_sources(),
                  "pairs_trained": len(trainer.train_dataset)},
         "steps": trainer.state.global_step,
