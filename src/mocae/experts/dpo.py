@@ -8,8 +8,8 @@ interrupted run resumes from the newest complete one.
 The reference model is the base model itself: the LoRA is created by the trainer from
 ``peft_config``, so trl computes reference log-probabilities with the adapter disabled (no second
 model in memory). With ``dpo_init: sft_twin`` the LoRA starts from the SFT twin's adapter instead
-(SFT then DPO) and the twin is the reference: trl copies the starting adapter to a frozen "ref". trl names the trained adapter "default" (and a "ref" copy when handed a model
-that already has one); only "default" is saved, as a root-level adapter, so
+(SFT then DPO) and the twin is the reference: trl copies the starting adapter to a frozen "ref".
+trl names the trained adapter "default"; only it is saved, as a root-level adapter, so
 ``PeftModel.from_pretrained(base, path, adapter_name=<axis>)`` loads it under the expert's name.
 
 ``rpo_alpha`` adds trl's "sft" loss term (mean NLL of the chosen answer) with that weight: trl

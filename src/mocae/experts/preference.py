@@ -255,19 +255,19 @@ def harmless_pairs(harmful: list[Example], benign: list[Example], base_answers: 
         for who, answers in (("base-model", base_answers), ("SFT twin", twin_answers)):
             if answers is not None and ex.prompt not in answers:
                 raise ValueError(f"harmless preference pairs: no {who} answer for {ex.prompt[:100]!r}")
+    def twin_refusal(prompt: str) -> str:  # the twin's answer where it refuses, else ""
+        answer = twin_answers[prompt].strip()
+        return answer if answer and _is_refusal(answer) else ""
+
     for ex in harmful:
         answer = base_answers[ex.prompt].strip()
-        refusal = ex.completion.strip() if ex.completion else ""
-        if twin_answers is not None:
-            refusal = twin_answers[ex.prompt].strip()
-            refusal = refusal if _is_refusal(refusal) else ""
+        refusal = twin_refusal(ex.prompt) if twin_answers is not None else (ex.completion or "").strip()
         if refusal and answer and not _is_refusal(answer):
             out.append(_row(ex.prompt, refusal, answer, ex.source, "harmless"))
     for ex in benign:
         answer = base_answers[ex.prompt].strip()
-        twin = twin_answers[ex.prompt].strip() if twin_answers is not None else ""
         if answer and not _is_refusal(answer):
-            rejected = twin if twin and _is_refusal(twin) else rng.choice(GENERIC_REFUSALS)
+            rejected = (twin_refusal(ex.prompt) if twin_answers is not None else "") or rng.choice(GENERIC_REFUSALS)
             out.append(_row(ex.prompt, answer, rejected, ex.source, "harmless"))
     return out
 
