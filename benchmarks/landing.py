@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mocae.paths import atomic_write_json, cache_dir
+from mocae.paths import atomic_write_bytes, atomic_write_json, cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,16 +55,8 @@ def _landing_lock() -> Iterator[None]:
         yield
 
 
-def _write_bytes(dst: Path, data: bytes) -> None:
-    """Write ``dst`` atomically (tmp, then rename): a cut-off copy never passes for a landed file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dst)
-
-
 def _copy_file(src: Path, dst: Path) -> None:
-    _write_bytes(dst, Path(src).read_bytes())
+    atomic_write_bytes(dst, Path(src).read_bytes())
 
 
 def _generation_files(model_id: str, generations: Path) -> list[Path]:
@@ -130,7 +122,7 @@ def land_answers(land_to: Path, model_ids: list[str]) -> list[Path]:
         for path in _generation_files(model_id, cache_dir() / "generations"):
             dst, data = land_to / "generations" / path.name, path.read_bytes()
             if not (dst.is_file() and dst.read_bytes() == data):
-                _write_bytes(dst, data)
+                atomic_write_bytes(dst, data)
                 landed.append(dst)
     return landed
 
@@ -176,7 +168,7 @@ def restore_experts(commit: str, backbone: str, expected: dict[str, Path], repo:
         if not folder.name.endswith(str(stage.get("key", ""))[:12]):
             continue  # same name, other inputs: train it afresh
         for f in sorted(mine, key=lambda f: f.endswith("/training.json")):  # training.json last
-            _write_bytes(folder / f[len(prefix) + len(folder.name) + 1:], show(f))
+            atomic_write_bytes(folder / f[len(prefix) + len(folder.name) + 1:], show(f))
         restored.append(str(folder))
     return restored
 

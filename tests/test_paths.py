@@ -37,3 +37,23 @@ def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_text(target, 123)  # not text: the write fails before the replace
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_writers_of_the_same_file_side_by_side_each_land_a_whole_copy(tmp_path):
+    # Two bench sittings land the same base answers at once; a shared "<name>.tmp" let one rename
+    # the other's temp file away (FileNotFoundError) or publish a half-written copy.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mocae.paths import atomic_write_bytes
+
+    target = tmp_path / "answers.json"
+    payloads = [bytes([65 + i]) * 200_000 for i in range(6)]
+
+    def write(i):
+        for _ in range(20):
+            atomic_write_bytes(target, payloads[i])
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(write, range(6)))  # re-raises any writer's error
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["answers.json"]

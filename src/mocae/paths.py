@@ -40,19 +40,30 @@ def resolve_root(given: Path | str | None) -> Path | None:
     return data_dir()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader never sees a half-written file."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader never sees a half-written file.
+
+    The temporary file is unique per writer: two processes landing the same file side by side
+    each rename a whole copy instead of racing on one shared ``.tmp`` name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         _as_if_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) so a reader never sees a half-written file."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text writes str, not {type(text).__name__} (to {path})")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _as_if_created(path, mode: int) -> None:
