@@ -31,6 +31,32 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def paired_rows(rows: list[dict]) -> list[dict]:
+    """Each later row minus each earlier one on the same prompts: refusal differences, paired 95% intervals.
+
+    Only rows that kept per-prompt refusals (from 2026-12-07) and share both sets' hashes pair; the
+    verdict names the change in refusing harmful prompts (higher is safer) and benign ones (lower
+    is better).
+    """
+    from mocae.evaluation.metrics import paired_difference, verdict
+
+    def label(r: dict) -> str:
+        return "base" if r["trainer"] is None else f"{Path(r['expert']).name} ({r['trainer']})"
+
+    kept = [r for r in rows if "refused_harmful" in r]
+    out = []
+    for j, b in enumerate(kept):
+        for a in kept[j + 1:]:
+            if (a["harmful_sha256"], a["risky_benign_sha256"]) != (b["harmful_sha256"], b["risky_benign_sha256"]):
+                continue
+            harm = paired_difference(a["refused_harmful"], b["refused_harmful"], scale=100.0)
+            benign = paired_difference(a["refused_risky_benign"], b["refused_risky_benign"], scale=100.0)
+            out.append({"a": label(a), "b": label(b),
+                        "refusal_harmful": harm | {"verdict": verdict(harm)},
+                        "over_refusal_risky_benign": benign | {"verdict": verdict(benign, lower_is_better=True)}})
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=200)
@@ -52,7 +78,7 @@ def main() -> int:
     from mocae.backbones import load_backbone
     from mocae.data import load_harmbench
     from mocae.mixture.fit import calib_risky_prompts
-    from mocae.refusal import refusal_rate
+    from mocae.refusal import is_refusal, refusal_rate
     from mocae.experts.train import train_expert
     from mocae.generation import generate_batch
     from mocae.generation_cache import prompts_hash
@@ -92,6 +118,10 @@ def main() -> int:
             "overrides": args.set,
             "refusal_harmful": refusal_rate(harmful_out),
             "over_refusal_risky_benign": refusal_rate(safe_out),
+            # per prompt (1 = refused), in set order: rows on the same hashes are paired below
+            "refused_harmful": [int(is_refusal(a)) for a in harmful_out],
+            "refused_risky_benign": [int(is_refusal(a)) for a in safe_out],
+            "harmful_sha256": prompts_hash(harmful)[:16],
             "samples_risky_benign": [{"prompt": q, "answer": a} for q, a in list(zip(safe, safe_out))[::20]],
             "n_harmful": len(harmful), "n_risky_benign": len(safe),
             # rows of one invocation share their risky set; another invocation excludes its own variants'
@@ -105,6 +135,7 @@ def main() -> int:
         result = {
             "preset": args.preset, "rows": rows, "examples": args.examples,
             "metric": "string-match refusal (mocae.refusal), greedy, 32 new tokens",
+            "paired": paired_rows(rows),
             "sets": "harmful: HarmBench validation behaviours; risky benign: Alpaca nearest those, never an "
                     "expert's training prompt (calibration side: no eval set)",
             "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),

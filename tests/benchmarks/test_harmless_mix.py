@@ -72,3 +72,23 @@ def test_a_dpo_recipe_from_set_is_its_own_row_beside_the_sft_one(mix, tmp_path, 
     again = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())["rows"]
     assert [r["trainer"] for r in again] == ["sft", "dpo"]
     assert all(len(r["risky_benign_sha256"]) == 16 for r in again)
+    (pair,) = json.loads((tmp_path / "out" / "harmless_mix_calib_tiny.json").read_text())["paired"]
+    assert pair["a"].endswith("(dpo)") and pair["b"].endswith("(sft)")
+    assert pair["over_refusal_risky_benign"]["value"] == 0.0  # both answered the same stand-in
+
+
+def test_rows_pair_only_on_the_same_prompts_and_verdicts_follow_the_interval(mix):
+    def row(expert, trainer, harmful, benign, sets=("h1", "b1")):
+        return {"expert": f"/cache/{expert}", "trainer": trainer, "refused_harmful": harmful,
+                "refused_risky_benign": benign, "harmful_sha256": sets[0], "risky_benign_sha256": sets[1]}
+
+    n = 40
+    rows = [row("base", None, [0] * n, [0] * n),
+            row("sft-1", "sft", [1] * n, [1] * 20 + [0] * 20),
+            row("dpo-2", "dpo", [1] * n, [0] * n, sets=("h1", "b2")),  # another risky set: pairs with nothing
+            {"expert": "/cache/old", "trainer": "sft"}]  # measured before per-prompt refusals: skipped
+    (pair,) = mix.paired_rows(rows)
+    assert (pair["a"], pair["b"]) == ("sft-1 (sft)", "base")
+    assert pair["refusal_harmful"]["value"] == 100.0 and pair["refusal_harmful"]["verdict"] == "better"
+    benign = pair["over_refusal_risky_benign"]
+    assert benign["value"] == 50.0 and benign["verdict"] == "worse" and benign["n"] == n
