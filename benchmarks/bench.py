@@ -23,7 +23,8 @@ folders; each picks up what the other landed before its next system (base stays 
 Each sitting evaluates the systems in the preset's order and lands each finished one (and the
 finished answer sets of the one in progress) in benchmarks/results/bench_<backbone>/; the next
 sitting restores them, even on a fresh machine. Speed and memory are measured once, for every
-system together, after the last one lands.
+system together, after the last one lands. Until then bench_<backbone>/interim.md, rewritten as each
+system lands (or by --interim), shows the landed systems paired with each other.
 Nothing here is hard-coded: every number comes from that run's results.json.
 """
 
@@ -264,6 +265,73 @@ def build_report(results: dict, meta: dict) -> dict:
             "cost_only": {}, "judges": results.get("judges"), "targets": targets.check(results), "notes": notes}
 
 
+def landed_results(land_to: Path, systems: list[str], eval_config: dict, judges: dict | None = None) -> dict:
+    """A results.json-like dict of the systems landed in ``land_to`` so far, in the order of ``systems``.
+
+    Each system is the result ``landed.json`` names (its key); the oracle is composed when the
+    three experts have landed; comparisons are recomputed over the landed per-prompt values, so
+    systems landed by different sittings (their own run folders) are paired with each other too.
+
+    Args:
+        eval_config: the run's eval config (n_boot, seed, reference), as results.json's "config".
+        judges: the judges' validation (results.json's "judges"), when a run folder has it.
+    """
+    from mocae.baselines.oracle import oracle_result
+    from mocae.evaluation.compare import compare_systems
+
+    manifest_path = land_to / "landed.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    results = {"config": eval_config, "systems": {}, "judges": judges, "evaluated": {}}
+    for name in systems:
+        key = (manifest.get(name) or {}).get("key")
+        path = land_to / "systems" / f"{name}-{key}.json"
+        if name == "oracle":
+            try:
+                results["systems"][name] = oracle_result(results)
+            except ValueError:
+                continue  # an expert has not landed yet
+        elif key and path.is_file():
+            results["systems"][name] = json.loads(path.read_text(encoding="utf-8"))
+            results["evaluated"][name] = {"key": key}
+    threads = {s.get("torch_threads") for s in results["systems"].values()} - {None}
+    results["torch_threads"] = threads.pop() if len(threads) == 1 else None
+    results["comparisons"] = compare_systems(results)
+    return results
+
+
+def interim_markdown(report: dict, missing: list[str]) -> str:
+    """The bench tables of the systems landed so far, headed by what is missing (not the result yet)."""
+    head = (f"> **Interim: {len(report['systems'])} systems landed, {len(missing)} to go "
+            f"({', '.join(missing) or 'none'}).** Rewritten as each system lands; the benchmark's result is "
+            "`bench_<backbone>.md`, written once every system has landed and speed and memory were measured "
+            "together. Differences between landed systems are final (same prompts, paired); targets that need a "
+            "missing system are undecided.\n\n")
+    return head + markdown(report)
+
+
+def write_interim(land_to: Path, cfg, run_dir: Path | None, command: str) -> Path:
+    """Write ``land_to/interim.md`` from the landed systems (see :func:`landed_results`).
+
+    Returns:
+        The path written.
+    """
+    import torch
+
+    from mocae.paths import atomic_write_text
+
+    run_results = run_dir / "eval" / "results.json" if run_dir else None
+    judges = json.loads(run_results.read_text(encoding="utf-8")).get("judges") if run_results and \
+        run_results.is_file() else None
+    results = landed_results(land_to, list(cfg.systems), cfg.eval.model_dump(mode="json"), judges)
+    report = build_report(results, {
+        "backbone": cfg.backbone, "preset": cfg.name, "overrides": [], "command": command,
+        "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir), "wall_time_s": 0.0,
+        "machine": f"{platform.machine()}, torch {torch.__version__} (threads per system in landed.json)"})
+    missing = [n for n in cfg.systems if n not in results["systems"]]
+    atomic_write_text(land_to / "interim.md", interim_markdown(report, missing))
+    return land_to / "interim.md"
+
+
 def _sittings(args, cfg) -> Path:
     """Run the pipeline on growing prefixes of the preset's systems, landing each as it finishes.
 
@@ -318,6 +386,7 @@ def _sittings(args, cfg) -> Path:
                          progress=False, lazy=True)
             with git:
                 landed = landing.land(land_to, run_dir, name, sitting)
+                landed.append(write_interim(land_to, cfg, run_dir, sitting))
                 print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
                 if args.commit and landing.commit(landed, f"bench {cfg.backbone}: {name} evaluated under the "
                                                            f"issue-12 protocol and landed (resumable on a fresh machine)"):
@@ -356,6 +425,9 @@ def main() -> int:
     parser.add_argument("--experts-from", default=None, metavar="COMMIT",
                         help="restore experts committed at COMMIT (de14fe1 holds the full preset's three and its multi-task expert) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
+    parser.add_argument("--interim", action="store_true",
+                        help="only rewrite benchmarks/results/bench_<backbone>/interim.md from the systems landed so "
+                             "far (paired with each other) and exit; sittings rewrite it as each system lands")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every sitting of this run (MC2 moves in the 3rd decimal between 1 "
                              "and 2 threads: systems compared side by side should share one count; recorded)")
@@ -375,8 +447,22 @@ def main() -> int:
 
     start = time.time()
     cfg = load_run_config(args.preset, args.set)
+    import landing
+
+    if args.interim:
+        path = write_interim(landing.landing_dir(cfg.backbone), cfg, Path(args.run_dir) if args.run_dir else None,
+                             "python " + " ".join(sys.argv))
+        print(path.read_text(encoding="utf-8"))
+        return 0
     if args.land:
         run_dir = _sittings(args, cfg)
+        if not args.cost:
+            # A sitting without the joint cost run is one part of the bench (its own system list, no speed
+            # or memory): interim.md, rewritten as systems landed, stands for it; the headline files are
+            # written only by the run that measures every system together.
+            print(f"[bench] sitting done; the bench so far: {landing.landing_dir(cfg.backbone) / 'interim.md'}",
+                  flush=True)
+            return 0
     else:
         run_dir = run_pipeline(args.preset, run_dir=args.run_dir, overrides=args.set, progress=False)
     results = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -135,6 +135,7 @@ def test_a_sitting_cut_off_mid_system_still_lands_its_finished_answers(bench, tm
     monkeypatch.setattr(landing, "land_answers",
                         lambda land_to, ids: calls.append(("answers", tuple(ids))) or [tmp_path / "g.json"])
     monkeypatch.setattr(landing, "commit", lambda paths, message: calls.append(("commit", message)) or True)
+    monkeypatch.setattr(bench, "write_interim", lambda *a: tmp_path / "interim.md")
 
     def run_pipeline(preset, run_dir, overrides, progress, lazy):
         assert lazy  # restored evaluations of trained systems are not retrained to be reused
@@ -165,6 +166,7 @@ def test_each_system_first_takes_what_a_side_by_side_sitting_landed(bench, tmp_p
     monkeypatch.setattr(landing, "restore", lambda land_to, run_dir: calls.append("restore") or [])
     monkeypatch.setattr(landing, "land", lambda land_to, run_dir, name, sitting: calls.append(name) or [])
     monkeypatch.setattr(landing, "land_answers", lambda *a: [])
+    monkeypatch.setattr(bench, "write_interim", lambda *a: tmp_path / "interim.md")
     monkeypatch.setattr(mocae.pipeline, "run_pipeline", lambda preset, run_dir, overrides, progress, lazy: run_dir)
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=[], commit=False, experts_from=None,
                               cost=False, land_answers_every=0)
@@ -183,6 +185,7 @@ def test_speed_and_memory_are_measured_once_all_systems_landed(bench, tmp_path, 
     monkeypatch.setattr(landing, "restore", lambda *a: [])
     monkeypatch.setattr(landing, "land", lambda *a: [])
     monkeypatch.setattr(landing, "land_answers", lambda *a: [])
+    monkeypatch.setattr(bench, "write_interim", lambda *a: tmp_path / "interim.md")
     monkeypatch.setattr(mocae.pipeline, "run_pipeline",
                         lambda preset, run_dir, overrides, progress, lazy: runs.append(overrides) or run_dir)
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), preset="full", set=["eval.n_helpful=8"], commit=False,
@@ -190,3 +193,40 @@ def test_speed_and_memory_are_measured_once_all_systems_landed(bench, tmp_path, 
     bench._sittings(args, types.SimpleNamespace(backbone="tiny", systems=["base", "mocae"]))
     assert [o[-1] for o in runs[:2]] == ["efficiency.enabled=false"] * 2
     assert runs[-1] == ["eval.n_helpful=8"] and len(runs) == 3  # one last run, every system, efficiency on
+
+
+def test_the_interim_report_pairs_systems_landed_by_different_sittings(bench, tmp_path):
+    import json
+
+    rng = np.random.default_rng(1)
+    land = tmp_path / "bench_tiny"
+    landed = {"base": _system("base", rng), "expert_helpful": _system("expert_helpful", rng),
+              "expert_harmless": _system("expert_harmless", rng), "expert_honest": _system("expert_honest", rng),
+              "mocae": _system("mocae", rng, 0.4)}
+    manifest = {}
+    for i, (name, system) in enumerate(landed.items()):
+        (land / "systems").mkdir(parents=True, exist_ok=True)
+        (land / "systems" / f"{name}-k{i}.json").write_text(json.dumps(system))
+        (land / "systems" / f"{name}-old.json").write_text("{}")  # not the key landed.json names: ignored
+        manifest[name] = {"key": f"k{i}"}
+    manifest["oracle"] = {"key": None}
+    (land / "landed.json").write_text(json.dumps(manifest))
+    order = ["base", "expert_helpful", "expert_harmless", "expert_honest", "oracle", "mocae", "h3fusion"]
+    results = bench.landed_results(land, order, {"reference": "text_davinci_003", "n_boot": 100, "seed": 0})
+
+    assert list(results["systems"]) == order[:-1]  # the preset's order; the oracle composed from the experts
+    assert results["systems"]["oracle"]["composed_from"]["harmless"] == "expert_harmless"
+    assert results["comparisons"]["mocae-base"]["harmless/safety_score"]["value"] > 30  # shifted by +0.4
+    text = bench.interim_markdown(bench.build_report(results, META), [n for n in order if n not in results["systems"]])
+    assert text.startswith("> **Interim: 6 systems landed, 1 to go (h3fusion).**")
+    assert "| mocae | " in text and "| h3fusion |" not in text
+
+
+def test_a_sitting_without_the_cost_run_leaves_the_headline_files_alone(bench, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "_sittings", lambda args, cfg: tmp_path / "run")  # no results.json: never read
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--preset", "full", "--no-cost", "--set", "systems=[base, dare]"])
+    assert bench.main() == 0
+    assert not list(tmp_path.glob("bench_*.json")) and not list(tmp_path.glob("bench_*.md"))
