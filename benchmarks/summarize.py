@@ -15,7 +15,13 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _provenance(r: dict) -> str:
-    return f"`{r.get('command', '?')}` on {r.get('date', '?')} ({r.get('machine', '?')})"
+    """The command, date and machine a result records (what it lacks is said, not invented)."""
+    machine = r.get("machine")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{k} {machine[k]}" for k in ("torch", "threads", "cpus", "cpu_count") if k in machine)
+    parts = [f"`{r['command']}`" if r.get("command") else "no command recorded",
+             f"on {r['date']}" if r.get("date") else "no date recorded"]
+    return ", ".join(parts) + (f" ({machine})" if machine else "")
 
 
 def train_speed(r: dict) -> list[str]:
@@ -89,6 +95,41 @@ def harmless_mix_calib(r: dict) -> list[str]:
         lines.append(f"| {trainer} | {fraction} | {'+'.join(x['benign_sources']) or '-'} | {x['refusal_harmful']:.3f} | "
                      f"{x['over_refusal_risky_benign']:.3f} | {x['n_harmful']} / {x['n_risky_benign']} "
                      f"({x.get('risky_benign_sha256', '?')[:8]}) | {x['date']} |")
+    if r.get("paired"):
+        lines += ["", "Paired differences (a - b, points, 95% paired bootstrap interval) between rows on the same prompts:",
+                  "", "| a | b | refusal on harmful | over-refusal on risky benign |", "|---|---|---|---|"]
+        for d in r["paired"]:
+            cells = [f"{m['value']:+.1f} [{m['ci'][0]:+.1f}, {m['ci'][1]:+.1f}] {m['verdict']}"
+                     for m in (d["refusal_harmful"], d["over_refusal_risky_benign"])]
+            lines.append(f"| {d['a']} | {d['b']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def contamination(r: dict) -> list[str]:
+    pairs = r["pairs"]
+    found = [p for p in pairs if p["exact"] or p["near"]]
+    near = "" if r["exact_only"] else f" and near duplicates ({r['encoder']} cosine >= {r['threshold']})"
+    lines = [f"**{r['overlaps']} overlaps** in {len(pairs)} (training source, eval set, field) pairs: exact matches after "
+             f"normalisation{near}.",
+             "", "| training source | read by | eval sets checked |", "|---|---|---|"]
+    for source in r["training_sources"]:
+        sets = sorted({p["eval_set"] for p in pairs if p["source"] == source["name"]})
+        lines.append(f"| {source['name']} | {', '.join(source['stages'])} | {', '.join(sets)} |")
+    lines += [f"- overlap: {p['source']} x {p['eval_set']} ({p['field']}): {p['exact']} exact, {p['near']} near"
+              for p in found]
+    lines += ["", "Not trained on (checked as such): " + "; ".join(r.get("not_trained_on", []))]
+    return lines
+
+
+def serve_load(r: dict) -> list[str]:
+    soak = r["soak"]
+    lines = [f"Soak: {soak['requests']} requests ({soak['malformed']} malformed) at concurrency 32: **{soak['lost']} lost, "
+             f"{soak['5xx']} 5xx**, {soak['malformed_4xx']} malformed answered 4xx; latency p50/p95/p99 "
+             f"{soak['latency_s']['p50']} / {soak['latency_s']['p95']} / {soak['latency_s']['p99']} s "
+             f"({r['machine']['threads']} torch thread, load average at start {r['machine']['load_average_at_start']}).",
+             "", "| ratio | value | target | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |"
+              for name, t in r["targets"].items()]
     return lines
 
 
@@ -103,6 +144,13 @@ def bench(r: dict) -> list[str]:
     from bench import markdown
 
     return markdown(r).splitlines()[3:]  # without its title and provenance line
+
+
+def own_markdown(path: Path) -> list[str]:
+    """A result's own Markdown report (written beside its JSON by its script), its headings one level down."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    body = lines[1:] if lines and lines[0].startswith("# ") else lines
+    return [f"#{line}" if line.startswith("#") else line for line in body]
 
 
 SECTIONS = {
@@ -120,6 +168,12 @@ SECTIONS = {
                                "sets: HarmBench test and XSTest safe; not a basis for a choice)", harmless_mix),
     "harmless_mix_calib_full.json": ("Stage 1 harmless expert at full size: benign-instruction share, calibration "
                                      "side", harmless_mix_calib),
+    "contamination.json": ("Contamination check: every training source against every evaluated set", contamination),
+    "judges.json": ("Offline judges: held-out validation", "judges.md"),
+    "expert_dev.json": ("Expert candidates on AlpacaEval judge_dev (never evaluated)", "expert_dev.md"),
+    "router_screen.json": ("Router variants, calibration side (no generation)", "router_screen.md"),
+    "mocae_ablation.json": ("MoCaE ablation, calibration side: what the default is chosen by", "mocae_ablation.md"),
+    "serve_load.json": ("Serving under load (benchmarks/serve_load.py)", serve_load),
     "bench_smollm2-135m.json": ("Every system, SmolLM2-135M (benchmarks/bench.py)", bench),
     "bench_qwen2.5-coder-0.5b.json": ("Every system, Qwen2.5-Coder-0.5B (benchmarks/bench.py)", bench),
 }
@@ -129,10 +183,17 @@ def main() -> None:
     out = ["# Benchmark results", "", "Generated by `benchmarks/summarize.py` from the JSON files beside it.", ""]
     for file, (title, render) in SECTIONS.items():
         path = RESULTS / file
+        interim = RESULTS / file.removesuffix(".json") / "interim.md"
+        if not path.is_file() and file.startswith("bench_") and interim.is_file():
+            # every system has not landed yet: the landed ones, as their sittings left them
+            out += [f"## {title}: interim", "", f"Source: `{interim.relative_to(RESULTS)}`.", "",
+                    *own_markdown(interim), ""]
+            continue
         if not path.is_file():
             continue
         r = json.loads(path.read_text())
-        out += [f"## {title}", "", f"Source: `{file}`; {_provenance(r)}.", "", *render(r), ""]
+        body = own_markdown(RESULTS / render) if isinstance(render, str) else render(r)
+        out += [f"## {title}", "", f"Source: `{file}`; {_provenance(r)}.", "", *body, ""]
     (RESULTS / "SUMMARY.md").write_text("\n".join(out))
     print("\n".join(out))
 
