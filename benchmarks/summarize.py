@@ -172,6 +172,7 @@ SECTIONS = {
     "judges.json": ("Offline judges: held-out validation", "judges.md"),
     "expert_dev.json": ("Expert candidates on AlpacaEval judge_dev (never evaluated)", "expert_dev.md"),
     "router_screen.json": ("Router variants, calibration side (no generation)", "router_screen.md"),
+    "rule_screen.json": ("Hard decision rules screened by composition, calibration side", "rule_screen.md"),
     "mocae_ablation.json": ("MoCaE ablation, calibration side: what the default is chosen by", "mocae_ablation.md"),
     "serve_load.json": ("Serving under load (benchmarks/serve_load.py)", serve_load),
     "bench_smollm2-135m.json": ("Every system, SmolLM2-135M (benchmarks/bench.py)", bench),

@@ -160,3 +160,14 @@ def test_truncated_share_is_exact(tiny, tmp_path):
     cached = generate_records(ExplodingModel(), tokenizer, "tiny-eos", "set", prompts,
                               GenerationConfig(max_new_tokens=budget, batch_size=4), tmp_path, progress=False)
     assert cached == gens  # counts survive the cache
+
+
+def test_cached_records_reads_a_finished_request_and_never_generates(tiny, tmp_path):
+    from mocae.generation_cache import cached_records, generate_records
+
+    model, tokenizer = tiny
+    gen = GenerationConfig(max_new_tokens=3, batch_size=2)
+    assert cached_records("tiny-a", "set", ["hi", "yo"], gen, tmp_path) is None  # nothing there: no answers made
+    made = generate_records(model, tokenizer, "tiny-a", "set", ["hi", "yo"], gen, tmp_path, progress=False)
+    assert cached_records("tiny-a", "set", ["hi", "yo"], gen, tmp_path).outputs == made.outputs
+    assert cached_records("tiny-a", "set", ["hi"], gen, tmp_path) is None  # another request: a miss

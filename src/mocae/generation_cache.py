@@ -127,6 +127,13 @@ def _stale(path: Path, why: str) -> None:
     return None
 
 
+def cached_records(model_id: str, prompt_set: str, prompts: list[str], gen: GenerationConfig,
+                   cache_dir: Path) -> Generations | None:
+    """The answers :func:`generate_records` cached for exactly this request, or None (nothing generated)."""
+    path = _cache_path(cache_dir, model_id, prompt_set, gen, prompts)
+    return _read_cache(path, model_id, prompt_set, gen, prompts) if path.is_file() else None
+
+
 def generate_records(model, tokenizer, model_id: str, prompt_set: str, prompts: list[str],
                      gen: GenerationConfig, cache_dir: Path, progress: bool = True) -> Generations:
     """Answers to ``prompts`` with per-answer token counts and EOS, cached and verified on read.
@@ -152,11 +159,10 @@ def generate_records(model, tokenizer, model_id: str, prompt_set: str, prompts: 
     """
     if not prompts:
         raise ValueError(f"prompt set {prompt_set!r} is empty: nothing to generate")
+    cached = cached_records(model_id, prompt_set, prompts, gen, cache_dir)
+    if cached is not None:
+        return cached
     path = _cache_path(cache_dir, model_id, prompt_set, gen, prompts)
-    if path.is_file():
-        cached = _read_cache(path, model_id, prompt_set, gen, prompts)
-        if cached is not None:
-            return cached
     from mocae.generation import generate_batch
 
     outputs, n_tokens, eos = generate_batch(model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,

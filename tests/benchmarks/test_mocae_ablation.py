@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark_scripts import load_script
-from run_data import TINY_EXPERTS_PRESET
+from run_data import TINY_MOCAE_PRESET, StandInJudge
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +44,6 @@ def test_an_incomplete_run_names_what_is_missing_and_chooses_nothing(ablation):
     assert "**Chosen: soft**" in ablation.markdown({**report, "complete": True})
 
 
-PRESET = TINY_EXPERTS_PRESET + """\
-router: {n_per_axis: 4, n_test_per_axis: 2, epochs: 5, calibrators: [none, temperature]}
-systems: [base, expert_helpful, expert_harmless, expert_honest, mocae]
-"""
-
-
-class _Judge:
-    validation = {"note": "a stand-in: this test checks the script's plumbing, not a judge"}
-
-    def prefer(self, prompts, a, b):
-        return [0.25 + 0.5 * (len(y) > len(x)) for x, y in zip(a, b)]
-
-    def score(self, prompts, outputs, prompt_unsafe=None):
-        return [float(len(o) % 2) for o in outputs]
-
-
 def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path, monkeypatch):
     import json
     import sys
@@ -68,9 +52,9 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     from run_data import pipeline_data
 
     monkeypatch.setenv("MOCAE_DATA_DIR", str(pipeline_data(tmp_path / "data")))
-    monkeypatch.setattr(mocae.evaluation.judges, "load_judge", lambda kind: _Judge())
+    monkeypatch.setattr(mocae.evaluation.judges, "load_judge", lambda kind: StandInJudge())
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(PRESET)
+    preset.write_text(TINY_MOCAE_PRESET)
     monkeypatch.setattr(sys, "argv", ["mocae_ablation.py", "--preset", str(preset), "--run-dir", str(tmp_path / "run"),
                                       "--variants", "soft", "harm_gate", "prior_uniform", "--n-over-refusal", "2",
                                       "--max-new-tokens", "3", "--results-dir", str(tmp_path / "out"),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mocae.evaluation.harness import EvalConfig, _router_metrics, _routing, eval_prompts, evaluate, evaluate_system
+from mocae.evaluation.harness import (EvalConfig, _router_metrics, eval_prompts, evaluate, evaluate_system,
+                                     routing_probabilities)
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 VALIDATION = {"helpful": {"agreement": 0.81, "agreement_length_matched": 0.7},
@@ -219,7 +220,7 @@ def test_routing_and_router_metrics(tiny, data):
     cfg = small_config()
     prompts = eval_prompts(cfg)
     sets = {k: prompts[k] for k in ("alpaca_eval", "harmful", "xstest_safe", "truthfulqa")}
-    routing = _routing(FakeRouted(), tokenizer, sets, cfg)
+    routing = routing_probabilities(FakeRouted(), tokenizer, sets, cfg)
     assert routing["sets"]["alpaca_eval"]["label"] == 0 and routing["sets"]["xstest_safe"]["label"] is None
     assert len(routing["sets"]["harmful"]["probs"]) == 4
     router = _router_metrics(routing, cfg)
@@ -227,7 +228,7 @@ def test_routing_and_router_metrics(tiny, data):
     assert router["accuracy"]["value"] == pytest.approx(len(prompts["alpaca_eval"]) / labelled)
     assert router["accuracy"]["n"] == labelled
     assert router["ece"]["value"] == pytest.approx(abs(0.8 - router["accuracy"]["value"]), abs=1e-6)
-    assert _routing(object(), tokenizer, sets, cfg) is None  # plain models have no routing
+    assert routing_probabilities(object(), tokenizer, sets, cfg) is None  # plain models have no routing
 
 
 def test_routing_of_a_real_mocae_model(tiny, data, tmp_path):
@@ -245,7 +246,7 @@ def test_routing_of_a_real_mocae_model(tiny, data, tmp_path):
     model = MoCaEModel.build(MoCaEConfig(backbone="tiny-random", experts=experts), model_and_tokenizer=tiny)
     cfg = small_config()
     prompts = eval_prompts(cfg)
-    routing = _routing(model, model.tokenizer, {"alpaca_eval": prompts["alpaca_eval"],
+    routing = routing_probabilities(model, model.tokenizer, {"alpaca_eval": prompts["alpaca_eval"],
                                                 "truthfulqa": prompts["truthfulqa"]}, cfg)
     probs = torch.tensor(routing["sets"]["alpaca_eval"]["probs"])
     assert probs.shape == (len(prompts["alpaca_eval"]), 3)

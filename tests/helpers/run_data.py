@@ -15,6 +15,23 @@ experts:
   all: {rank: 2, alpha: 4, max_examples: 3, max_length: 64, batch_size: 2, bf16: false, warmup_ratio: 0,
         learning_rate: 0.01}
 """
+# The tiny experts with a small router over them (the calibration-side scripts' runs).
+TINY_MOCAE_PRESET = TINY_EXPERTS_PRESET + """\
+router: {n_per_axis: 4, n_test_per_axis: 2, epochs: 5, calibrators: [none, temperature]}
+systems: [base, expert_helpful, expert_harmless, expert_honest, mocae]
+"""
+
+
+class StandInJudge:
+    """A helpful and harmless judge for tests of a script's plumbing (not of a judge): deterministic in the text."""
+
+    validation = {"note": "a stand-in: this test checks the script's plumbing, not a judge"}
+
+    def prefer(self, prompts, a, b):
+        return [0.25 + 0.5 * (len(y) > len(x)) for x, y in zip(a, b)]
+
+    def score(self, prompts, outputs, prompt_unsafe=None):
+        return [float(len(o) % 2) for o in outputs]
 
 
 def pipeline_data(root: Path, n_alpaca_eval: int = 24) -> Path:

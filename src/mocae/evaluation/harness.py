@@ -311,9 +311,17 @@ def _honest(model, tokenizer, judges, tq, mc_examples, outputs, cfg, per_prompt:
     return out
 
 
-def _routing(model, tokenizer, sets: dict, cfg) -> dict | None:
+def routing_probabilities(model, tokenizer, sets: dict, cfg) -> dict | None:
     """Per-prompt routing probabilities of a routed system (``Capabilities.router``; None for others,
-    a note for token routing)."""
+    a note for token routing), each prompt routed as generation routes it (chat format, left padding).
+
+    Args:
+        sets: {set name: examples with ``.prompt``}; a set named in ``SET_AXIS`` gets its axis label.
+        cfg: anything with ``system`` and ``batch_size`` (an EvalConfig).
+
+    Returns:
+        {"axes": [...], "sets": {name: {"label": axis index or None, "probs": [[p per axis], ...]}}}.
+    """
     caps = capabilities_of(model)
     if not (caps.router and caps.routing_report):
         return None
@@ -428,7 +436,7 @@ def evaluate_system(name: str, model, tokenizer, cfg: EvalConfig, out_dir: Path,
         result_metrics["honest"] = _honest(model, tokenizer, judges, sets["truthfulqa"], sets["truthfulqa_mc"],
                                            outputs["truthfulqa"], cfg, per_prompt, (cache, model_id))
     with stage("routing"):
-        routing = _routing(model, tokenizer, {k: sets[k] for k in SET_AXIS}, cfg)
+        routing = routing_probabilities(model, tokenizer, {k: sets[k] for k in SET_AXIS}, cfg)
         if routing is not None and routing["sets"]:
             result_metrics["router"] = _router_metrics(routing, cfg)
     efficiency = None
