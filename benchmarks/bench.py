@@ -188,8 +188,9 @@ def _diff(d: dict | None) -> str:
 def markdown(report: dict) -> str:
     reference = report.get("reference", "text_davinci_003")
     lines = [f"# Benchmark: {report['backbone']}", "",
-             f"`{report['command']}` on {report['date']}; {report['machine']}; run `{report['run_dir']}`; "
-             f"wall time of this invocation {report['wall_time_s']:.0f} s.", "",
+             f"`{report['command']}` on {report['date']}; {report['machine']}; run `{report['run_dir']}`"
+             + (f"; wall time of this invocation {report['wall_time_s']:.0f} s." if report["wall_time_s"] is not None
+                else " (assembled from the landed files: each system's time is its sitting's)."), "",
              f"**Headline helpfulness metric: the length-controlled win rate vs {reference} (`{HEADLINE}`)**, "
              "AlpacaEval 2's GLM at equal answer length: our judge's raw win rate follows length, so the raw "
              "figures are shown beside it, with answer length and the share of answers cut at the token limit.", "",
@@ -325,7 +326,7 @@ def write_interim(land_to: Path, cfg, run_dir: Path | None, command: str) -> Pat
     results = landed_results(land_to, list(cfg.systems), cfg.eval.model_dump(mode="json"), judges)
     report = build_report(results, {
         "backbone": cfg.backbone, "preset": cfg.name, "overrides": [], "command": command,
-        "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir), "wall_time_s": 0.0,
+        "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir), "wall_time_s": None,
         "machine": f"{platform.machine()}, torch {torch.__version__} (threads per system in landed.json)"})
     missing = [n for n in cfg.systems if n not in results["systems"]]
     atomic_write_text(land_to / "interim.md", interim_markdown(report, missing))

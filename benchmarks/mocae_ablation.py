@@ -195,16 +195,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def calib_arguments(parser: argparse.ArgumentParser, run_dir_help: str) -> None:
+    """The options of a calibration-side measurement of one run (this ablation, the rule screen): same sets."""
     parser.add_argument("--preset", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
-    parser.add_argument("--run-dir", required=True, help="the run whose experts (and router) are ablated")
-    parser.add_argument("--variants", nargs="*", default=[*MODES, *REFITS], help="which variants to measure")
-    parser.add_argument("--refit-modes", nargs="+", default=["soft", "top1"], choices=list(MODES),
-                        help="decision rules each refitted router is measured under (the first named plainly, the "
-                             "rest '<refit>+<mode>'; one whose first-mode answers equal the default router's is not "
-                             "measured again under the others)")
+    parser.add_argument("--run-dir", required=True, help=run_dir_help)
     parser.add_argument("--n-over-refusal", type=int, default=120,
                         help="risky benign calib prompts (at most mocae.mixture.fit.CALIB_RISKY_RESERVE, the band "
                              "router_hard_negatives never trains on)")
@@ -214,6 +209,25 @@ def main() -> int:
                         help="restore experts committed at COMMIT (de14fe1 holds the full preset's three and its multi-task expert) into "
                              "the cache before training, where their stage key matches (benchmarks/landing.py)")
     parser.add_argument("--results-dir", default=str(RESULTS))
+
+
+def check_calib_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """One clear error (exit 2) for options :func:`calib_arguments` cannot take."""
+    from mocae.mixture.fit import CALIB_RISKY_RESERVE
+
+    if args.n_over_refusal > CALIB_RISKY_RESERVE:
+        parser.error(f"--n-over-refusal {args.n_over_refusal}: at most {CALIB_RISKY_RESERVE} (beyond that the risky "
+                     "benign prompts may be ones router_hard_negatives trained the router on)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    calib_arguments(parser, "the run whose experts (and router) are ablated")
+    parser.add_argument("--variants", nargs="*", default=[*MODES, *REFITS], help="which variants to measure")
+    parser.add_argument("--refit-modes", nargs="+", default=["soft", "top1"], choices=list(MODES),
+                        help="decision rules each refitted router is measured under (the first named plainly, the "
+                             "rest '<refit>+<mode>'; one whose first-mode answers equal the default router's is not "
+                             "measured again under the others)")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit the report and the variants' answers (landed beside the bench's) as each lands")
     parser.add_argument("--report-name", default="mocae_ablation",
@@ -222,11 +236,7 @@ def main() -> int:
     unknown = sorted(set(args.variants) - set(MODES) - set(REFITS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(MODES) + list(REFITS)}")
-    from mocae.mixture.fit import CALIB_RISKY_RESERVE
-
-    if args.n_over_refusal > CALIB_RISKY_RESERVE:
-        parser.error(f"--n-over-refusal {args.n_over_refusal}: at most {CALIB_RISKY_RESERVE} (beyond that the risky "
-                     "benign prompts may be ones router_hard_negatives trained the router on)")
+    check_calib_arguments(parser, args)
 
     import torch
 

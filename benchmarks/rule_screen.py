@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
 BASE = -1  # a rule's choice for "no expert": the base model
 
 
@@ -183,18 +182,14 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import mocae_ablation as ablation
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="full")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
-    parser.add_argument("--run-dir", required=True, help="the run whose experts and router are screened")
-    parser.add_argument("--n-over-refusal", type=int, default=120, help="risky benign calib prompts (as the ablation)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--experts-from", default=None, metavar="COMMIT",
-                        help="restore experts committed at COMMIT into the cache first (benchmarks/landing.py)")
-    parser.add_argument("--results-dir", default=str(RESULTS))
+    ablation.calib_arguments(parser, "the run whose experts and router are screened")
     parser.add_argument("--commit", action="store_true", help="git-commit the report and the experts' calib answers")
     args = parser.parse_args()
+    ablation.check_calib_arguments(parser, args)
 
     import torch
 
@@ -204,9 +199,7 @@ def main() -> int:
 
     from peft import PeftModel
 
-    sys.path.insert(0, str(Path(__file__).parent))
     import landing
-    import mocae_ablation as ablation
 
     from mocae.backbones import load_backbone
     from mocae.evaluation.harness import routing_probabilities

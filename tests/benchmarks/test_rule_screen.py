@@ -118,3 +118,13 @@ def test_end_to_end_composition_equals_generation_where_the_router_is_one_hot(sc
     # a one-hot mixture is the expert's adapter: fp32 on tiny-random, the same greedy answers exactly
     assert all(c["identical"] == c["one_hot"] for c in check.values()) and sum(c["one_hot"] for c in check.values())
     assert "Composition checked against generation" in (tmp_path / "out" / "rule_screen.md").read_text()
+
+
+def test_it_takes_the_ablations_calib_options_and_their_checks(screen, monkeypatch):
+    import sys
+
+    # beyond the reserve the risky benign prompts may be router_hard_negatives' training prompts
+    monkeypatch.setattr(sys, "argv", ["rule_screen.py", "--run-dir", "x", "--n-over-refusal", "100000"])
+    with pytest.raises(SystemExit) as stop:
+        screen.main()
+    assert stop.value.code == 2
