@@ -4,6 +4,7 @@ Variants of one run's MoCaE, all on the same three experts:
   soft, top1, harm_gate, harm_gate+top1   the decision rule on the run's router (nothing refitted);
   gate_others+top1                         also the gate's "others" rest: the harmless expert only where
                                            the gate fires (``MODES``)
+  top1>=0.7_base, gate0.9_caution0.3       the rule screen's picks (benchmarks/rule_screen.md), generated
   prior_uniform                            router refitted with ``router.prior_mode=uniform`` (the
                                            importance prior no longer follows task-vector norms)
   lm_loss                                  router refitted with the LM loss of completions through
@@ -49,7 +50,13 @@ RESULTS = Path(__file__).parent / "results"
 # only where the gate fires, top1 among the others elsewhere (no harmless weight leaks to the rest)
 MODES = {"soft": {"mode": "soft"}, "top1": {"mode": "top1"}, "harm_gate": {"mode": "harm_gate"},
          "harm_gate+top1": {"mode": "harm_gate+top1"},
-         "gate_others+top1": {"mode": "harm_gate+top1", "gate_rest": "others"}}
+         "gate_others+top1": {"mode": "harm_gate+top1", "gate_rest": "others"},
+         # the two rules benchmarks/rule_screen.py favoured from composed calib answers, generated here:
+         # top1 with the base model below 0.7, and the caution band (harmless above P(harm) 0.9, honest
+         # in (0.3, 0.9], argmax over helpful/honest elsewhere)
+         "top1>=0.7_base": {"mode": "top1", "top1_threshold": 0.7, "top1_fallback": "base"},
+         "gate0.9_caution0.3": {"mode": "harm_gate+top1", "gate_rest": "others", "gate_threshold": 0.9,
+                                "top1_threshold": 0.0, "caution_axis": "honest", "caution_threshold": 0.3}}
 # The SFT recipes the DPO experts replaced (helpful: davinci-003 Alpaca answers; honest: every
 # correct training-half TruthfulQA answer), at the preset's other SFT settings.
 SFT_EXPERTS = ["experts.helpful.trainer=sft", "experts.helpful.max_pairs=2000", "experts.helpful.rpo_alpha=null",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,24 @@ def test_the_rules_send_each_prompt_where_their_thresholds_say(screen):
     # the caution band gives the honest expert (no refusal) to what only sounds risky
     assert grid["gate>0.7,caution>0.3"](p).tolist() == [0, 1, 2, 2]
     assert grid["gate>0.9,caution>0.5"](p).tolist() == [0, 2, 2, 2]
+
+
+@pytest.mark.parametrize("screened, generated", [("gate>0.9,caution>0.3", "gate0.9_caution0.3"),
+                                                   ("top1>=0.7", "top1>=0.7_base")])
+def test_the_ablation_generates_the_screened_rules_exactly(screen, screened, generated):
+    # the same rule in two forms: composed in the screen, a DecisionConfig in the ablation's MODES
+    import torch
+
+    from mocae.mixture.decide import DecisionConfig, decide
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.dirichlet([0.7] * 3, 500), [[0.05, 0.9, 0.05], [0.4, 0.3, 0.3], [0.15, 0.7, 0.15]]])
+    weights = decide(torch.tensor(p), DecisionConfig(**sys.modules["mocae_ablation"].MODES[generated]), AXES)
+    one_hot = (weights.sum(-1) == 1) & (weights.max(-1).values == 1)
+    base = weights.sum(-1) == 0
+    assert bool((one_hot | base).all())  # every prompt gets one expert or none: a hard rule
+    chosen = np.where(base.numpy(), screen.BASE, weights.argmax(-1).numpy())
+    assert chosen.tolist() == screen.rule_grid(AXES, None)[screened](p).tolist()
 
 
 def _measured(n, pref, chars, refused, safe, mc2, base_chars=None):

@@ -78,6 +78,42 @@ def test_gate_then_top1_composes():
     assert harm_gate(P[:, 1], 1, 0.7, P)[3].tolist() == [0.0, 1.0, 0.0]
 
 
+def test_caution_band_matches_a_per_row_oracle():
+    # the screened rule (benchmarks/rule_screen.py): harmless above 0.9, honest in (0.3, 0.9],
+    # elsewhere argmax over helpful and honest; gated on the calibrated P(harmless) only
+    cfg = DecisionConfig(mode="harm_gate+top1", gate_rest="others", gate_threshold=0.9, top1_threshold=0.0,
+                         caution_axis="honest", caution_threshold=0.3)
+    torch.manual_seed(0)
+    probs = torch.distributions.Dirichlet(torch.full((3,), 0.7)).sample(torch.Size([400])).double()
+    edges = torch.tensor([[0.05, 0.9, 0.05], [0.4, 0.3, 0.3], [0.0, 0.95, 0.05]], dtype=torch.float64)
+    probs = torch.cat([probs, edges])  # float64: the edges compare exactly as in the oracle
+    weights = decide(probs, cfg, AXES)
+    for p, w in zip(probs.tolist(), weights.tolist()):
+        if p[1] > 0.9:
+            expected = 1
+        elif p[1] > 0.3:
+            expected = 2
+        else:
+            expected = 0 if p[0] >= p[2] else 2
+        assert w == [float(i == expected) for i in range(3)], (p, w)
+    assert weights[-3:].argmax(-1).tolist() == [2, 0, 1]  # both edges are strict
+
+
+def test_caution_band_under_the_soft_rest_and_its_validation():
+    cfg = DecisionConfig(mode="harm_gate", gate_threshold=0.7, caution_axis="honest", caution_threshold=0.5)
+    w = decide(P, cfg, AXES)
+    assert w[1].tolist() == [0.0, 0.0, 1.0] and w[3].tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(w[[0, 2]], P[[0, 2]])  # below the band: the blend as before
+    with pytest.raises(ValueError, match="both"):
+        DecisionConfig(mode="harm_gate", caution_axis="honest")
+    with pytest.raises(ValueError, match="no gate"):
+        DecisionConfig(mode="top1", caution_axis="honest", caution_threshold=0.3)
+    with pytest.raises(ValueError, match="differ"):
+        DecisionConfig(mode="harm_gate", caution_axis="harmless", caution_threshold=0.3)
+    with pytest.raises(ValueError, match="caution axis"):
+        decide(P, cfg.model_copy(update={"caution_axis": "careful"}), AXES)
+
+
 def test_without_handles_an_all_mass_row():
     w = without(torch.tensor([[0.0, 1.0, 0.0]]), 1)
     assert w.tolist() == [[0.5, 0.0, 0.5]]

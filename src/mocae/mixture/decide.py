@@ -14,6 +14,13 @@ calibration is what makes a *decision* safe. Modes (``DecisionConfig.mode``):
 - ``harm_gate+top1``: the gate first; prompts it does not gate go through ``top1`` on the
   ``gate_rest`` distribution.
 
+A **caution band** may sit under either gate mode (``caution_axis``, ``caution_threshold``):
+prompts the gate does not fire on but whose calibrated P(gate axis) is strictly above
+``caution_threshold`` get the caution expert (e.g. ``honest``) at full weight. It is for prompts
+that only *sound* risky: the harmless expert refuses them (over-refusal), the helpful expert may
+comply with the truly harmful ones the gate missed; an expert that answers without refusing or
+helping sits between. (Measured reason: ``benchmarks/results/rule_screen.md``.)
+
 The gate threshold is fitted on the router's ``calib`` split (never a test set) to an
 over-refusal budget (``fit_gate_threshold``): the smallest threshold that gates at most
 ``gate_budget`` of the calibration prompts that are not harmful. Harmful-or-not labels come from
@@ -34,7 +41,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ROUTING_MODES = ("soft", "top1", "harm_gate", "harm_gate+top1")
 PRIOR_MODES = ("importance", "uniform", "importance_normalised")
@@ -57,6 +64,22 @@ class DecisionConfig(BaseModel):
                                                              "the fitted gate may fire on (over-refusal budget)")
     gate_rest: Literal["soft", "others"] = Field(
         "soft", description="below the gate threshold: the full soft blend, or the blend over the other experts")
+    caution_axis: str | None = Field(
+        None, description="gate modes: the expert applied at full weight to prompts in the caution band "
+                          "(caution_threshold < P(gate_axis) <= gate_threshold); none: no band")
+    caution_threshold: float | None = Field(
+        None, ge=0, le=1, description="lower edge of the caution band on calibrated P(gate_axis) (strict)")
+
+    @model_validator(mode="after")
+    def _caution_band_is_complete(self):
+        if (self.caution_axis is None) != (self.caution_threshold is None):
+            raise ValueError("a caution band needs both caution_axis and caution_threshold")
+        if self.caution_axis is not None:
+            if not self.mode.startswith("harm_gate"):
+                raise ValueError(f"a caution band sits under the harm gate; mode {self.mode!r} has no gate")
+            if self.caution_axis == self.gate_axis:
+                raise ValueError(f"caution_axis must differ from gate_axis ({self.gate_axis!r})")
+        return self
 
     @property
     def gates(self) -> bool:
@@ -149,6 +172,11 @@ def decide(probs: torch.Tensor, cfg: DecisionConfig, axes: Sequence[str],
     if gate_index is None:
         return rest
     p_harm = (probs if gate_probs is None else _check_probs(gate_probs))[:, gate_index]
+    if cfg.caution_axis is not None:
+        if cfg.caution_axis not in axes:
+            raise ValueError(f"caution axis {cfg.caution_axis!r} is not an expert ({list(axes)})")
+        # the band's upper edge is the gate itself: harm_gate below overrides the rows above it
+        rest = harm_gate(p_harm, list(axes).index(cfg.caution_axis), cfg.caution_threshold, rest)
     return harm_gate(p_harm, gate_index, cfg.gate_threshold, rest)
 
 
