@@ -258,8 +258,7 @@ def main() -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(args.preset, args.set)
-    rule = {"mode": cfg.decision.mode} | ({"gate_rest": "others"} if cfg.decision.gate_rest == "others" else {})
-    args.default_mode = next((m for m, d in MODES.items() if d == rule), None)
+    args.default_mode = mode_name(cfg.decision)
     sys.path.insert(0, str(Path(__file__).parent))
     import landing
 
@@ -326,6 +325,18 @@ def main() -> int:
     report = write(final=True)
     print(markdown(report))
     return 0
+
+
+def mode_name(decision) -> str | None:
+    """The ``MODES`` entry a preset's ``DecisionConfig`` is, or None. A gate threshold an entry does
+    not set is fitted on calib by fit_router, so it is not compared."""
+    from mocae.mixture.decide import DecisionConfig
+
+    for name, fields in MODES.items():
+        ignore = {"gate_threshold", "gate_budget"} - set(fields)
+        if DecisionConfig(**fields).model_dump(exclude=ignore) == decision.model_dump(exclude=ignore):
+            return name
+    return None
 
 
 def router_summary(run_dir: Path) -> dict:

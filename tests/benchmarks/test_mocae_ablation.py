@@ -88,6 +88,18 @@ def test_the_script_runs_end_to_end_and_reports_each_variant(ablation, tmp_path,
     assert report["n"]["risky_benign"] == len(risky) == 2 and not {normalise_text(p) for p in risky} & trained
 
 
+def test_the_presets_rule_is_named_by_every_field_but_a_fitted_threshold(ablation):
+    from mocae.mixture.decide import DecisionConfig
+
+    assert ablation.mode_name(DecisionConfig(mode="top1")) == "top1"
+    assert ablation.mode_name(DecisionConfig(mode="harm_gate+top1", gate_rest="others", gate_threshold=0.56,
+                                             gate_budget=0.1)) == "gate_others+top1"  # threshold fitted
+    caution = DecisionConfig(**ablation.MODES["gate0.9_caution0.3"])
+    assert ablation.mode_name(caution) == "gate0.9_caution0.3"
+    assert ablation.mode_name(caution.model_copy(update={"caution_threshold": 0.4})) is None
+    assert ablation.mode_name(DecisionConfig(mode="top1", top1_threshold=0.6)) is None
+
+
 def test_same_as_reads_answers_and_mc_scores(ablation):
     def variant(answer, mc2):
         return {"outputs": {"helpful": [answer]},
