@@ -38,8 +38,9 @@ from mocae.experts.config import ExpertConfig
 from mocae.mixture.decide import DecisionConfig
 from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
-from mocae.stages import (StageLog, backbone_fingerprint, changed_fields, data_fingerprint, experts_fingerprint,
-                          folder_fingerprint, is_current, lookup, read_stage, stage_inputs, stage_key, write_stage)
+from mocae.stages import (STAGE_FILE, StageLog, backbone_fingerprint, changed_fields, data_fingerprint,
+                          experts_fingerprint, folder_fingerprint, is_current, lookup, read_stage, stage_inputs,
+                          stage_key, write_stage)
 from mocae.systems import SYSTEMS, BaselinesConfig, SystemName, spec_for
 
 
@@ -302,14 +303,31 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
             log.note("mocae", key, inputs, computed=False)
         return out
     reason = log.reason("mocae", inputs, read_stage(out)) if log is not None else "no earlier record"
-    model = MoCaEModel.build(cfg.mocae_config({a: str(p) for a, p in experts.items()}))
+    keep_router = _only_decision_changed(out, run_dir / "router_calibration.json", inputs)
+    if keep_router:
+        model = MoCaEModel.from_pretrained(out)
+        model.mocae_config.decision = cfg.decision
+    else:
+        model = MoCaEModel.build(cfg.mocae_config({a: str(p) for a, p in experts.items()}))
     routing = model.mocae_config.routing
-    if routing == "sequence":
+    if keep_router and routing == "sequence":
+        # Training the router never reads the decision (but for the gate axis, which picks the router's
+        # hard negatives): the fitted router is what a refit would give; only the calibrators and the
+        # decision's threshold are fitted again on calib, in seconds instead of the router's steps.
+        print(f"[mocae] only the decision changed ({reason}): the fitted router is kept, the decision refitted "
+              "on calib", flush=True)
+        previous = json.loads((run_dir / "router_calibration.json").read_text())
+        report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir,
+                            train=False)
+        report |= {k: previous[k] for k in ("router_loss", "lm_loss_through_mixture") if k in previous}
+        report["router_kept_from"] = read_stage(out)["key"]
+    elif routing == "sequence":
         print(f"[mocae] fitting the router and calibrators ({reason})", flush=True)
         report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
     else:  # fit_router trains sequence routers only
         print(f"[mocae] {routing} routing: saved as built, nothing to fit ({reason})", flush=True)
         report = {"routing": routing, "fitted": False, "calibrators": {}}
+    (out / STAGE_FILE).unlink(missing_ok=True)  # a save cut off midway must not pass for the old stage
     model.save_pretrained(out)
     atomic_write_json(run_dir / "router_calibration.json", report)
     write_stage(out, "mocae", key, inputs)  # last: the folder and its report are complete
@@ -317,6 +335,19 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
         log.note("mocae", key, inputs, computed=True, reason=reason)
     print(format_calibration_table(report), flush=True)
     return out
+
+
+def _only_decision_changed(out: Path, report: Path, inputs: dict) -> bool:
+    """Whether the saved MoCaE stage in ``out`` differs from ``inputs`` only in decision fields
+    that router training does not read (any but ``gate_axis``), with its report beside it."""
+    from mocae.mixture.model import ROUTER_FILE
+
+    record = read_stage(out)
+    if record is None or not report.is_file() or not (out / ROUTER_FILE).is_file():
+        return False
+    changed = changed_fields(record.get("inputs", {}), inputs)
+    return bool(changed) and all(f.startswith("config.decision.") and f != "config.decision.gate_axis"
+                                 for f in changed)
 
 
 def trained_stages(cfg: RunConfig, run, experts: dict[str, Path], run_dir: Path, progress: bool = True,

@@ -1,6 +1,7 @@
 """Routing that decides (mocae.mixture.decide): soft / top1 / harm gate, the gate threshold fitted to
 an over-refusal budget, priors that do not follow task-vector norms, and the config plumbing."""
 
+import json
 import math
 
 import pytest
@@ -267,3 +268,43 @@ def test_a_changed_decision_recomputes_the_mocae_stage(expert_dirs):
     gate = stage_key(mocae_inputs(load_run_config("quick", ["backbone=tiny-random", "decision.mode=harm_gate"]),
                                   experts))
     assert soft != gate
+
+
+def test_a_decision_only_change_keeps_the_fitted_router(expert_dirs, tmp_path, monkeypatch):
+    import mocae.mixture.fit as fit_module
+    from mocae.mixture.model import MoCaEModel
+    from mocae.pipeline import build_mocae, load_run_config
+
+    calls = []
+
+    def fake_fit(model, cfg, train=True, **kwargs):
+        calls.append(train)
+        if train:  # a fresh fit: weights no other fit gives
+            with torch.no_grad():
+                for p in model.router.parameters():
+                    p.add_(float(len(calls)))
+        return {"calibrators": {}, "router_loss": {"last": 0.5 if train else float("nan")}}
+
+    monkeypatch.setattr(fit_module, "fit_router", fake_fit)
+    monkeypatch.setattr(fit_module, "format_calibration_table", lambda report: "")
+    experts = dict(expert_dirs)
+
+    def build(*overrides):
+        cfg = load_run_config("quick", ["backbone=tiny-random", "router_input=hidden", *overrides])
+        model = MoCaEModel.from_pretrained(build_mocae(cfg, experts, tmp_path, progress=False))
+        return model.mocae_config.decision, {k: v.clone() for k, v in model.router.state_dict().items()}
+
+    _, fitted = build("decision.mode=top1")
+    decision, kept = build("decision.mode=harm_gate+top1", "decision.gate_threshold=0.8",
+                           "decision.caution_axis=honest", "decision.caution_threshold=0.3")
+    assert calls == [True, False]  # only the calibrators and the decision were fitted again
+    assert decision.mode == "harm_gate+top1" and decision.caution_axis == "honest"
+    assert all(torch.equal(fitted[k], kept[k]) for k in fitted)
+    report = json.loads((tmp_path / "router_calibration.json").read_text())
+    assert report["router_loss"] == {"last": 0.5} and report["router_kept_from"]  # the training record stays
+    # what router training reads (its own settings, or the gate axis picking its hard negatives) refits it
+    _, refitted = build("decision.mode=harm_gate+top1", "decision.gate_threshold=0.8",
+                        "decision.caution_axis=honest", "decision.caution_threshold=0.3", "router.epochs=3")
+    assert calls == [True, False, True] and not all(torch.equal(fitted[k], refitted[k]) for k in fitted)
+    build("decision.mode=harm_gate", "decision.gate_axis=honest", "decision.gate_threshold=0.8")
+    assert calls[-1] is True
