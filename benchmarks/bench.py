@@ -310,8 +310,12 @@ def interim_markdown(report: dict, missing: list[str]) -> str:
     return head + markdown(report)
 
 
-def write_interim(land_to: Path, cfg, run_dir: Path | None, command: str) -> Path:
+def write_interim(land_to: Path, cfg, run_dir: Path | None, command: str, systems: list[str] | None = None) -> Path:
     """Write ``land_to/interim.md`` from the landed systems (see :func:`landed_results`).
+
+    Args:
+        systems: the whole bench's systems (the preset's list); a sitting's own ``systems=[...]``
+            is only its part, and the report pairs every landed system whichever sitting landed it.
 
     Returns:
         The path written.
@@ -323,12 +327,13 @@ def write_interim(land_to: Path, cfg, run_dir: Path | None, command: str) -> Pat
     run_results = run_dir / "eval" / "results.json" if run_dir else None
     judges = json.loads(run_results.read_text(encoding="utf-8")).get("judges") if run_results and \
         run_results.is_file() else None
-    results = landed_results(land_to, list(cfg.systems), cfg.eval.model_dump(mode="json"), judges)
+    systems = [*(systems or []), *(n for n in cfg.systems if n not in (systems or []))]
+    results = landed_results(land_to, systems, cfg.eval.model_dump(mode="json"), judges)
     report = build_report(results, {
         "backbone": cfg.backbone, "preset": cfg.name, "overrides": [], "command": command,
         "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir), "wall_time_s": None,
         "machine": f"{platform.machine()}, torch {torch.__version__} (threads per system in landed.json)"})
-    missing = [n for n in cfg.systems if n not in results["systems"]]
+    missing = [n for n in systems if n not in results["systems"]]
     atomic_write_text(land_to / "interim.md", interim_markdown(report, missing))
     return land_to / "interim.md"
 
@@ -387,7 +392,8 @@ def _sittings(args, cfg) -> Path:
                          progress=False, lazy=True)
             with git:
                 landed = landing.land(land_to, run_dir, name, sitting)
-                landed.append(write_interim(land_to, cfg, run_dir, sitting))
+                bench_systems = getattr(args, "bench_systems", None)
+                landed.append(write_interim(land_to, cfg, run_dir, sitting, bench_systems))
                 print(f"[bench] {name} landed ({len(landed)} paths)", flush=True)
                 if args.commit and landing.commit(landed, f"bench {cfg.backbone}: {name} evaluated under the "
                                                            f"issue-12 protocol and landed (resumable on a fresh machine)"):
@@ -448,11 +454,14 @@ def main() -> int:
 
     start = time.time()
     cfg = load_run_config(args.preset, args.set)
+    # the whole bench's systems: a sitting's `--set systems=[...]` names only its own part
+    args.bench_systems = load_run_config(
+        args.preset, [o for o in args.set if o.split("=")[0].strip() != "systems"]).systems
     import landing
 
     if args.interim:
         path = write_interim(landing.landing_dir(cfg.backbone), cfg, Path(args.run_dir) if args.run_dir else None,
-                             "python " + " ".join(sys.argv))
+                             "python " + " ".join(sys.argv), args.bench_systems)
         print(path.read_text(encoding="utf-8"))
         return 0
     if args.land:

@@ -220,6 +220,13 @@ def test_the_interim_report_pairs_systems_landed_by_different_sittings(bench, tm
     text = bench.interim_markdown(bench.build_report(results, META), [n for n in order if n not in results["systems"]])
     assert text.startswith("> **Interim: 6 systems landed, 1 to go (h3fusion).**")
     assert "| mocae | " in text and "| h3fusion |" not in text
+    # a sitting's own system list is only its part: the report is the whole bench's
+    from mocae.pipeline import load_run_config
+
+    sitting = load_run_config("quick", ["systems=[base, mocae]"])
+    text = bench.write_interim(land, sitting, None, "python bench.py", order).read_text()
+    assert text.startswith("> **Interim: 6 systems landed, 1 to go (h3fusion).**")
+    assert "| expert_honest | " in text and "| oracle | " in text
 
 
 def test_a_sitting_without_the_cost_run_leaves_the_headline_files_alone(bench, tmp_path, monkeypatch):
