@@ -96,6 +96,14 @@ def calib_sets(cfg, n_over_refusal: int, other_cfgs: list | None = None) -> dict
             "risky_benign": calib_risky_prompts(n_over_refusal, by_axis[1], experts), "truthfulqa_mc": mc}
 
 
+def refit_configs(preset: str, overrides: list[str]) -> list:
+    """The run configs of every refit variant, selected or not: the risky benign set skips all of their
+    experts' prompts, so it is one set whichever ``--variants`` a run measures (reports stay paired)."""
+    from mocae.pipeline import load_run_config
+
+    return [load_run_config(preset, [*overrides, *fields]) for fields in REFITS.values()]
+
+
 def measure(name: str, model, tokenizer, sets: dict, judges: dict, base: dict | None, cache: Path,
             max_new_tokens: int) -> dict:
     """Per-prompt values of every metric (the harness' ``per_prompt`` shape) for one variant."""
@@ -267,8 +275,7 @@ def main() -> int:
     land_to = landing.landing_dir(cfg.backbone)  # the bench's landing: answers keyed by model fingerprint
     landing.restore(land_to, run_dir)
     experts = train_experts(cfg, progress=True)
-    variant_cfgs = [load_run_config(args.preset, [*args.set, *REFITS[n]]) for n in REFITS if n in args.variants]
-    sets = calib_sets(cfg, args.n_over_refusal, variant_cfgs)
+    sets = calib_sets(cfg, args.n_over_refusal, refit_configs(args.preset, args.set))
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}
     cache = cache_dir() / "generations"
     results = {}

@@ -218,8 +218,7 @@ def main() -> int:
     landing.restore(land_to, run_dir)
     experts = train_experts(cfg, progress=True)
     # the ablation's risky benign set: it skips the prompts of every refit variant's experts too
-    variant_cfgs = [load_run_config(args.preset, [*args.set, *overrides]) for overrides in ablation.REFITS.values()]
-    sets = ablation.calib_sets(cfg, args.n_over_refusal, variant_cfgs)
+    sets = ablation.calib_sets(cfg, args.n_over_refusal, ablation.refit_configs(args.preset, args.set))
     judges = {k: load_judge(k) for k in ("helpful", "harmless")}
     cache = cache_dir() / "generations"
     folder = build_mocae(cfg, experts, run_dir, progress=True)  # the run's (cached): trains only if missing

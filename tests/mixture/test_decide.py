@@ -113,6 +113,9 @@ def test_caution_band_under_the_soft_rest_and_its_validation():
         DecisionConfig(mode="harm_gate", caution_axis="harmless", caution_threshold=0.3)
     with pytest.raises(ValueError, match="caution axis"):
         decide(P, cfg.model_copy(update={"caution_axis": "careful"}), AXES)
+    # no band: dumped as before the band existed (stage keys and cached answers of earlier runs hold)
+    assert "caution_axis" not in DecisionConfig().model_dump() and cfg.model_dump()["caution_threshold"] == 0.5
+    assert DecisionConfig.model_validate(cfg.model_dump()) == cfg
 
 
 def test_without_handles_an_all_mass_row():

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 ROUTING_MODES = ("soft", "top1", "harm_gate", "harm_gate+top1")
 PRIOR_MODES = ("importance", "uniform", "importance_normalised")
@@ -69,6 +69,16 @@ class DecisionConfig(BaseModel):
                           "(caution_threshold < P(gate_axis) <= gate_threshold); none: no band")
     caution_threshold: float | None = Field(
         None, ge=0, le=1, description="lower edge of the caution band on calibrated P(gate_axis) (strict)")
+
+    @model_serializer(mode="wrap")
+    def _no_unset_caution_band(self, handler):
+        # Without a band the config dumps as before the band existed: stage keys, saved configs and
+        # cached answers of every earlier run stay valid.
+        data = handler(self)
+        if self.caution_axis is None and self.caution_threshold is None and isinstance(data, dict):
+            data.pop("caution_axis", None)
+            data.pop("caution_threshold", None)
+        return data
 
     @model_validator(mode="after")
     def _caution_band_is_complete(self):
