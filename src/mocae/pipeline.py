@@ -38,7 +38,7 @@ from mocae.experts.config import ExpertConfig
 from mocae.mixture.decide import DecisionConfig
 from mocae.mixture.fit import RouterFitConfig
 from mocae.paths import atomic_write_json, atomic_write_text
-from mocae.stages import (STAGE_FILE, StageLog, backbone_fingerprint, changed_fields, data_fingerprint,
+from mocae.stages import (STAGE_FILE, StageLog, backbone_fingerprint, change_reason, changed_fields, data_fingerprint,
                           experts_fingerprint, folder_fingerprint, is_current, lookup, read_stage, stage_inputs,
                           stage_key, write_stage)
 from mocae.systems import SYSTEMS, BaselinesConfig, SystemName, spec_for
@@ -302,7 +302,8 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
         if log is not None:
             log.note("mocae", key, inputs, computed=False)
         return out
-    reason = log.reason("mocae", inputs, read_stage(out)) if log is not None else "no earlier record"
+    before = read_stage(out) or (log.previous.get("mocae") if log is not None else None)
+    reason = change_reason(before, inputs)
     keep_router = _only_decision_changed(out, run_dir / "router_calibration.json", inputs)
     if keep_router:
         model = MoCaEModel.from_pretrained(out)

@@ -191,6 +191,14 @@ def is_current(folder: str | Path, key: str) -> bool:
     return record is not None and record["key"] == key
 
 
+def change_reason(before: dict | None, inputs: dict) -> str:
+    """Why a stage whose last record is ``before`` (a stage.json record, or None) must be computed."""
+    if not before or "inputs" not in before:
+        return "no earlier record"
+    changed = changed_fields(before["inputs"], inputs)
+    return f"changed: {', '.join(changed)}" if changed else "output missing or unfinished"
+
+
 class StageLog:
     """Which stages a run recomputed or reused, and why; kept in ``run_dir/stages.json``.
 
@@ -210,11 +218,7 @@ class StageLog:
 
     def reason(self, name: str, inputs: dict, record: dict | None = None) -> str:
         """Why stage ``name`` must be computed: what changed since its last record."""
-        before = record or self.previous.get(name)
-        if not before or "inputs" not in before:
-            return "no earlier record"
-        changed = changed_fields(before["inputs"], inputs)
-        return f"changed: {', '.join(changed)}" if changed else "output missing or unfinished"
+        return change_reason(record or self.previous.get(name), inputs)
 
     def note(self, name: str, key: str, inputs: dict, computed: bool, reason: str | None = None) -> None:
         """Record one stage's outcome (and save the log, so an interrupted run keeps it)."""
