@@ -304,7 +304,7 @@ def main() -> int:
     with torch.inference_mode():  # decision rules first: they need no refit
         mocae = MoCaEModel.from_pretrained(folders["default"])
         for mode in [m for m in MODES if m in args.variants]:
-            with using_decision(mocae, **MODES[mode]):
+            with using_decision(mocae, **as_measured(MODES[mode])):
                 results[mode] = measure(mode, mocae, mocae.tokenizer, sets, judges, base, cache, args.max_new_tokens)
             results[mode]["router"] = router_summary(run_dir)
             write(final=False)
@@ -322,7 +322,7 @@ def main() -> int:
                 if i > 0 and same_as(results.get(name), results.get(args.refit_modes[0])) and mode in results:
                     identical[label] = mode  # its router answers exactly like the default's: not measured twice
                     continue
-                with using_decision(model, **MODES[mode]):
+                with using_decision(model, **as_measured(MODES[mode])):
                     results[label] = measure(label, model, model.tokenizer, sets, judges, base, cache,
                                              args.max_new_tokens)
                 results[label]["experts"] = {a: str(p) for a, p in variant_experts.items()}
@@ -332,6 +332,12 @@ def main() -> int:
     report = write(final=True)
     print(markdown(report))
     return 0
+
+
+def as_measured(fields: dict) -> dict:
+    """A ``MODES`` entry as using_decision changes: no caution band unless the entry has one (a saved
+    model's own band would otherwise ride along into every mode)."""
+    return {"caution_axis": None, "caution_threshold": None} | fields
 
 
 def mode_name(decision) -> str | None:

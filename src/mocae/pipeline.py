@@ -339,16 +339,22 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
 
 
 def _only_decision_changed(out: Path, report: Path, inputs: dict) -> bool:
-    """Whether the saved MoCaE stage in ``out`` differs from ``inputs`` only in decision fields
-    that router training does not read (any but ``gate_axis``), with its report beside it."""
+    """Whether the saved MoCaE stage in ``out`` differs from ``inputs`` only in what router training
+    does not read (decision fields but ``gate_axis``; the gate threshold's fitting settings), with
+    its report beside it."""
     from mocae.mixture.model import ROUTER_FILE
 
     record = read_stage(out)
     if record is None or not report.is_file() or not (out / ROUTER_FILE).is_file():
         return False
     changed = changed_fields(record.get("inputs", {}), inputs)
-    return bool(changed) and all(f.startswith("config.decision.") and f != "config.decision.gate_axis"
+    return bool(changed) and all(f in DECISION_ONLY_ROUTER_FIELDS or
+                                 (f.startswith("config.decision.") and f != "config.decision.gate_axis")
                                  for f in changed)
+
+
+# router settings only the decision's threshold fit reads, never router training
+DECISION_ONLY_ROUTER_FIELDS = ("config.router.fit_gate_threshold", "config.router.gate_hard_negatives")
 
 
 def trained_stages(cfg: RunConfig, run, experts: dict[str, Path], run_dir: Path, progress: bool = True,

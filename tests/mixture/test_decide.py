@@ -107,8 +107,9 @@ def test_caution_band_under_the_soft_rest_and_its_validation():
     torch.testing.assert_close(w[[0, 2]], P[[0, 2]])  # below the band: the blend as before
     with pytest.raises(ValueError, match="both"):
         DecisionConfig(mode="harm_gate", caution_axis="honest")
-    with pytest.raises(ValueError, match="no gate"):
-        DecisionConfig(mode="top1", caution_axis="honest", caution_threshold=0.3)
+    # part of the gate: switching a banded config to top1 (e.g. using_decision) routes as plain top1
+    banded_top1 = DecisionConfig(mode="top1", caution_axis="honest", caution_threshold=0.3)
+    torch.testing.assert_close(decide(P, banded_top1, AXES), decide(P, DecisionConfig(mode="top1"), AXES))
     with pytest.raises(ValueError, match="differ"):
         DecisionConfig(mode="harm_gate", caution_axis="harmless", caution_threshold=0.3)
     with pytest.raises(ValueError, match="caution axis"):
@@ -231,7 +232,9 @@ def test_quick_preset_selects_modes_and_priors():
                                     "router.lm_steps=50"])
     assert cfg.decision.mode == "harm_gate+top1" and cfg.decision.gate_budget == 0.1
     assert cfg.router.prior_mode == "importance_normalised" and cfg.router.lm_steps == 50
-    assert load_run_config("quick").decision.mode == "top1"  # chosen by benchmarks/mocae_ablation.py
+    quick = load_run_config("quick").decision  # chosen by benchmarks/mocae_ablation.py
+    assert (quick.mode, quick.gate_threshold, quick.caution_axis) == ("harm_gate+top1", 0.9, "honest")
+    assert not load_run_config("quick").router.fit_gate_threshold
     with pytest.raises(ConfigError, match="decision.mode"):
         load_run_config("quick", ["decision.mode=always_harmless"])
     with pytest.raises(ConfigError, match="prior_mode"):
@@ -299,7 +302,8 @@ def test_a_decision_only_change_keeps_the_fitted_router(expert_dirs, tmp_path, m
 
     _, fitted = build("decision.mode=top1")
     decision, kept = build("decision.mode=harm_gate+top1", "decision.gate_threshold=0.8",
-                           "decision.caution_axis=honest", "decision.caution_threshold=0.3")
+                           "decision.caution_axis=honest", "decision.caution_threshold=0.3",
+                           "router.fit_gate_threshold=false")
     assert calls == [True, False]  # only the calibrators and the decision were fitted again
     assert decision.mode == "harm_gate+top1" and decision.caution_axis == "honest"
     assert all(torch.equal(fitted[k], kept[k]) for k in fitted)
@@ -307,7 +311,9 @@ def test_a_decision_only_change_keeps_the_fitted_router(expert_dirs, tmp_path, m
     assert report["router_loss"] == {"last": 0.5} and report["router_kept_from"]  # the training record stays
     # what router training reads (its own settings, or the gate axis picking its hard negatives) refits it
     _, refitted = build("decision.mode=harm_gate+top1", "decision.gate_threshold=0.8",
-                        "decision.caution_axis=honest", "decision.caution_threshold=0.3", "router.epochs=3")
+                        "decision.caution_axis=honest", "decision.caution_threshold=0.3",
+                        "router.fit_gate_threshold=false", "router.epochs=3")
     assert calls == [True, False, True] and not all(torch.equal(fitted[k], refitted[k]) for k in fitted)
-    build("decision.mode=harm_gate", "decision.gate_axis=honest", "decision.gate_threshold=0.8")
+    build("decision.mode=harm_gate", "decision.gate_axis=honest", "decision.gate_threshold=0.8",
+          "decision.caution_axis=helpful")
     assert calls[-1] is True

@@ -66,7 +66,8 @@ class DecisionConfig(BaseModel):
         "soft", description="below the gate threshold: the full soft blend, or the blend over the other experts")
     caution_axis: str | None = Field(
         None, description="gate modes: the expert applied at full weight to prompts in the caution band "
-                          "(caution_threshold < P(gate_axis) <= gate_threshold); none: no band")
+                          "(caution_threshold < P(gate_axis) <= gate_threshold); none: no band. Part of the "
+                          "gate: a mode without the gate (soft, top1) does not apply it")
     caution_threshold: float | None = Field(
         None, ge=0, le=1, description="lower edge of the caution band on calibrated P(gate_axis) (strict)")
 
@@ -85,8 +86,6 @@ class DecisionConfig(BaseModel):
         if (self.caution_axis is None) != (self.caution_threshold is None):
             raise ValueError("a caution band needs both caution_axis and caution_threshold")
         if self.caution_axis is not None:
-            if not self.mode.startswith("harm_gate"):
-                raise ValueError(f"a caution band sits under the harm gate; mode {self.mode!r} has no gate")
             if self.caution_axis == self.gate_axis:
                 raise ValueError(f"caution_axis must differ from gate_axis ({self.gate_axis!r})")
         return self
