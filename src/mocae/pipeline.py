@@ -302,9 +302,9 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
         if log is not None:
             log.note("mocae", key, inputs, computed=False)
         return out
-    before = read_stage(out) or (log.previous.get("mocae") if log is not None else None)
-    reason = change_reason(before, inputs)
-    keep_router = _only_decision_changed(out, run_dir / "router_calibration.json", inputs)
+    record = read_stage(out)
+    reason = log.reason("mocae", inputs, record) if log is not None else change_reason(record, inputs)
+    keep_router = _only_decision_changed(record, out, run_dir / "router_calibration.json", inputs)
     if keep_router:
         model = MoCaEModel.from_pretrained(out)
         model.mocae_config.decision = cfg.decision
@@ -321,7 +321,7 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
         report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir,
                             train=False)
         report |= {k: previous[k] for k in ("router_loss", "lm_loss_through_mixture") if k in previous}
-        report["router_kept_from"] = read_stage(out)["key"]
+        report["router_kept_from"] = record["key"]
     elif routing == "sequence":
         print(f"[mocae] fitting the router and calibrators ({reason})", flush=True)
         report = fit_router(model, cfg.router, cache=run_dir / "features", progress=progress, plot_dir=run_dir)
@@ -338,13 +338,12 @@ def build_mocae(cfg: RunConfig, experts: dict[str, Path], run_dir: Path, progres
     return out
 
 
-def _only_decision_changed(out: Path, report: Path, inputs: dict) -> bool:
-    """Whether the saved MoCaE stage in ``out`` differs from ``inputs`` only in what router training
-    does not read (decision fields but ``gate_axis``; the gate threshold's fitting settings), with
-    its report beside it."""
+def _only_decision_changed(record: dict | None, out: Path, report: Path, inputs: dict) -> bool:
+    """Whether the saved MoCaE stage in ``out`` (its stage ``record``) differs from ``inputs`` only in
+    what router training does not read (decision fields but ``gate_axis``; the gate threshold's
+    fitting settings), with its report beside it."""
     from mocae.mixture.model import ROUTER_FILE
 
-    record = read_stage(out)
     if record is None or not report.is_file() or not (out / ROUTER_FILE).is_file():
         return False
     changed = changed_fields(record.get("inputs", {}), inputs)

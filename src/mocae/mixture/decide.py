@@ -85,9 +85,8 @@ class DecisionConfig(BaseModel):
     def _caution_band_is_complete(self):
         if (self.caution_axis is None) != (self.caution_threshold is None):
             raise ValueError("a caution band needs both caution_axis and caution_threshold")
-        if self.caution_axis is not None:
-            if self.caution_axis == self.gate_axis:
-                raise ValueError(f"caution_axis must differ from gate_axis ({self.gate_axis!r})")
+        if self.caution_axis == self.gate_axis:
+            raise ValueError(f"caution_axis must differ from gate_axis ({self.gate_axis!r})")
         return self
 
     @property
